@@ -1,0 +1,175 @@
+"""Gradient caching: peak memory and time per sample versus effective batch, with and without caching.
+
+    python bench/gradcache.py [--model vlp-tiny] [--chunk 128] [--batches 256 512 1024 2048 4096]
+
+Each (batch, mode) runs in a fresh child process, so its peak RSS (getrusage ru_maxrss)
+is that configuration's alone: torch's CPU allocations are invisible to tracemalloc.
+One process, fp32, CPU, all cores; the optimizer step is left out (it is the same per
+step with or without caching). Images are held as uint8 and normalised per chunk
+(GradCache's image_transform), as a GPU pipeline would do on the device; the
+"input MB" column is the uint8 batch. Time per sample is the fastest of --repeats rounds
+(the machine may be shared). Without caching the whole batch goes through one
+forward/backward; those runs are skipped once the peak predicted from the smaller ones
+passes --max-rss-gb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OPENAI_DATASET_MEAN / STD
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def child(args: argparse.Namespace) -> None:
+    """Build the model, run a warm-up step and timed steps, print one JSON line."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from vlp.config import LossConfig, ModelConfig
+    from vlp.gradcache import GradCache
+    from vlp.losses import ContrastiveLoss
+    from vlp.models import create_model
+
+    torch.manual_seed(0)
+    model, *_ = create_model(ModelConfig(name=args.model), LossConfig())
+    model.train()
+    size, ctx = model.visual.image_size, model.context_length
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255 - mean) / std
+
+    chunk = args.chunk if args.mode == "cache" else None
+    gc = GradCache(model, ContrastiveLoss("softmax"), chunk, image_transform=normalise)
+
+    def data(n: int):
+        g = torch.Generator().manual_seed(n)
+        return torch.randint(0, 256, (n, 3, *size), generator=g, dtype=torch.uint8), torch.randint(
+            1, 49407, (n, ctx), generator=g
+        )
+
+    warm = 2 * args.chunk if args.mode == "cache" else args.batch  # no-cache: warm the full-size allocations
+    gc.step(*data(warm))
+    model.zero_grad(set_to_none=True)
+    images, texts = data(args.batch)
+    steps = max(1, args.samples // args.batch)
+    walls, cpus = [], []
+    for _ in range(args.repeats):  # fastest round: the machine may be shared, interference only adds time
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            gc.step(images, texts)
+            model.zero_grad(set_to_none=True)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    n = steps * args.batch
+    print(
+        json.dumps(
+            {
+                "ms_per_sample": 1000 * min(walls) / n,
+                "cpu_ms_per_sample": 1000 * min(cpus) / n,
+                "peak_mb": peak_rss_mb(),
+                "input_mb": (images.numel() + texts.numel() * texts.element_size()) / 2**20,
+                "steps": steps,
+            }
+        )
+    )
+
+
+def run(args: argparse.Namespace, batch: int, mode: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--mode", mode, "--batch", str(batch)]
+    cmd += ["--chunk", str(args.chunk), "--model", args.model, "--samples", str(args.samples)]
+    cmd += ["--repeats", str(args.repeats)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def predicted_peak_mb(history: list[tuple[int, float]], batch: int) -> float | None:
+    """Linear extrapolation of peak RSS from the two largest measured batches."""
+    if len(history) < 2:
+        return None
+    (b0, m0), (b1, m1) = history[-2], history[-1]
+    return m1 + (m1 - m0) / (b1 - b0) * (batch - b1)
+
+
+def _row(batch: int, mode: str, rows: dict, base_peak: float | None, widths: list[int]) -> str:
+    """One table line; ratios only on cache rows."""
+    r, ref = rows[mode], rows["nocache"]
+    if "peak_mb" not in r:
+        return f"{batch:>{widths[0]}} | {mode:>{widths[1]}} | {r.get('skip') or 'failed: ' + r['error']}"
+    ratio = mode == "cache" and "ms_per_sample" in ref
+    cells = [
+        str(batch),
+        mode,
+        f"{r['peak_mb']:.0f}",
+        f"{r['input_mb']:.1f}",
+        f"{r['ms_per_sample']:.2f}",
+        f"{r['cpu_ms_per_sample']:.2f}",
+        f"{r['ms_per_sample'] / ref['ms_per_sample']:.2f}x" if ratio else "",
+        f"{r['cpu_ms_per_sample'] / ref['cpu_ms_per_sample']:.2f}x" if ratio else "",
+        f"{r['peak_mb'] / base_peak:.3f}x" if mode == "cache" and base_peak else "",
+    ]
+    return " | ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vlp-tiny")
+    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--batches", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    p.add_argument(
+        "--samples", type=int, default=1024, help="timed samples per configuration (at least one step)"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timing rounds; the fastest is reported")
+    p.add_argument("--max-rss-gb", type=float, default=8.0, help="skip no-cache runs predicted to need more")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["cache", "nocache"], help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+
+    print(f"model {args.model}, fp32, CPU ({os.cpu_count()} cores), chunk {args.chunk}, softmax loss")
+    cols = ["batch", "mode", "peak RSS MB", "input MB", "wall ms/sample", "cpu ms/sample", "wall vs no-cache"]
+    cols += ["cpu vs no-cache", f"peak vs cache@{args.batches[0]}"]
+    head = " | ".join(f"{c:>{max(6, len(c))}}" for c in cols)
+    widths = [max(6, len(c)) for c in cols]
+    print(head)
+    print("-" * len(head))
+    base_peak = None
+    nocache_hist: list[tuple[int, float]] = []
+    t_start = time.time()
+    for batch in args.batches:
+        rows = {}
+        for mode in ("nocache", "cache"):
+            guess = predicted_peak_mb(nocache_hist, batch) if mode == "nocache" else None
+            if guess is not None and guess > args.max_rss_gb * 1024:
+                rows[mode] = {
+                    "skip": f"skipped (predicted peak {guess / 1024:.1f} GB > --max-rss-gb {args.max_rss_gb})"
+                }
+                continue
+            rows[mode] = run(args, batch, mode)
+            if mode == "nocache" and "peak_mb" in rows[mode]:
+                nocache_hist.append((batch, rows[mode]["peak_mb"]))
+        if base_peak is None and "peak_mb" in rows["cache"]:
+            base_peak = rows["cache"]["peak_mb"]
+        for mode in ("nocache", "cache"):
+            print(_row(batch, mode, rows, base_peak, widths), flush=True)
+    print(f"total {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

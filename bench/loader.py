@@ -1,0 +1,122 @@
+"""Loader throughput: vlp's ShardLoader vs open_clip_train's webdataset pipeline, in one run.
+
+    python bench/loader.py [--n 3000] [--workers 2] [--batch 128] [--image-size 224]
+
+Both read the same JPEG shards (256-1024 px images, kept at full size by
+`vlp shards build --resize-mode no`), decode, apply open_clip's train
+augmentation (random resized crop, scale 0.9-1.0, bicubic, to --image-size),
+tokenise with open_clip's tokenizer, and batch, with the same number of
+DataLoader workers. Printed: samples/s over the batches after the first
+(worker start-up excluded), and the ratio.
+
+vlp hands uint8 images to the trainer, which normalises them on the device;
+the "+ normalise on CPU" row adds that step in the main process, to show the
+cost where there is no GPU to hide it.
+
+open_clip_train runs from its own virtualenv (bench/baselines.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # bench/ is not a package
+
+from baselines import open_clip_python  # noqa: E402
+
+BASELINE = r"""
+import argparse, json, sys, time
+import open_clip
+from open_clip_train.data import get_wds_dataset
+cfg = json.loads(sys.argv[1])
+args = argparse.Namespace(train_data=cfg["spec"], train_num_samples=cfg["samples"], dataset_resampled=False,
+    seed=0, batch_size=cfg["batch"], workers=cfg["workers"], world_size=1, train_data_upsampling_factors=None)
+preprocess = open_clip.image_transform(cfg["size"], is_train=True)
+data = get_wds_dataset(args, preprocess, is_train=True, tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+it = iter(data.dataloader)
+images, texts = next(it)
+start, n = time.perf_counter(), 0
+for images, texts in it:
+    n += images.shape[0]
+print(json.dumps({"samples": n, "seconds": time.perf_counter() - start}))
+"""
+
+
+def make_shards(work: Path, n: int) -> Path:
+    from shards import make_images, write_csv
+
+    out = work / "shards"
+    if (out / "manifest.json").exists():
+        return out
+    images = make_images(work / "images", n)
+    csv_path = write_csv(work / "pairs.csv", [str(p) for p in images])
+    subprocess.run([sys.executable, "-m", "data_tools", "build", str(csv_path), "--output", str(out),
+                    "--resize-mode", "no", "--encode-quality", "90", "--shard-size", "250", "--quiet"],
+                   check=True)
+    return out
+
+
+def run_vlp(shards: Path, args, normalise: bool) -> tuple[int, float]:
+    import open_clip
+
+    from vlp.config import DataConfig, DataSource
+    from vlp.data import ShardLoader, normalize
+
+    cfg = DataConfig(sources=[DataSource(shards=str(shards))], workers=args.workers, shuffle_buffer=1000)
+    loader = ShardLoader(cfg, batch_size=args.batch, image_size=args.image_size,
+                         tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+    it = iter(loader.epoch(0))
+    next(it)
+    start, n = time.perf_counter(), 0
+    for batch in it:
+        if normalise:
+            normalize(batch["image"], open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+        n += batch["image"].shape[0]
+    return n, time.perf_counter() - start
+
+
+def run_open_clip(shards: Path, args) -> tuple[int, float]:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    last = len(manifest["shards"]) - 1
+    cfg = {"spec": f"{shards}/{{00000..{last:05d}}}.tar", "samples": manifest["written"], "batch": args.batch,
+           "workers": args.workers, "size": args.image_size}
+    out = subprocess.run([str(open_clip_python()), "-c", BASELINE, json.dumps(cfg)], check=True,
+                         capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["samples"], result["seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=3000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--work", default="/tmp/vlp-bench-loader")
+    args = parser.parse_args()
+    shards = make_shards(Path(args.work), args.n)
+    open_clip_python()
+    rows = []
+    for name, fn in [("open_clip_train (webdataset 0.2.86)", lambda: run_open_clip(shards, args)),
+                     ("vlp ShardLoader", lambda: run_vlp(shards, args, normalise=False)),
+                     ("vlp ShardLoader + normalise on CPU", lambda: run_vlp(shards, args, normalise=True))]:
+        n, seconds = fn()
+        rows.append((name, n / seconds, n))
+        print(f"  {name}: {n} samples in {seconds:.1f}s", flush=True)
+    base = rows[0][1]
+    print(f"\ndecode + augment + tokenise, {args.n} JPEGs 256-1024 px -> {args.image_size} px, "
+          f"batch {args.batch}, {args.workers} workers")
+    print("| loader | samples/s | vs open_clip_train |")
+    print("|---|---|---|")
+    for name, rate, _ in rows:
+        print(f"| {name} | {rate:.0f} | {rate / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Training throughput: `vlp train` vs open_clip_train on the same model, shards and batch, in one run.
+
+    python bench/train.py [--steps 40] [--batch 128] [--model vlp-tiny] [--precision fp32]
+
+Both train the same open_clip model config from scratch on the same shards
+(the synthetic default, built here if missing) with the same batch size,
+number of steps, data workers, AdamW settings and precision, in one process.
+Throughput is the median of the per-step samples/s each tool reports (data
+wait included), skipping the first 5 steps (start-up, allocator warm-up).
+Then the same at 4x the contrastive batch through gradient caching (vlp:
+batch 4B in chunks of B; open_clip_train: --accum-freq 4 at batch B, its own
+feature-caching accumulation). Last, a profile of where one vlp step's time
+goes.
+
+open_clip_train runs from its own virtualenv (bench/baselines.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+
+from baselines import Recipe, ensure_synthetic_shards, train_open_clip, train_vlp  # noqa: E402
+
+
+def profile_vlp_step(shards: Path, out: Path, r: Recipe) -> list[tuple[str, float]]:
+    """Time the parts of vlp steps in-process: data wait, gradient-cached forward/backward, optimizer."""
+    import torch
+
+    from vlp.config import load_config
+    from vlp.train import Trainer
+
+    cfg = load_config(None, [f"data.sources=[{{shards: '{shards}'}}]", f"data.workers={r.workers}",
+                             f"model.name={r.model}", f"train.batch_size={r.batch}", "train.steps=1000",
+                             f"train.output_dir={out}", f"train.precision={r.precision}"])
+    trainer = Trainer(cfg)
+    stream = trainer.loader.stream()
+    parts = {"data wait": 0.0, "forward + backward (GradCache.step)": 0.0, "optimizer (engine.step)": 0.0}
+    steps = 12
+    for i in range(steps):
+        t0 = time.perf_counter()
+        batch = next(stream)
+        t1 = time.perf_counter()
+        trainer.gradcache.step(batch["image"], batch["text"].to(trainer.device))
+        t2 = time.perf_counter()
+        trainer.engine.step()
+        t3 = time.perf_counter()
+        if i >= 2:  # skip warm-up
+            parts["data wait"] += t1 - t0
+            parts["forward + backward (GradCache.step)"] += t2 - t1
+            parts["optimizer (engine.step)"] += t3 - t2
+    batch = next(stream)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        trainer.gradcache.step(batch["image"], batch["text"])
+        trainer.engine.step()
+    print("\ntop operators of one step (torch.profiler, CPU time):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+    return [(name, seconds / (steps - 2)) for name, seconds in parts.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--model", default="vlp-tiny")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--work", default="/tmp/vlp-bench-train")
+    parser.add_argument("--no-profile", action="store_true")
+    args = parser.parse_args()
+    work = Path(args.work)
+    shards = ensure_synthetic_shards(work)
+    r = Recipe(model=args.model, batch=args.batch, steps=args.steps, workers=args.workers,
+               precision=args.precision, lr=1e-3, warmup=10)
+    rows = []
+    for label, micro, accum in [(f"batch {args.batch}", None, 1),
+                                (f"batch {4 * args.batch} via gradient caching (chunks of {args.batch})",
+                                 args.batch, 4)]:
+        oc = train_open_clip(shards, work / "open_clip", r, accum=accum)
+        ours = train_vlp(shards, work / "vlp", r, batch=args.batch * accum, micro=micro)
+        rows.append((label, ours.samples_per_s, oc.samples_per_s))
+        print(f"  {label}: vlp {ours.samples_per_s:.1f}/s, open_clip_train {oc.samples_per_s:.1f}/s", flush=True)
+    print(f"\ntraining throughput, {args.model}, {args.precision}, {args.steps} steps, {args.workers} data workers, "
+          "1 process (median samples/s after 5 steps)")
+    print("| contrastive batch | vlp train samples/s | open_clip_train samples/s | ratio |")
+    print("|---|---|---|---|")
+    for label, ours, oc in rows:
+        print(f"| {label} | {ours:.1f} | {oc:.1f} | {ours / oc:.2f}x |")
+    if not args.no_profile:
+        parts = profile_vlp_step(shards, work / "profile", r)
+        total = sum(s for _, s in parts)
+        print(f"\nwhere one vlp step goes (batch {args.batch}, mean of 10 steps, {total * 1000:.0f} ms):")
+        print("| part | ms | share |")
+        print("|---|---|---|")
+        for name, seconds in parts:
+            print(f"| {name} | {seconds * 1000:.0f} | {100 * seconds / total:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

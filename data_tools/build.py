@@ -1,0 +1,429 @@
+"""Raw pairs -> webdataset shards: planning, parallel processing, writing, resume.
+
+How a build runs:
+
+- Inputs and the output folder are checked before any work (one-line errors).
+- Rows are numbered in input order; shard i holds rows [i*S, (i+1)*S) where S
+  is --shard-size, and a row's key is its shard plus its offset in the shard.
+  Keys and shard contents therefore depend only on the input and options, not
+  on timing or the number of workers.
+- Worker processes turn chunks of rows into finished samples or failures
+  (data_tools.pipeline); a bounded window of chunks is in flight, so memory
+  does not grow with the input. Results are consumed in row order by this
+  process, the only writer, which also removes exact duplicates (the first
+  occurrence in row order wins).
+- A shard is complete once its _stats.json exists. A rerun of the same command
+  skips complete shards (they are always a prefix, since shards are written in
+  order), reloads their image hashes for deduplication and carries on, ending
+  with exactly the files an uninterrupted build writes.
+- At the end, failures.jsonl and manifest.json are assembled from the shard
+  records, and rows == written + failed + duplicates is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import shutil
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from data_tools.fetch import FetchOptions
+from data_tools.images import ImageOptions
+from data_tools.pipeline import RowOptions, RowResult, init_worker, process_chunk
+from data_tools.readers import InputFile, Row, iter_rows, open_inputs
+from data_tools.writer import ShardWriter, fsync_write, printable, shard_name
+from vlp.errors import UserError
+
+STATE_FILE = ".build.json"
+OWN_FILE = re.compile(r"^(\d{5}(\.tar|\.parquet|_stats\.json)|manifest\.json|failures\.jsonl|\.build\.json)(\.tmp)?$")
+CHUNK_ROWS = 64
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    url_col: str = "url"
+    caption_col: str = "caption"
+    keep_cols: tuple[str, ...] = ()
+    image: ImageOptions = ImageOptions()
+    fetch: FetchOptions = FetchOptions()
+    caption_max_chars: int = 512
+    caption_reject_chars: int = 10_000
+    dedup: bool = True
+    shard_size: int = 10_000
+    workers: int = 1
+    threads: int = 16
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BuildOptions:
+        image = ImageOptions(
+            image_size=args.image_size,
+            resize_mode=args.resize_mode,
+            resize_only_if_bigger=args.resize_only_if_bigger,
+            encode_format=args.encode_format,
+            encode_quality=args.encode_quality,
+            min_image_size=args.min_image_size,
+            max_aspect_ratio=args.max_aspect_ratio,
+            max_pixels=args.max_pixels,
+        )
+        keep = tuple(c.strip() for c in args.keep_cols.split(",") if c.strip())
+        return cls(
+            url_col=args.url_col,
+            caption_col=args.caption_col,
+            keep_cols=keep,
+            image=image,
+            fetch=FetchOptions(timeout=args.timeout, retries=args.retries, max_bytes=args.max_bytes),
+            caption_max_chars=args.caption_max_chars,
+            caption_reject_chars=args.caption_reject_chars,
+            dedup=args.dedup,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            threads=args.threads,
+        )
+
+    def validate(self) -> None:
+        checks = [
+            (self.image.image_size > 0, "--image-size must be > 0"),
+            (1 <= self.image.encode_quality <= 100, "--encode-quality must be in 1..100"),
+            (self.image.max_aspect_ratio >= 1, "--max-aspect-ratio must be >= 1"),
+            (self.image.max_pixels > 0, "--max-pixels must be > 0"),
+            (self.shard_size > 0, "--shard-size must be > 0"),
+            (self.workers >= 0, "--workers must be >= 0"),
+            (self.threads >= 1, "--threads must be >= 1"),
+            (self.fetch.timeout > 0, "--timeout must be > 0"),
+            (self.fetch.retries >= 0, "--retries must be >= 0"),
+            (self.caption_max_chars > 0, "--caption-max-chars must be > 0"),
+            (self.caption_reject_chars >= self.caption_max_chars, "--caption-reject-chars must be >= --caption-max-chars"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def fingerprint(self) -> dict:
+        """The options that shape the output (not workers/threads: they only change speed)."""
+        fp = asdict(self)
+        for k in ("workers", "threads"):
+            fp.pop(k)
+        fp["keep_cols"] = list(self.keep_cols)
+        fp["image"]["max_aspect_ratio"] = str(self.image.max_aspect_ratio)  # inf is not JSON
+        return fp
+
+    def row_options(self) -> RowOptions:
+        return RowOptions(self.image, self.fetch, self.caption_max_chars, self.caption_reject_chars, self.threads)
+
+
+@dataclass
+class BuildSummary:
+    out_dir: Path
+    rows: int
+    written: int
+    failed: int
+    duplicates: int
+    shards: int
+    seconds: float
+    resumed_shards: int
+
+    @property
+    def consistent(self) -> bool:
+        return self.rows == self.written + self.failed + self.duplicates
+
+    def line(self) -> str:
+        check = "ok" if self.consistent else "MISMATCH"
+        resumed = f", {self.resumed_shards} resumed" if self.resumed_shards else ""
+        rate = self.rows / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"rows={self.rows} written={self.written} failed={self.failed} duplicates={self.duplicates} "
+            f"(rows == written + failed + duplicates: {check}); {self.shards} shards{resumed}; "
+            f"{self.seconds:.1f}s ({rate:.0f} rows/s) -> {self.out_dir}"
+        )
+
+
+# ------------------------------------------------------------ output state
+
+
+def _input_fingerprint(inputs: list[InputFile]) -> list[dict]:
+    out = []
+    for inp in inputs:
+        st = inp.path.stat()
+        out.append({"path": str(inp.path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def _clear_own_files(out: Path) -> None:
+    for p in out.iterdir():
+        if OWN_FILE.match(p.name):
+            p.unlink() if p.is_file() else shutil.rmtree(p)
+
+
+def prepare_output(out: Path, state: dict, overwrite: bool) -> None:
+    """Create/check the output folder; refuse to mix two different builds in one folder."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"output {out}: not writable ({err.strerror or err})") from None
+    state_path = out / STATE_FILE
+    if overwrite:
+        _clear_own_files(out)
+    elif state_path.exists():
+        previous = json.loads(state_path.read_text())
+        if previous != state:
+            raise UserError(
+                f"output {out} holds a build of other inputs or options; pass --overwrite to start over"
+            )
+    elif any(OWN_FILE.match(p.name) for p in out.iterdir()):
+        raise UserError(f"output {out} holds shards from another build; pass --overwrite to start over")
+    for p in out.glob("*.tmp"):  # leftovers of a killed build
+        p.unlink()
+    fsync_write(state_path, json.dumps(state, indent=2).encode())
+
+
+def completed_shards(out: Path) -> int:
+    """How many shards, from 0, are complete (tar + records + stats)."""
+    n = 0
+    while all((out / f"{shard_name(n)}{suffix}").exists() for suffix in (".tar", ".parquet", "_stats.json")):
+        n += 1
+    return n
+
+
+def _load_hashes(out: Path, shards: int) -> dict[str, int]:
+    seen: dict[str, int] = {}
+    for i in range(shards):
+        table = pq.read_table(out / f"{shard_name(i)}.parquet", columns=["row", "status", "sha256"])
+        for rec in table.to_pylist():
+            if rec["status"] == "success":
+                seen.setdefault(rec["sha256"], rec["row"])
+    return seen
+
+
+# ------------------------------------------------------------ processing
+
+
+def _chunks(rows: Iterable[Row], shard_size: int) -> Iterator[list[Row]]:
+    """Rows in chunks of CHUNK_ROWS that never straddle a shard boundary."""
+    chunk: list[Row] = []
+    for row in rows:
+        if chunk and (len(chunk) == CHUNK_ROWS or row.index // shard_size != chunk[0].index // shard_size):
+            yield chunk
+            chunk = []
+        chunk.append(row)
+    if chunk:
+        yield chunk
+
+
+def _crash_results(rows: list[Row], opts: RowOptions) -> list[RowResult]:
+    """A chunk that killed its worker twice: retry each row alone to find the culprit."""
+    results = []
+    for row in rows:
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as solo:
+            try:
+                results.extend(solo.submit(process_chunk, [row], opts).result())
+            except BrokenProcessPool:
+                results.append(RowResult(row.index, "worker_crashed", "the decoder process died on this row"))
+    return results
+
+
+class _Workers:
+    """Ordered, bounded-window parallel map of process_chunk that survives dead workers.
+
+    If a worker dies (OOM killer, a decoder crash), every chunk in flight is
+    lost with the pool: the pool is restarted and those chunks resubmitted. A
+    chunk that is in flight at a second crash is processed row by row, each in
+    a fresh process, so only a row that really kills its process fails
+    (reason worker_crashed).
+    """
+
+    def __init__(self, n: int, opts: RowOptions):
+        self.n, self.opts = n, opts
+        self.pool: ProcessPoolExecutor | None = None
+
+    def _start(self) -> None:
+        self.pool = ProcessPoolExecutor(
+            self.n, mp_context=get_context("spawn"), initializer=init_worker, initargs=(self.opts,)
+        )
+
+    def _submit(self, chunk: list[Row], crashes: int) -> tuple[list[Row], Future | list[RowResult], int]:
+        if crashes >= 2:
+            return chunk, _crash_results(chunk, self.opts), crashes
+        return chunk, self.pool.submit(process_chunk, chunk), crashes
+
+    def map(self, chunks: Iterator[list[Row]]) -> Iterator[tuple[list[Row], list[RowResult]]]:
+        if self.n == 0:  # in-process: for debugging and tiny inputs
+            for chunk in chunks:
+                yield chunk, process_chunk(chunk, self.opts)
+            return
+        self._start()
+        window: deque = deque()
+        try:
+            while True:
+                while len(window) < 4 * self.n and (chunk := next(chunks, None)) is not None:
+                    window.append(self._submit(chunk, 0))
+                if not window:
+                    return
+                chunk, pending, crashes = window[0]
+                try:
+                    results = pending if isinstance(pending, list) else pending.result()
+                except BrokenProcessPool:
+                    lost = [(c, n + 1) for c, _, n in window]
+                    self.pool.shutdown(cancel_futures=True)
+                    self._start()
+                    window = deque(self._submit(c, n) for c, n in lost)
+                    continue
+                window.popleft()
+                yield chunk, results
+        finally:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def _record(row: Row, key: str, result: RowResult) -> dict:
+    img = result.image
+    return {
+        "row": row.index,
+        "input": row.source,
+        "line": row.line,
+        "key": key,
+        "url": printable(row.ref),
+        "caption": result.caption if result.caption is not None else printable(row.caption),
+        "status": "success" if result.reason is None else "failed",
+        "error_message": result.reason,
+        "detail": printable(result.detail),
+        "sha256": result.sha256,
+        "width": img.width if img else None,
+        "height": img.height if img else None,
+        "original_width": img.original_width if img else None,
+        "original_height": img.original_height if img else None,
+        **row.extra,
+    }
+
+
+def _sample_meta(record: dict, keep_cols: tuple[str, ...], extra: dict) -> dict:
+    meta = {k: record[k] for k in ("key", "url", "caption", "status", "error_message", "width", "height",
+                                   "original_width", "original_height", "sha256", "row")}
+    meta.update({c: extra.get(c) for c in keep_cols})
+    return meta
+
+
+class _Writer:
+    """Consumes results in row order: dedup, keys, shard rollover."""
+
+    def __init__(self, out: Path, opts: BuildOptions, seen: dict[str, int]):
+        self.out, self.opts, self.seen = out, opts, seen
+        self.digits = len(str(opts.shard_size - 1))
+        self.current: ShardWriter | None = None
+
+    def add(self, row: Row, result: RowResult) -> None:
+        shard = row.index // self.opts.shard_size
+        if self.current is None or self.current.shard != shard:
+            self.close()
+            self.current = ShardWriter(self.out, shard, self.opts.keep_cols)
+        key = f"{shard_name(shard)}{row.index % self.opts.shard_size:0{self.digits}d}"
+        record = _record(row, key, result)
+        if result.reason is None:
+            first = self.seen.get(result.sha256) if self.opts.dedup else None
+            if first is not None:
+                record.update(status="duplicate", error_message="duplicate", detail=f"same image as row {first}")
+            else:
+                self.seen[result.sha256] = row.index
+                meta = _sample_meta(record, self.opts.keep_cols, row.extra)
+                self.current.add_sample(key, result.image.data, result.image.ext, result.caption, meta)
+        self.current.add_record(record)
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+
+    def abort(self) -> None:
+        if self.current is not None:
+            self.current.abort()
+            self.current = None
+
+
+# ------------------------------------------------------------ finishing
+
+
+def _finish(out: Path, opts: BuildOptions, inputs: list[InputFile]) -> dict:
+    """Assemble failures.jsonl and manifest.json from the complete shards."""
+    n = completed_shards(out)
+    shards, totals, reasons = [], Counter(), Counter()
+    lines = []
+    for i in range(n):
+        stats = json.loads((out / f"{shard_name(i)}_stats.json").read_text())
+        shards.append({"name": f"{shard_name(i)}.tar", "samples": stats["successes"], "rows": stats["count"]})
+        totals.update(rows=stats["count"], written=stats["successes"], failed=stats["failed"],
+                      duplicates=stats["duplicates"])
+        reasons.update(stats["status_dict"])
+        table = pq.read_table(out / f"{shard_name(i)}.parquet")
+        for rec in table.to_pylist():
+            if rec["status"] != "success":
+                lines.append(json.dumps({
+                    "row": rec["row"], "input": rec["input"], "line": rec["line"], "key": rec["key"],
+                    "url": rec["url"], "status": rec["status"], "reason": rec["error_message"],
+                    "detail": rec["detail"],
+                }, ensure_ascii=False))
+    fsync_write(out / "failures.jsonl", "".join(line + "\n" for line in lines).encode())
+    manifest = {
+        "format": "vlp-shards/1",
+        "rows": totals["rows"],
+        "written": totals["written"],
+        "failed": totals["failed"],
+        "duplicates": totals["duplicates"],
+        "failure_reasons": dict(sorted(reasons.items())),
+        "shards": shards,
+        "inputs": [str(inp.path) for inp in inputs],
+        "options": opts.fingerprint(),
+    }
+    fsync_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def build_shards(
+    inputs: list[str], output: str, opts: BuildOptions, overwrite: bool = False, progress: bool = True
+) -> BuildSummary:
+    """Build (or resume building) shards in `output` from `inputs`. See the module docstring."""
+    start = time.perf_counter()
+    opts.validate()
+    files = open_inputs(list(inputs), opts.url_col, opts.caption_col, opts.keep_cols)
+    out = Path(output)
+    prepare_output(out, {"options": opts.fingerprint(), "inputs": _input_fingerprint(files)}, overwrite)
+
+    done = completed_shards(out)
+    seen = _load_hashes(out, done) if opts.dedup else {}
+    rows = itertools.islice(iter_rows(files, opts.url_col, opts.caption_col, opts.keep_cols),
+                            done * opts.shard_size, None)
+    writer = _Writer(out, opts, seen)
+    bar = tqdm(unit=" rows", desc="build", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    failed = 0
+    try:
+        for chunk, results in _Workers(opts.workers, opts.row_options()).map(_chunks(rows, opts.shard_size)):
+            for row, result in zip(chunk, results, strict=True):
+                writer.add(row, result)
+                failed += result.reason is not None
+            bar.update(len(chunk))
+            bar.set_postfix(failed=failed, refresh=False)
+        writer.close()
+    except BaseException:
+        writer.abort()  # the partial shard is redone on resume
+        raise
+    finally:
+        bar.close()
+
+    manifest = _finish(out, opts, files)
+    summary = BuildSummary(out, manifest["rows"], manifest["written"], manifest["failed"],
+                           manifest["duplicates"], len(manifest["shards"]), time.perf_counter() - start, done)
+    if not summary.consistent:
+        raise RuntimeError(f"accounting mismatch, please report: {summary.line()}")
+    return summary

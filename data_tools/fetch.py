@@ -1,0 +1,140 @@
+"""Fetch an image reference: a plain path, a file:// URL or an http(s) URL.
+
+Every way a fetch can go wrong maps to one short reason string (the
+`reason` of `FetchError`), so failures.jsonl can be grouped and counted:
+missing_file, empty_file, unreadable_file, too_large, http_<status>,
+timeout, connection_refused, connection_error.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from data_tools.failure import RowFailure
+
+USER_AGENT = "vlp-shards/0.1 (image-text dataset builder)"
+
+
+class FetchError(RowFailure):
+    """A failure of this stage; `reason` is one of the codes in the module docstring."""
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    timeout: float = 10.0
+    retries: int = 2
+    max_bytes: int = 50_000_000
+
+
+def is_url(ref: str) -> bool:
+    return ref.startswith(("http://", "https://"))
+
+
+def local_path(ref: str, base_dir: str) -> Path:
+    """A plain path (relative to the input file's folder) or a file:// URL -> a path."""
+    if ref.startswith("file://"):
+        return Path(unquote(urlparse(ref).path))
+    path = Path(ref).expanduser()
+    return path if path.is_absolute() else Path(base_dir) / path
+
+
+def _read_local(path: Path, max_bytes: int) -> bytes:
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise FetchError("missing_file", f"{path} is not a file")
+        if size == 0:
+            raise FetchError("empty_file", str(path))
+        if size > max_bytes:
+            raise FetchError("too_large", f"{size} bytes > {max_bytes}")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FetchError("missing_file", str(path)) from None
+    except PermissionError:
+        raise FetchError("unreadable_file", f"permission denied: {path}") from None
+    except OSError as err:
+        raise FetchError("unreadable_file", f"{path}: {err.strerror}") from None
+
+
+def _is_timeout(err: BaseException) -> bool:
+    return isinstance(err, TimeoutError | socket.timeout) or (
+        isinstance(err, OSError) and err.errno == errno.ETIMEDOUT
+    )
+
+
+def _classify(err: BaseException) -> FetchError:
+    """Map an exception from urllib into one reason."""
+    if isinstance(err, urllib.error.HTTPError):
+        return FetchError(f"http_{err.code}", str(err.reason))
+    inner = err.reason if isinstance(err, urllib.error.URLError) else err
+    if _is_timeout(inner):
+        return FetchError("timeout", "no response in time")
+    if isinstance(inner, ConnectionRefusedError):
+        return FetchError("connection_refused", str(inner))
+    return FetchError("connection_error", str(inner))
+
+
+def _transient(err: FetchError) -> bool:
+    """Worth retrying: server errors, rate limits and network trouble; not 4xx."""
+    if err.reason.startswith("http_"):
+        code = int(err.reason[5:])
+        return code >= 500 or code == 429
+    return err.reason in ("timeout", "connection_error", "connection_refused")
+
+
+def _read_http(url: str, opts: FetchOptions) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    with urllib.request.urlopen(request, timeout=opts.timeout) as resp:
+        declared = resp.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > opts.max_bytes:
+            raise FetchError("too_large", f"{declared} bytes > {opts.max_bytes}")
+        # Read in pieces: http.client's read(n) allocates n bytes up front, and
+        # n = max_bytes (50 MB) per image would dominate the fetch.
+        parts, size = [], 0
+        while piece := resp.read(1 << 20):
+            parts.append(piece)
+            size += len(piece)
+            if size > opts.max_bytes:
+                raise FetchError("too_large", f"more than {opts.max_bytes} bytes")
+        data = b"".join(parts)
+    if not data:
+        raise FetchError("empty_file", "empty response body")
+    return data
+
+
+def _fetch_http(url: str, opts: FetchOptions) -> bytes:
+    attempt = 0
+    while True:
+        try:
+            return _read_http(url, opts)
+        except FetchError:
+            raise
+        except Exception as err:  # urllib raises a zoo: HTTPError, URLError, OSError, http.client errors
+            failure = _classify(err)
+        if attempt >= opts.retries or not _transient(failure):
+            raise failure
+        attempt += 1
+        time.sleep(min(0.2 * 2**attempt, 2.0))  # short backoff: a build is long, a stall is costly
+
+
+def fetch(ref: str, base_dir: str, opts: FetchOptions) -> bytes:
+    """The bytes behind ref, or FetchError(reason)."""
+    if is_url(ref):
+        return _fetch_http(ref, opts)
+    if "://" in ref and not ref.startswith("file://"):
+        raise FetchError("unsupported_scheme", ref.split("://", 1)[0])
+    return _read_local(local_path(ref, base_dir), opts.max_bytes)
+
+
+def suffix_of(ref: str) -> str:
+    """The file extension of a reference ('.jpg'), ignoring URL queries."""
+    path = urlparse(ref).path if "://" in ref else ref
+    return os.path.splitext(path)[1].lower()

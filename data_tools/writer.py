@@ -1,0 +1,139 @@
+"""Writing one shard: the tar, its per-row record and its stats, each atomically.
+
+Layout, the same as img2dataset's webdataset output so either tool's shards
+feed our loader:
+
+    00000.tar          {key}.jpg|webp|png, {key}.txt, {key}.json per sample,
+                       members of a sample contiguous, keys digits only
+    00000.parquet      one record per input row of the shard, failures too
+    00000_stats.json   counts for the shard; written last, so its presence
+                       means the shard is complete (resume relies on this)
+
+Files are written under a temporary name and renamed, so a kill -9 never
+leaves a file that looks complete but is not. Tar headers carry a fixed
+mtime/owner so the same input gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+RECORD_FIELDS = [
+    ("row", pa.int64()),
+    ("input", pa.string()),
+    ("line", pa.int64()),
+    ("key", pa.string()),
+    ("url", pa.string()),
+    ("caption", pa.string()),
+    ("status", pa.string()),  # success | failed | duplicate
+    ("error_message", pa.string()),  # the reason, for failed and duplicate rows
+    ("detail", pa.string()),
+    ("sha256", pa.string()),
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+    ("original_width", pa.int64()),
+    ("original_height", pa.int64()),
+]
+RECORD_TEXT_LIMIT = 2000  # an absurd caption is kept in records only as its head
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:05d}"
+
+
+def printable(text: str | None, limit: int = RECORD_TEXT_LIMIT) -> str | None:
+    """Text safe for JSON/Parquet: undecodable bytes shown as escapes, length capped."""
+    if text is None:
+        return None
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text)} chars]"
+
+
+def fsync_write(path: Path, data: bytes) -> None:
+    """Write data to path via a temporary file and rename: all or nothing."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _record_schema(keep_cols: tuple[str, ...]) -> pa.Schema:
+    extra = [(c, pa.string()) for c in keep_cols if c not in dict(RECORD_FIELDS)]
+    return pa.schema(RECORD_FIELDS + extra)
+
+
+def _as_column_text(value) -> str | None:
+    if value is None or isinstance(value, str):
+        return printable(value)
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+class ShardWriter:
+    """Accumulates one shard's samples and records; `close()` makes it complete."""
+
+    def __init__(self, out_dir: Path, shard: int, keep_cols: tuple[str, ...]):
+        self.out_dir = out_dir
+        self.shard = shard
+        self.name = shard_name(shard)
+        self.keep_cols = keep_cols
+        self.tar_path = out_dir / f"{self.name}.tar"
+        self._tmp_tar = out_dir / f"{self.name}.tar.tmp"
+        self._stream = open(self._tmp_tar, "wb")  # noqa: SIM115 - closed in close()
+        # encoder=False: we hand over bytes, encoded exactly as we want them.
+        self._tar = wds.TarWriter(self._stream, mtime=0, user="vlp", group="vlp", encoder=False)
+        self.records: list[dict] = []
+        self.samples = 0
+
+    def add_sample(self, key: str, image: bytes, ext: str, caption: str, meta: dict) -> None:
+        # One dict -> contiguous members in sorted-suffix order: .jpg, .json, .txt.
+        meta_bytes = json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8")
+        self._tar.write({"__key__": key, ext: image, "txt": caption.encode("utf-8"), "json": meta_bytes})
+        self.samples += 1
+
+    def add_record(self, record: dict) -> None:
+        record = {k: (_as_column_text(v) if k in self.keep_cols else v) for k, v in record.items()}
+        self.records.append(record)
+
+    def stats(self) -> dict:
+        statuses = Counter(r["status"] for r in self.records)
+        reasons = Counter(r["error_message"] for r in self.records if r["status"] == "failed")
+        rows = [r["row"] for r in self.records]
+        return {
+            "shard": self.name,
+            "count": len(self.records),
+            "successes": statuses["success"],
+            "failed": statuses["failed"],
+            "duplicates": statuses["duplicate"],
+            "status_dict": dict(sorted(reasons.items())),
+            "first_row": min(rows) if rows else None,
+            "last_row": max(rows) if rows else None,
+        }
+
+    def close(self) -> dict:
+        """Finish the shard: tar, then records, then stats (the completion mark)."""
+        self._tar.close()
+        self._stream.flush()
+        os.fsync(self._stream.fileno())
+        self._stream.close()
+        os.replace(self._tmp_tar, self.tar_path)
+        table = pa.Table.from_pylist(self.records, schema=_record_schema(self.keep_cols))
+        tmp = self.out_dir / f"{self.name}.parquet.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.out_dir / f"{self.name}.parquet")
+        stats = self.stats()
+        fsync_write(self.out_dir / f"{self.name}_stats.json", json.dumps(stats, indent=2).encode())
+        return stats
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._stream.close()
+        self._tmp_tar.unlink(missing_ok=True)

@@ -1,0 +1,130 @@
+"""Where a benchmark image lives, and how to get it as a PIL image or a reason why not.
+
+Benchmarks point at images in several ways: a path relative to a data root
+(SugarCrepe, ARO, Winoground), a file:// or http(s) URL (CountBench), a member
+of a tar shard (CLIP_benchmark's webdataset layout, our own shards), sometimes
+with a crop box (ARO's VG-Relation / VG-Attribution). `ImageRef` names one of
+those exactly; its `key` is what the feature cache is keyed by, so an image
+shared by several tasks (SugarCrepe's seven subsets all use COCO val2017) is
+read and encoded once.
+
+Loading never raises for a bad image: `load_image` returns an `ImageFailure`
+with a short reason (missing_file, http_404, timeout, undecodable_image, ...)
+that the task reports next to the item's id. Fetching reuses the shard
+builder's `data_tools.fetch`, so both tools classify failures the same way.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from PIL import Image
+
+from data_tools.fetch import FetchError, FetchOptions, fetch, is_url
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_PIXELS = 89_478_485  # PIL's default decompression-bomb limit, as the shard builder's --max-pixels
+Box = tuple[float, float, float, float]  # x, y, width, height in pixels (ARO's bbox_x/y/w/h)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image: a path or URL, or `size` bytes at `offset` inside the tar at `source`; optionally cropped.
+
+    Local paths are absolute (adapters resolve them against the data root), so
+    equal refs mean the same file whatever folder the suite was run from.
+    """
+
+    source: str
+    offset: int = -1  # >= 0: a tar member's data starts here
+    size: int = 0
+    crop: Box | None = None
+
+    @property
+    def key(self) -> str:
+        """The feature-cache key: where the bytes are, plus the crop."""
+        where = f"{self.source}@{self.offset}" if self.offset >= 0 else self.source
+        return where if self.crop is None else f"{where}#crop={','.join(f'{v:g}' for v in self.crop)}"
+
+    def describe(self) -> str:
+        """Human-readable location, for skip reports."""
+        return f"{self.source} (tar member at byte {self.offset})" if self.offset >= 0 else self.source
+
+
+@dataclass(frozen=True)
+class ImageFailure:
+    """Why an image could not be used: a short reason to count by, and a detail to read."""
+
+    reason: str
+    detail: str = ""
+
+
+def resolve(ref: str, root: str | Path) -> ImageRef:
+    """An ImageRef for a path relative to `root`, an absolute path, a file:// URL or an http(s) URL."""
+    if is_url(ref) or ("://" in ref and not ref.startswith("file://")):
+        return ImageRef(ref)  # another scheme is kept as is: loading reports it as unsupported
+    if ref.startswith("file://"):
+        return ImageRef(str(Path(unquote(urlparse(ref).path)).resolve()))
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = Path(root) / path
+    return ImageRef(str(path.resolve()))
+
+
+def _read_bytes(ref: ImageRef, fetch_opts: FetchOptions) -> bytes:
+    if ref.offset < 0:
+        return fetch(ref.source, "", fetch_opts)
+    try:
+        with open(ref.source, "rb") as fh:
+            fh.seek(ref.offset)
+            data = fh.read(ref.size)
+    except FileNotFoundError:
+        raise FetchError("missing_file", ref.source) from None
+    except OSError as err:
+        raise FetchError("unreadable_file", f"{ref.source}: {err.strerror}") from None
+    if len(data) != ref.size:
+        raise FetchError("truncated_tar", f"{ref.source}: member at {ref.offset} is cut short")
+    return data
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _decode(data: bytes) -> Image.Image:
+    """Decode fully (not lazily), so a truncated file fails here and not inside the model's transform.
+
+    The pixel limit is checked from the header, before decoding, with our own constant:
+    PIL's global `Image.MAX_IMAGE_PIXELS` may be switched off by other code in the process
+    (the shard builder does its own check), and its warning filters are not thread-safe.
+    """
+    image = Image.open(io.BytesIO(data))
+    if image.width * image.height > MAX_PIXELS:
+        raise _TooLarge(f"{image.width}x{image.height} pixels > {MAX_PIXELS}")
+    image.load()
+    return image.convert("RGB")
+
+
+def load_image(ref: ImageRef, fetch_opts: FetchOptions | None = None) -> Image.Image | ImageFailure:
+    """The RGB image behind `ref` (cropped if asked), or the reason it cannot be had."""
+    opts = fetch_opts or FetchOptions(timeout=10.0, retries=1)
+    try:
+        data = _read_bytes(ref, opts)
+    except FetchError as err:
+        return ImageFailure(err.reason, err.detail or ref.describe())
+    try:
+        image = _decode(data)
+    except (_TooLarge, Image.DecompressionBombError) as err:
+        return ImageFailure("image_too_large", f"{ref.describe()}: {err}")
+    except Exception as err:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError, ...)
+        return ImageFailure("undecodable_image", f"{ref.describe()}: {type(err).__name__}: {err}")
+    if ref.crop is None:
+        return image
+    x, y, w, h = ref.crop
+    if w <= 0 or h <= 0:
+        return ImageFailure("empty_crop", f"{ref.describe()}: box {ref.crop}")
+    # PIL pads a box that reaches past the edge with black, as ARO's own loader does.
+    return image.crop((x, y, x + w, y + h))

@@ -1,0 +1,196 @@
+"""`vlp eval`: run every task of a suite on one model and write report.json + report.html.
+
+Order matters for failing fast: the suite is validated, the model spec
+resolved and every benchmark file read (synthetic sets generated) before the
+model is built, so a typo costs a second, not a model load. Then each task's
+images and texts are encoded through one FeatureStore (each input once per
+run, split across ranks when launched with torchrun / accelerate / srun), the
+task scores from cached features, and rank 0 writes the report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eval.features import FeatureStore
+from eval.models import load_encoder, resolve_model
+from eval.parallel import broadcast_from_main, rank_and_world
+from eval.suite import load_suite
+from eval.tasks import TASKS
+from eval.tasks.base import Context, Task
+from vlp.errors import UserError
+
+SCHEMA_VERSION = 1
+SKIPS_SHOWN = 5  # per task on stderr; report.json and skipped.jsonl have them all
+
+
+def default_cache_dir() -> Path:
+    """$VLP_CACHE_DIR, else $XDG_CACHE_HOME/vlp/eval, else ~/.cache/vlp/eval."""
+    if os.environ.get("VLP_CACHE_DIR"):
+        return Path(os.environ["VLP_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "vlp" / "eval"
+
+
+@dataclass
+class RunOptions:
+    """Everything `vlp eval` was asked to do."""
+
+    model: str
+    suite: str
+    out: Path
+    weights: str | None = None
+    random_init: bool = False
+    cache_dir: Path | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 256
+    workers: int = 4
+    seed: int = 0
+    only: list[str] | None = None
+    progress: bool = True
+
+
+def _device(choice: str, local_rank: int) -> str:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
+        return f"cuda:{local_rank}" if choice == "cuda" else choice
+    if choice != "cpu":
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {choice!r}")
+    return "cpu"
+
+
+def _prepare_out(out: Path) -> None:
+    """Create the output folder now, so a bad --out fails before the model loads."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot create the folder ({err.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"--out {out}: folder is not writable")
+
+
+def _load_tasks(tasks: list[Task], rank: int) -> None:
+    """Read every benchmark; rank 0 first, so it alone generates synthetic sets the others then reuse.
+
+    Rank 0's UserError is passed to every rank, so all of them stop with it instead of
+    the others waiting for rank 0 forever.
+    """
+    problem = None
+    if rank == 0:
+        try:
+            for task in tasks:
+                task.load()
+        except UserError as err:
+            problem = str(err)
+    problem = broadcast_from_main(problem)
+    if problem:
+        raise UserError(str(problem))
+    if rank != 0:
+        for task in tasks:
+            task.load()
+
+
+def _report_skips(name: str, result: dict[str, Any]) -> None:
+    if not result["n_skipped"]:
+        return
+    reasons = ", ".join(f"{r}: {n}" for r, n in result["skip_reasons"].items())
+    print(
+        f"vlp eval: task {name}: skipped {result['n_skipped']} of {result['n_items']} items ({reasons})",
+        file=sys.stderr,
+    )
+    for s in result["skipped"][:SKIPS_SHOWN]:
+        print(f"  item {s['id']}: {s['reason']}: {s['detail']}", file=sys.stderr)
+    if result["n_skipped"] > SKIPS_SHOWN:
+        print("  ... all of them in skipped.jsonl", file=sys.stderr)
+
+
+def run(opts: RunOptions) -> dict[str, Any]:
+    """Evaluate; return the report (written to opts.out by rank 0)."""
+    from vlp.distributed import init_distributed
+
+    suite = load_suite(opts.suite, opts.only)
+    spec = resolve_model(opts.model, opts.weights, opts.random_init)
+    if opts.precision not in ("fp32", "bf16"):
+        raise UserError(f"--precision must be fp32 or bf16, got {opts.precision!r}")
+    env = init_distributed()
+    rank, world = rank_and_world()
+    device = _device(opts.device, env.local_rank)
+    _prepare_out(opts.out)  # every rank: a failure here must stop them all
+    cache_dir = opts.cache_dir or default_cache_dir()
+    tasks = [TASKS[s.type](s, Context(cache_dir=cache_dir)) for s in suite.tasks]
+    started = time.perf_counter()
+    _load_tasks(tasks, rank)
+
+    encoder, model_info = load_encoder(
+        spec,
+        device=device,
+        batch_size=opts.batch_size,
+        bf16=opts.precision == "bf16",
+        workers=opts.workers,
+        seed=opts.seed,
+    )
+    store = FeatureStore(encoder, workers=opts.workers, progress=opts.progress)
+    results: dict[str, dict[str, Any]] = {}
+    all_skips: list[dict[str, str]] = []
+    for task in tasks:
+        t0 = time.perf_counter()
+        refs, texts = task.inputs()
+        store.prefetch(refs, texts, desc=task.name, fetch_opts=task.fetch_options())
+        result = task.score(store).as_dict()
+        results[task.name] = {"type": task.type, "dataset": task.describe_dataset(), **result}
+        results[task.name]["seconds"] = round(time.perf_counter() - t0, 3)
+        all_skips += [{"task": task.name, **s.as_dict()} for s in task.skipped]
+        if rank == 0:
+            _report_skips(task.name, result)
+
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "suite": {"name": suite.name, "description": suite.description, "path": suite.path},
+        "model": model_info,
+        "run": {
+            "device": device,
+            "precision": opts.precision,
+            "world_size": world,
+            "batch_size": opts.batch_size,
+            "cache_dir": str(cache_dir),
+            "seconds": round(time.perf_counter() - started, 3),
+            "encoding": asdict(store.stats),
+        },
+        "summary": {
+            name: {"type": r["type"], "metric": r["main_metric"], "value": r["metrics"].get(r["main_metric"])}
+            for name, r in results.items()
+        },
+        "tasks": results,
+    }
+    if rank == 0:
+        write_outputs(report, all_skips, opts.out)
+    return report
+
+
+def write_outputs(report: dict[str, Any], skips: list[dict[str, str]], out: Path) -> None:
+    """report.json, report.html and skipped.jsonl (every skipped item, uncapped), each written atomically."""
+    from eval.report import render_report
+
+    _atomic_write(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    _atomic_write(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skips))
+    _atomic_write(out / "report.html", render_report(report))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,260 @@
+"""Image-text retrieval with several captions per image (CLIP_benchmark's protocol and metric names).
+
+Data formats:
+- `karpathy`: Karpathy's `dataset_coco.json` / `dataset_flickr30k.json`
+  ({"images": [{filepath?, filename, split, sentences: [{raw}]}]}, filtered by
+  `split`), or the list form of `coco_karpathy_test.json` / `flickr30k_test.json`
+  ([{image, caption: str | [str]}], entries of one image merged);
+- `csv`: (image, caption) rows, rows of one image merged;
+- `wds`: tar shards: CLIP_benchmark's retrieval layout (`KEY.txt` holds the
+  captions one per line) or ours / img2dataset's (one caption per sample);
+- `synthetic`: random scenes with several true captions each, written as Karpathy JSON.
+
+Metrics: `image_retrieval_recall@k` (text -> image: the caption's image in the
+top k) and `text_retrieval_recall@k` (image -> text: any of its captions in
+the top k), on scores = texts @ images.T. With `qb_norm`, the same figures
+after querybank normalisation (dynamic inverted softmax, eval.metrics.qb_norm)
+are reported next to them with a `_qbnorm` suffix. The querybank is either the
+test queries themselves (`self`: transductive, say so when quoting it) or
+files of other queries (`texts`: captions, one per line; `images`: image paths,
+one per line, relative to that file).
+
+An image that cannot be loaded is skipped with its captions (one skip, its id).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import Field, TypeAdapter, field_validator
+
+from eval import metrics
+from eval.features import FeatureStore
+from eval.images import ImageRef, resolve
+from eval.tasks.base import Spec, SyntheticData, Task, TaskResult, TaskSpec, read_json, read_lines, user_path
+from eval.wds import find_shards, read_samples
+from vlp.errors import UserError
+
+CURVE_MAX_K = 50
+
+
+class KarpathyData(Spec):
+    format: Literal["karpathy"]
+    path: str
+    image_root: str | None = Field(None, description="default: the JSON file's folder")
+    split: str | None = Field("test", description="Karpathy 'split' to keep (dict form only); null keeps all")
+
+
+class CsvPairs(Spec):
+    format: Literal["csv"]
+    path: str
+    image_root: str | None = None
+    image_column: str = "image"
+    caption_column: str = "caption"
+
+
+class WdsPairs(Spec):
+    format: Literal["wds"]
+    path: str
+    split: str | None = "test"
+
+
+class SyntheticRetrieval(SyntheticData):
+    captions_per_image: int = Field(2, ge=1, le=5)
+
+
+Data = Annotated[KarpathyData | CsvPairs | WdsPairs | SyntheticRetrieval, Field(discriminator="format")]
+_DATA = TypeAdapter(Data)
+
+
+class QueryBankFiles(Spec):
+    texts: str = Field(description="captions, one per line: the bank for text -> image")
+    images: str = Field(
+        description="image paths, one per line (relative to this file): the bank for image -> text"
+    )
+
+
+class QBNormSpec(Spec):
+    beta: float = Field(20.0, gt=0)
+    k: int = Field(1, ge=1)
+    querybank: Literal["self"] | QueryBankFiles = "self"
+
+
+class RetrievalSpec(TaskSpec):
+    type: Literal["retrieval"]
+    dataset: Data
+    recall_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    qb_norm: QBNormSpec | None = None
+
+    @field_validator("recall_k")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or min(value) < 1:
+            raise ValueError("recall_k: give one or more k >= 1")
+        return sorted(set(value))
+
+
+def karpathy_groups(
+    path: Path, root: Path, split: str | None, skip: Callable[[str, str, str], None]
+) -> dict[str, tuple[ImageRef, list[str]]]:
+    """Image id -> (image, captions) from either Karpathy JSON form; malformed entries go to `skip`."""
+    doc = read_json(path, "Karpathy")
+    groups: dict[str, tuple[ImageRef, list[str]]] = {}
+    if isinstance(doc, dict) and isinstance(doc.get("images"), list):
+        for i, entry in enumerate(doc["images"]):
+            if not isinstance(entry, dict) or "filename" not in entry:
+                skip(f"images[{i}]", "malformed_item", "no 'filename'")
+                continue
+            if split is not None and entry.get("split", split) != split:
+                continue
+            rel = str(Path(entry.get("filepath", "")) / entry["filename"])
+            caps = [str(s.get("raw", "")) for s in entry.get("sentences", []) if isinstance(s, dict)]
+            groups[rel] = (resolve(rel, root), caps)
+    elif isinstance(doc, list):
+        for i, entry in enumerate(doc):
+            if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
+                skip(f"[{i}]", "malformed_item", "needs 'image' and 'caption'")
+                continue
+            caps = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+            ref, known = groups.get(entry["image"], (resolve(entry["image"], root), []))
+            groups[entry["image"]] = (ref, known + [str(c) for c in caps])
+    else:
+        raise UserError(f"{path} is neither Karpathy's {{'images': [...]}} nor a list of {{image, caption}}")
+    return groups
+
+
+class RetrievalTask(Task):
+    type = "retrieval"
+    Spec = RetrievalSpec
+    spec: RetrievalSpec
+
+    def load(self) -> None:
+        data = self.spec.dataset
+        if isinstance(data, SyntheticRetrieval):
+            data = self.materialise(data, _DATA)
+        groups: dict[str, tuple[ImageRef, list[str]]] = {}  # image id -> (ref, captions)
+        if isinstance(data, KarpathyData):
+            path = user_path(data.path)
+            root = user_path(data.image_root) if data.image_root else path.parent
+            groups.update(karpathy_groups(path, root, data.split, self.skip))
+        elif isinstance(data, CsvPairs):
+            self._load_csv(data, groups)
+        else:
+            for s in read_samples(find_shards(user_path(data.path), data.split)):
+                if s.image is not None:
+                    groups[f"{s.shard}/{s.key}"] = (s.image, s.texts.get("txt", "").splitlines())
+                else:
+                    self.skip(f"{s.shard}/{s.key}", "no_image_member")
+        self.images: list[tuple[str, ImageRef]] = []
+        self.captions: list[tuple[str, int]] = []  # (text, index into self.images)
+        for image_id, (ref, caps) in groups.items():
+            caps = [c.strip() for c in caps if c and c.strip()]
+            if not caps:
+                self.skip(image_id, "no_captions")
+                continue
+            self.captions += [(c, len(self.images)) for c in caps]
+            self.images.append((image_id, ref))
+        if not self.images:
+            raise UserError(f"task {self.name}: no image with a caption in the dataset")
+        self.bank_texts: list[str] = []
+        self.bank_images: list[ImageRef] = []
+        qb = self.spec.qb_norm
+        if qb is not None and isinstance(qb.querybank, QueryBankFiles):
+            self.bank_texts = read_lines(user_path(qb.querybank.texts), "querybank texts")
+            images_file = user_path(qb.querybank.images)
+            self.bank_images = [
+                resolve(p, images_file.parent) for p in read_lines(images_file, "querybank images")
+            ]
+
+    def _load_csv(self, data: CsvPairs, groups: dict[str, tuple[ImageRef, list[str]]]) -> None:
+        path = user_path(data.path)
+        if not path.is_file():
+            raise UserError(f"task {self.name}: CSV file not found: {path}")
+        root = user_path(data.image_root) if data.image_root else path.parent
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            for col in (data.image_column, data.caption_column):
+                if col not in (reader.fieldnames or []):
+                    raise UserError(
+                        f"task {self.name}: {path} has no column {col!r} (has {reader.fieldnames})"
+                    )
+            for row in reader:
+                image = row[data.image_column]
+                ref, caps = groups.get(image, (resolve(image, root), []))
+                groups[image] = (ref, caps + [row[data.caption_column] or ""])
+
+    def inputs(self) -> tuple[list[ImageRef], list[str]]:
+        return [r for _, r in self.images] + self.bank_images, [c for c, _ in self.captions] + self.bank_texts
+
+    def score(self, store: FeatureStore) -> TaskResult:
+        ids = [i for i, _ in self.images]
+        image_feats, ok = self.image_features(store, [r for _, r in self.images], ids)
+        kept = torch.nonzero(ok).flatten()
+        new_index = torch.full((len(self.images),), -1, dtype=torch.long)
+        new_index[kept] = torch.arange(len(kept))
+        captions = [(c, int(new_index[i])) for c, i in self.captions if ok[i]]
+        text_feats = store.texts([c for c, _ in captions])
+        text_image = torch.tensor([i for _, i in captions], dtype=torch.long)
+        image_feats = image_feats[kept]
+
+        t2i = text_feats @ image_feats.T
+        out: dict[str, float | None] = {}
+        curves: dict[str, Any] = {}
+        self._add(out, curves, "", *metrics.retrieval_ranks_from_scores(t2i, text_image, t2i.T))
+        qb = self.spec.qb_norm
+        if qb is not None:
+            bank_t, bank_i = self._banks(store, text_feats, image_feats)
+            t2i_n = metrics.qb_norm(t2i, bank_t @ image_feats.T, qb.beta, qb.k)
+            i2t_n = metrics.qb_norm(t2i.T, bank_i @ text_feats.T, qb.beta, qb.k)
+            self._add(out, curves, "_qbnorm", *metrics.retrieval_ranks_from_scores(t2i_n, text_image, i2t_n))
+        k1 = self.spec.recall_k[0]
+        details: dict[str, Any] = {
+            "n_images": len(kept),
+            "n_captions": len(captions),
+            "chance": k1 / len(kept) if len(kept) else None,
+            "recall_curve": curves,
+        }
+        if qb is not None:
+            details["qb_norm"] = {
+                "beta": qb.beta,
+                "k": qb.k,
+                "querybank": "self" if qb.querybank == "self" else "files",
+            }
+        return TaskResult(
+            metrics=out,
+            main_metric=f"image_retrieval_recall@{k1}",
+            n_scored=len(kept),
+            skipped=self.skipped,
+            details=details,
+        )
+
+    def _banks(
+        self, store: FeatureStore, text_feats: torch.Tensor, image_feats: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Querybank features (texts for text -> image, images for image -> text)."""
+        if not self.bank_texts:
+            return text_feats, image_feats
+        bank_images, failures = store.images(self.bank_images)
+        keep = [i for i in range(len(self.bank_images)) if i not in failures]
+        return store.texts(self.bank_texts), bank_images[keep]
+
+    def _add(
+        self,
+        out: dict[str, float | None],
+        curves: dict[str, Any],
+        suffix: str,
+        text_ranks: torch.Tensor,
+        image_ranks: torch.Tensor,
+    ) -> None:
+        """Recall@k for the spec's k, and a recall curve (k = 1..50) for the plots."""
+        for k in self.spec.recall_k:
+            out[f"image_retrieval_recall@{k}{suffix}"] = metrics.recall_at_k(text_ranks, k)
+            out[f"text_retrieval_recall@{k}{suffix}"] = metrics.recall_at_k(image_ranks, k)
+        top = max(CURVE_MAX_K, max(self.spec.recall_k))
+        curves["k"] = list(range(1, top + 1))
+        curves[f"image_retrieval{suffix}"] = [metrics.recall_at_k(text_ranks, k) for k in curves["k"]]
+        curves[f"text_retrieval{suffix}"] = [metrics.recall_at_k(image_ranks, k) for k in curves["k"]]

@@ -1,0 +1,140 @@
+"""Winoground-style pairs: two images, two captions using the same words in a different order.
+
+Data: `winoground` reads the benchmark's `examples.jsonl` (one JSON object per
+line; a JSON list is accepted too) of {id, image_0, image_1, caption_0,
+caption_1, tag?, collapsed_tag?, ...}; image names have no extension in the
+release ("ex_0_img_0"), so `image_ext` (.png) is appended to names without
+one; images live in `image_root` (default: `images/` next to the file).
+`synthetic` writes the same layout from shape scenes: attribute pairs (the two
+objects' colours swapped in the second image) and relation pairs (the scene
+mirrored, so the same words in the other order are true of it).
+
+Scores (Thrush et al. 2022), s(c, i) the similarity of caption c and image i:
+text score: s(c0,i0) > s(c1,i0) and s(c1,i1) > s(c0,i1); image score:
+s(c0,i0) > s(c0,i1) and s(c1,i1) > s(c1,i0); group score: both. Ties are
+wrong. Reported as `text_score`, `image_score`, `group_score`, and per tag
+(`collapsed_tag` if present, else `tag`) in the details.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field, TypeAdapter
+
+from eval import metrics
+from eval.features import FeatureStore
+from eval.images import ImageRef, resolve
+from eval.tasks.base import (
+    Spec,
+    SyntheticData,
+    Task,
+    TaskResult,
+    TaskSpec,
+    read_json,
+    require_keys,
+    user_path,
+)
+from vlp.errors import UserError
+
+
+class WinogroundData(Spec):
+    format: Literal["winoground"]
+    path: str = Field(description="examples.jsonl")
+    image_root: str | None = Field(None, description="default: images/ next to the file")
+    image_ext: str = ".png"
+
+
+class SyntheticWinoground(SyntheticData):
+    pass
+
+
+Data = Annotated[WinogroundData | SyntheticWinoground, Field(discriminator="format")]
+_DATA = TypeAdapter(Data)
+
+
+class WinogroundSpec(TaskSpec):
+    type: Literal["winoground"]
+    dataset: Data
+
+
+def _read_examples(path: Path) -> list:
+    """examples.jsonl (one object per line), or a JSON list."""
+    if path.suffix == ".json":
+        doc = read_json(path, "Winoground")
+        if not isinstance(doc, list):
+            raise UserError(f"{path} must hold a list of examples")
+        return doc
+    if not path.is_file():
+        raise UserError(f"Winoground file not found: {path}")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path} line {n} is not valid JSON ({err.msg})") from None
+    return out
+
+
+class WinogroundTask(Task):
+    type = "winoground"
+    Spec = WinogroundSpec
+    spec: WinogroundSpec
+
+    def load(self) -> None:
+        data = self.spec.dataset
+        if isinstance(data, SyntheticWinoground):
+            data = self.materialise(data, _DATA)
+        path = user_path(data.path)
+        root = user_path(data.image_root) if data.image_root else path.parent / "images"
+        self.items: list[tuple[str, tuple[ImageRef, ImageRef], tuple[str, str], str]] = []
+        for n, item in enumerate(_read_examples(path)):
+            item_id = str(item.get("id", n)) if isinstance(item, dict) else str(n)
+            problem = require_keys(item, ("image_0", "image_1", "caption_0", "caption_1"))
+            if problem:
+                self.skip(item_id, "malformed_item", problem)
+                continue
+            images = tuple(
+                resolve(self._file(str(item[k]), data.image_ext), root) for k in ("image_0", "image_1")
+            )
+            tag = str(item.get("collapsed_tag") or item.get("tag") or "all")
+            self.items.append((item_id, images, (str(item["caption_0"]), str(item["caption_1"])), tag))  # type: ignore[arg-type]
+
+    @staticmethod
+    def _file(name: str, ext: str) -> str:
+        return name if Path(name).suffix else name + ext
+
+    def inputs(self) -> tuple[list[ImageRef], list[str]]:
+        return [r for it in self.items for r in it[1]], [c for it in self.items for c in it[2]]
+
+    def score(self, store: FeatureStore) -> TaskResult:
+        refs = [r for it in self.items for r in it[1]]
+        ids = [it[0] for it in self.items for _ in range(2)]
+        feats, ok = self.image_features(store, refs, ids)
+        good = ok.reshape(-1, 2).all(dim=1)
+        kept = [it for it, g in zip(self.items, good.tolist(), strict=True) if g]
+        images = feats.reshape(-1, 2, feats.shape[-1])[good]  # (n, image, dim)
+        captions = store.texts([c for it in kept for c in it[2]]).reshape(
+            len(kept), 2, store.encoder.dim
+        )  # (n, caption, dim)
+        scores = torch.einsum("ncd,nid->nci", captions, images)
+        flags = metrics.winoground_scores(scores)
+        out = {f"{k}_score": metrics.mean(v) for k, v in flags.items()}
+        groups: dict[str, dict[str, float | int | None]] = {}
+        tags = [it[3] for it in kept]
+        for tag in sorted(set(tags)):
+            mask = torch.tensor([t == tag for t in tags])
+            groups[tag] = {f"{k}_score": metrics.mean(v[mask]) for k, v in flags.items()} | {
+                "n": int(mask.sum())
+            }
+        return TaskResult(
+            metrics=out,
+            main_metric="group_score",
+            n_scored=len(kept),
+            skipped=self.skipped,
+            details={"chance": 1 / 6, "groups": groups, "group_label": "tag"},
+        )

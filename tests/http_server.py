@@ -1,0 +1,73 @@
+"""A real HTTP server on loopback for tests that fetch URLs.
+
+Serves files from a folder, plus special paths that misbehave the ways the
+web does: /status/404, /status/500, /slow/<seconds>/<file> (answers late),
+/flaky/<n>/<file> (500 for the first n requests, then the file).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+def _handler(root: Path, hits: Counter):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # keep test output clean
+            pass
+
+        def _send(self, code: int, body: bytes = b"") -> None:
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            hits[self.path] += 1
+            parts = self.path.strip("/").split("/")
+            if parts[0] == "status":
+                return self._send(int(parts[1]), b"error page")
+            if parts[0] == "slow":
+                time.sleep(float(parts[1]))
+                parts = parts[2:]
+            elif parts[0] == "flaky":
+                if hits[self.path] <= int(parts[1]):
+                    return self._send(500, b"try again")
+                parts = parts[2:]
+            path = root.joinpath(*parts)
+            if not path.is_file():
+                return self._send(404, b"not found")
+            try:
+                self._send(200, path.read_bytes())
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout tests)
+                pass
+
+    return Handler
+
+
+@contextmanager
+def serve(root: Path):
+    """Yield (base_url, hits) for a server on 127.0.0.1 with a free port."""
+    hits: Counter = Counter()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(Path(root), hits))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening (connection refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,92 @@
+"""Small helpers for shard-builder tests: make image files, run builds, read shards back."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from data_tools.build import BuildOptions, build_shards
+from data_tools.fetch import FetchOptions
+from data_tools.images import ImageOptions
+
+
+def noise_image(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB").convert(mode)
+
+
+def save(img: Image.Image, path: Path, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **kw)
+    return path
+
+
+def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A valid PNG header that claims a huge image: the decompression-bomb case."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def write_csv(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def options(**kw) -> BuildOptions:
+    """Small, fast defaults for tests; image and fetch options by name go where they belong."""
+    image_keys = set(ImageOptions.__dataclass_fields__)
+    fetch_keys = set(FetchOptions.__dataclass_fields__)
+    image = ImageOptions(**{"image_size": 32, **{k: v for k, v in kw.items() if k in image_keys}})
+    fetch = FetchOptions(**{k: v for k, v in kw.items() if k in fetch_keys})
+    rest = {k: v for k, v in kw.items() if k not in image_keys | fetch_keys}
+    return BuildOptions(image=image, fetch=fetch, **{"workers": 0, "threads": 4, **rest})
+
+
+def build(inputs, out: Path, **kw):
+    return build_shards([str(p) for p in inputs], str(out), options(**kw), progress=False)
+
+
+def read_back(out: Path) -> dict[str, dict]:
+    """Every sample in the build, read with the webdataset library: key -> sample dict."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    urls = [str(out / s["name"]) for s in manifest["shards"]]
+    samples = {}
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        meta = json.loads(s["json"])
+        img_ext = next(e for e in ("jpg", "png", "webp") if e in s)
+        samples[s["__key__"]] = {
+            "caption": s["txt"].decode(),
+            "meta": meta,
+            "image": Image.open(io.BytesIO(s[img_ext])),
+            "ext": img_ext,
+        }
+    return samples
+
+
+def failures(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+
+
+def reasons_by_url(out: Path) -> dict[str, str]:
+    return {f["url"]: f["reason"] for f in failures(out)}
+
+
+def tree_bytes(out: Path) -> dict[str, bytes]:
+    """All files of a build (not the resume state), for byte-for-byte comparisons."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != ".build.json"}

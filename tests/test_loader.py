@@ -1,0 +1,213 @@
+"""The training loader: equal batches per rank, determinism, exact resume, bad samples, sources."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from http_server import serve
+from open_clip.tokenizer import SimpleTokenizer
+
+from data_tools.build import BuildOptions, build_shards
+from data_tools.images import ImageOptions
+from data_tools.synth import generate
+from vlp.config import DataConfig, DataSource
+from vlp.data import ShardLoader, hard_negative_captions
+from vlp.errors import UserError
+
+TOKENIZER = SimpleTokenizer(context_length=32)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """223 synthetic pairs in uneven shards (50, 50, 50, 50, 23), with ground truth and negatives."""
+    root = tmp_path_factory.mktemp("loader")
+    csv_path = generate(root / "synth", n=223, seed=5, image_size=32, progress=False)
+    opts = BuildOptions(image=ImageOptions(image_size=32), keep_cols=("kind", "hard_negatives"),
+                        shard_size=50, workers=0)
+    build_shards([str(csv_path)], str(root / "shards"), opts, progress=False)
+    return root / "shards"
+
+
+def _loader(source: str | list[DataSource], *, batch=16, rank=0, world=1, workers=0, **data) -> ShardLoader:
+    sources = [DataSource(shards=source)] if isinstance(source, str) else source
+    cfg = DataConfig(sources=sources, workers=workers, shuffle_buffer=32, **data)
+    return ShardLoader(cfg, batch_size=batch, image_size=24, tokenizer=TOKENIZER, rank=rank, world_size=world, seed=1)
+
+
+def _take(stream, n):
+    return [next(stream) for _ in range(n)]
+
+
+def test_batches_have_the_promised_shapes_and_fields(shards):
+    loader = _loader(str(shards), hard_negatives=2)
+    assert loader.steps_per_epoch == 223 // 16
+    batch = next(loader.stream())
+    assert batch["image"].shape == (16, 3, 24, 24) and batch["image"].dtype == torch.uint8
+    assert batch["text"].shape == (16, 32) and batch["text"].dtype == torch.long
+    assert batch["hard_negatives"].shape == (16, 2, 32)
+    assert batch["hard_negative_mask"].shape == (16, 2)
+    assert batch["hard_negative_mask"][:, 0].all()  # every synthetic caption has a counterfactual
+    assert len(set(batch["key"])) == 16 and all(k.isdigit() for k in batch["key"])
+    assert (batch["epoch"], batch["batch"], batch["replaced"]) == (0, 0, 0)
+    # the token ids decode back to the captions
+    assert TOKENIZER.decode(batch["text"][0].tolist()).startswith("<start_of_text>" + batch["caption"][0].lower())
+
+
+def test_an_epoch_covers_distinct_samples_and_epochs_differ(shards):
+    loader = _loader(str(shards), workers=2)
+    epoch0 = list(loader.epoch(0))
+    epoch1 = list(loader.epoch(1))
+    keys0 = [k for b in epoch0 for k in b["key"]]
+    assert [b["batch"] for b in epoch0] == list(range(loader.steps_per_epoch))
+    assert len(keys0) == len(set(keys0)) == loader.steps_per_epoch * 16
+    assert keys0 != [k for b in epoch1 for k in b["key"]]
+
+
+def test_same_seed_same_stream_including_augmentation(shards):
+    a = _take(_loader(str(shards), workers=2).stream(), 5)
+    b = _take(_loader(str(shards), workers=2).stream(), 5)
+    for x, y in zip(a, b, strict=True):
+        assert x["key"] == y["key"]
+        assert torch.equal(x["image"], y["image"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_batch_k_continues_exactly(shards, workers):
+    loader = _loader(str(shards), workers=workers)
+    steps = loader.steps_per_epoch
+    full = _take(loader.stream(), steps + 6)  # crosses into the second epoch
+    k = 9
+    last = full[k - 1]
+    resumed = _take(loader.stream(last["epoch"], last["batch"] + 1), len(full) - k)
+    for want, got in zip(full[k:], resumed, strict=True):
+        assert (got["epoch"], got["batch"]) == (want["epoch"], want["batch"])
+        assert got["key"] == want["key"]
+        assert torch.equal(got["image"], want["image"])
+
+
+def test_uneven_shards_give_every_rank_the_same_batches(shards):
+    ranks = [_loader(str(shards), batch=8, rank=r, world=2, workers=2) for r in range(2)]
+    epochs = [list(r.epoch(0)) for r in ranks]
+    assert len(epochs[0]) == len(epochs[1]) == 223 // 16
+    keys = [[k for b in e for k in b["key"]] for e in epochs]
+    assert not set(keys[0]) & set(keys[1])  # the ranks split the data, no overlap
+    assert all(b["image"].shape[0] == 8 for e in epochs for b in e)
+
+
+def _rewrite_tar(path: Path, edit) -> None:
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as out:
+        for m, data in edit(members):
+            m.size = len(data)
+            out.addfile(m, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def _readable_keys(path: Path) -> set[str]:
+    from webdataset import tariterators
+
+    keys = set()
+    for s in tariterators.tarfile_samples([{"url": str(path)}], handler=lambda e: False):
+        if "jpg" in s and "txt" in s:
+            keys.add(s["__key__"])
+    return keys
+
+
+def test_corrupt_and_truncated_samples_are_replaced_and_counted_exactly(shards, tmp_path):
+    bad = _copy(shards, tmp_path / "bad")
+
+    def corrupt(members):
+        for m, data in members:
+            yield m, (b"definitely not a jpeg" if m.name == "0000107.jpg" else data)
+
+    _rewrite_tar(bad / "00001.tar", corrupt)
+    whole = (bad / "00002.tar").read_bytes()
+    (bad / "00002.tar").write_bytes(whole[: len(whole) // 2])  # truncated: about half its samples lost
+    lost = 50 - len(_readable_keys(bad / "00002.tar"))
+    assert 10 < lost < 40
+
+    # one batch holding every sample: each bad slot is refilled once, and counted
+    (batch,) = list(_loader(str(bad), batch=223).epoch(0))
+    assert batch["replaced"] == 1 + lost
+    assert "0000107" not in batch["key"]
+    assert len(batch["key"]) == 223 and len(set(batch["key"])) == 223 - 1 - lost
+
+    # the same data through workers and small batches: training goes on, batch sizes hold
+    loader = _loader(str(bad), workers=2)
+    epoch = list(loader.epoch(0))
+    assert len(epoch) == loader.steps_per_epoch and all(len(b["key"]) == 16 for b in epoch)
+    assert sum(b["replaced"] for b in epoch) > 0
+
+
+def test_brace_spec_without_manifest_uses_stats_counts(shards):
+    """img2dataset's layout: shards plus *_stats.json, no manifest.json."""
+    spec = str(shards / "{00000..00004}.tar")
+    loader = _loader(spec)
+    assert sum(s.samples for s in loader.sources[0]) == 223
+
+
+def test_pipe_and_http_shards_with_a_manifest(shards):
+    manifest = str(shards / "manifest.json")
+    pipe = _loader([DataSource(shards=f"pipe:cat {shards}/{{00000..00004}}.tar", manifest=manifest)])
+    local = _loader(str(shards))
+    assert [b["key"] for b in pipe.epoch(0)] == [b["key"] for b in local.epoch(0)]
+    with serve(shards) as (base, hits):
+        web = _loader([DataSource(shards=f"{base}/{{00000..00004}}.tar", manifest=manifest)])
+        assert [b["key"] for b in web.epoch(0)] == [b["key"] for b in local.epoch(0)]
+        assert sum(hits.values()) >= 5
+
+
+def test_remote_shards_without_counts_are_a_config_error(shards):
+    with pytest.raises(UserError, match="sample count of pipe:cat .* unknown"):
+        _loader(f"pipe:cat {shards}/00000.tar")
+
+
+def test_resampled_mixing_follows_weights(shards, tmp_path):
+    second = tmp_path / "second"
+    csv_path = generate(tmp_path / "s2", n=100, seed=99, image_size=32, progress=False)
+    build_shards([str(csv_path)], str(second), BuildOptions(image=ImageOptions(image_size=32), shard_size=25,
+                                                           workers=0), progress=False)
+    sources = [DataSource(shards=str(shards), weight=3.0), DataSource(shards=str(second), weight=1.0)]
+    loader = _loader(sources, split="resampled", samples_per_epoch=6400, workers=2)
+    batches = list(loader.epoch(0))
+    assert len(batches) == 400
+    from_second = Counter(url.startswith(str(second)) for b in batches for url in b["url"])
+    assert 0.15 < from_second[True] / 6400 < 0.35  # weights 3:1 -> a quarter of the samples
+    ranks = [_loader(sources, split="resampled", samples_per_epoch=1600, rank=r, world=2) for r in range(2)]
+    assert [r.steps_per_epoch for r in ranks] == [50, 50]
+    with pytest.raises(UserError, match="mixing weights need data.split=resampled"):
+        _loader(sources)
+
+
+def test_hard_negative_field_formats():
+    import random
+
+    rng = random.Random(0)
+    by_kind = {"count": ["a", "b"], "attribute_swap": ["c"], "relation_swap": []}
+    got = hard_negative_captions({"hard_negatives": json.dumps(by_kind)}, 3, rng)
+    assert sorted(got) == ["a", "b", "c"] and got[1] == "c"  # kinds alternate: count, swap, count
+    assert hard_negative_captions({"hard_negatives": ["x", "y"]}, 1, rng) in (["x"], ["y"])
+    assert hard_negative_captions({}, 2, rng) == []
+
+
+def test_hard_negatives_start_at_the_configured_step(shards):
+    loader = _loader(str(shards), hard_negatives=1, hard_negatives_from_step=16)
+    steps = loader.steps_per_epoch  # 13: step 16 is the 4th batch of epoch 1
+    batches = _take(loader.stream(), steps + 5)
+    with_negatives = [i for i, b in enumerate(batches) if "hard_negatives" in b]
+    assert with_negatives == list(range(16, steps + 5))

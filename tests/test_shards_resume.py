@@ -1,0 +1,100 @@
+"""Crash safety of the shard builder: kill -9 and rerun; a worker killed mid-build.
+
+Rows are served by a loopback HTTP server that answers each request late, so
+the build runs long enough to be killed part-way, deterministically.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from http_server import serve
+from shard_helpers import build, noise_image, save, tree_bytes, write_csv
+
+from data_tools.verify import verify_shards
+
+pytestmark = pytest.mark.slow
+
+ROWS, SHARD = 120, 10
+
+
+@pytest.fixture
+def slow_input(tmp_path):
+    www = tmp_path / "www"
+    for i in range(ROWS // 2):  # each image twice: dedup has to survive the resume too
+        save(noise_image(48, 40, seed=i), www / f"{i}.jpg", quality=90)
+    with serve(www) as (base, _):
+        rows = [{"url": f"{base}/slow/0.05/{i % (ROWS // 2)}.jpg", "caption": f"image {i}"} for i in range(ROWS)]
+        rows[7]["url"] = f"{base}/status/404"  # image 7 is then first written at row 67
+        yield write_csv(tmp_path / "pairs.csv", rows), tmp_path
+
+
+def _start(csv_path: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "data_tools", "build", str(csv_path), "--output", str(out),
+           "--shard-size", str(SHARD), "--image-size", "32", "--workers", "2", "--threads", "2", "--quiet", *extra]
+    return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for(predicate, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.05)
+
+
+def _reference(csv_path: Path, out: Path) -> dict[str, bytes]:
+    build([csv_path], out, shard_size=SHARD, threads=32)
+    return tree_bytes(out)
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_build(slow_input):
+    csv_path, root = slow_input
+    out = root / "out"
+    proc = _start(csv_path, out)
+    _wait_for(lambda: len(list(out.glob("*_stats.json"))) >= 3)
+    os.killpg(proc.pid, signal.SIGKILL)  # the builder and its workers, no cleanup
+    proc.wait()
+    done_before = len(list(out.glob("*_stats.json")))
+    assert done_before < ROWS // SHARD and not (out / "manifest.json").exists()
+
+    rerun = _start(csv_path, out)
+    stdout, stderr = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, stderr.decode()
+    assert f"{done_before} resumed" in stdout.decode()
+    assert "rows=120 written=60 failed=1 duplicates=59" in stdout.decode()
+
+    expected = _reference(csv_path, root / "reference")
+    got = tree_bytes(out)
+    assert sorted(got) == sorted(expected)
+    assert [name for name in expected if got[name] != expected[name]] == []
+    assert verify_shards(out, progress=False).ok
+
+
+def _worker_pids(parent: int) -> list[int]:
+    pids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+            cmdline = (status.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"\nPPid:\t{parent}\n" in text and b"spawn_main" in cmdline:
+            pids.append(int(status.parent.name))
+    return pids
+
+
+def test_a_killed_worker_does_not_lose_rows(slow_input):
+    csv_path, root = slow_input
+    out = root / "out"
+    proc = _start(csv_path, out)
+    _wait_for(lambda: (out / "00000_stats.json").exists() and _worker_pids(proc.pid))
+    os.kill(_worker_pids(proc.pid)[0], signal.SIGKILL)  # as the OOM killer would
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr.decode()
+    assert tree_bytes(out) == _reference(csv_path, root / "reference")

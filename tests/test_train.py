@@ -1,0 +1,266 @@
+"""`vlp train` for real: DeepSpeed engines in several processes on CPU (gloo), every launcher.
+
+Each test starts the real command-line program the way a user would (torchrun,
+the DeepSpeed launcher, accelerate launch) on a tiny model (vlp-micro) and a
+small synthetic shard set, then reads metrics.jsonl and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from data_tools.build import BuildOptions, build_shards
+from data_tools.images import ImageOptions
+from data_tools.synth import generate
+from vlp.distributed import find_free_port
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    csv_path = generate(root / "synth", n=640, seed=11, image_size=32, progress=False)
+    opts = BuildOptions(image=ImageOptions(image_size=32), keep_cols=("hard_negatives",), shard_size=100,
+                        workers=0)
+    build_shards([str(csv_path)], str(root / "shards"), opts, progress=False)
+    return root / "shards"
+
+
+def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"data.sources=[{{shards: '{shards}'}}]", "data.workers=1", "data.shuffle_buffer=64",
+        "model.name=vlp-micro", "train.batch_size=16", f"train.steps={STEPS}", "optim.lr=2e-3",
+        "optim.warmup_steps=2", "train.checkpoint_every=4", f"train.output_dir={out}", "train.log_keys=true",
+        *extra,
+    ]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    return env
+
+
+def _run(cmd: list[str], timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=cwd)
+    assert proc.returncode == 0, f"{cmd[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _torchrun(nproc: int, overrides: list[str], *extra: str) -> list[str]:
+    return [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={find_free_port()}", *extra,
+            "-m", "vlp", "train", *overrides]
+
+
+def _assert_trained(out: Path, world: int) -> list[dict]:
+    lines = _metrics(out)
+    assert [m["step"] for m in lines] == list(range(1, STEPS + 1))
+    assert all(len(m["keys"]) == 16 * world for m in lines)  # the global batch, every rank's keys
+    assert all(len(set(m["keys"])) == 16 * world for m in lines)  # ranks read different samples
+    assert lines[-1]["samples"] == STEPS * 16 * world
+    assert (out / "checkpoints" / "step_00000008" / "vlp_state.json").is_file()
+    return lines
+
+
+def test_torchrun_two_ranks_zero1_loss_falls(shards, tmp_path):
+    out = tmp_path / "run"
+    _run(_torchrun(2, _overrides(shards, out, "train.zero_stage=1", f"train.steps={3 * STEPS}")))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in lines]
+    assert len(losses) == 3 * STEPS
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first - 0.2, (first, last)  # it learns
+    assert all(m["peak_memory_mb"] > 0 and m["samples_per_s"] > 0 for m in lines)
+    assert {"lr", "logit_scale", "skipped_samples", "contrastive"} <= set(lines[0])
+
+
+def test_two_nodes_static_rendezvous_zero2(shards, tmp_path):
+    """torchrun --nnodes 2 on localhost: two launcher processes, one rank each."""
+    out = tmp_path / "run"
+    port = find_free_port()
+    base = [str(BIN / "torchrun"), "--nnodes=2", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+            f"--master_port={port}"]
+    args = ["-m", "vlp", "train", *_overrides(shards, out, "train.zero_stage=2")]
+    nodes = [subprocess.Popen([*base, f"--node_rank={r}", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=_env()) for r in range(2)]
+    for node in nodes:
+        stdout, stderr = node.communicate(timeout=600)
+        assert node.returncode == 0, stderr[-5000:]
+    _assert_trained(out, world=2)
+
+
+def test_deepspeed_launcher_no_ssh(shards, tmp_path):
+    out = tmp_path / "run"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    _run([str(BIN / "deepspeed"), f"--hostfile={hostfile}", "--no_ssh", "--node_rank=0",
+          "--master_addr=127.0.0.1", f"--master_port={find_free_port()}", "--module", "vlp", "train",
+          *_overrides(shards, out, "train.zero_stage=2")])
+    _assert_trained(out, world=2)
+
+
+@pytest.mark.parametrize("form", ["inline", "shipped"])
+def test_accelerate_launch_with_deepspeed_plugin(shards, tmp_path, form):
+    """accelerate's own DeepSpeed settings (inline, or launch/'s file naming ds_zero2.json) are applied."""
+    out = tmp_path / "run"
+    config = REPO / "launch" / "accelerate_deepspeed.yaml"
+    if form == "inline":
+        config = tmp_path / "accelerate.yaml"
+        config.write_text(
+            "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
+            "deepspeed_config:\n  zero_stage: 2\n  gradient_clipping: 0.5\n  offload_optimizer_device: none\n"
+            "  offload_param_device: none\n  zero3_init_flag: false\n"
+            "machine_rank: 0\nmain_process_ip: 127.0.0.1\nnum_machines: 1\nnum_processes: 2\n"
+            "mixed_precision: 'no'\nrdzv_backend: static\nsame_network: true\nuse_cpu: false\n"
+        )
+    _run([str(BIN / "accelerate"), "launch", "--config_file", str(config), f"--main_process_port={find_free_port()}",
+          "-m", "vlp", "train", *_overrides(shards, out, "train.zero_stage=0")], cwd=REPO)
+    _assert_trained(out, world=2)
+    # the plugin's ZeRO-2 won over the run config's zero_stage=0: partitioned optimizer states
+    ckpt = out / "checkpoints" / "step_00000008"
+    assert sorted(p.name for p in ckpt.iterdir() if "zero_pp_rank" in p.name) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+def _wait_for_steps(out: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        path = out / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.stderr.read()[-5000:]
+        assert time.monotonic() < end, "training did not reach the step in time"
+        time.sleep(0.2)
+
+
+def _kill_9_tree(pid: int) -> None:
+    """SIGKILL torchrun and every rank, and wait until all are gone.
+
+    torchrun starts its workers in sessions of their own, so killing its
+    process group would leave the ranks training on.
+    """
+    parent = psutil.Process(pid)
+    procs = [parent, *parent.children(recursive=True)]
+    for p in procs:
+        p.kill()
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, alive
+
+
+def test_kill_9_then_resume_reproduces_the_key_sequence(shards, tmp_path):
+    reference = tmp_path / "reference"
+    _run(_torchrun(2, _overrides(shards, reference, "train.checkpoint_every=2")))
+    want = _metrics(reference)
+
+    out = tmp_path / "killed"
+    cmd = _torchrun(2, _overrides(shards, out, "train.checkpoint_every=2"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    _wait_for_steps(out, 5, proc)
+    _kill_9_tree(proc.pid)  # no chance to save anything
+    proc.wait()
+    killed_at = len(_metrics(out))  # the ranks may still finish a line as they die: a lower bound
+    assert killed_at >= 5
+
+    resumed = _run(cmd[:-len(_overrides(shards, out))] + _overrides(shards, out, "train.checkpoint_every=2",
+                                                                     "train.resume=auto"))
+    resumed_from = int(re.search(r"resumed from .* \(step (\d+)\)", resumed.stderr).group(1))
+    assert resumed_from in (4, 6) and resumed_from <= killed_at  # the newest complete checkpoint
+    got = _metrics(out)  # the steps logged after that checkpoint were redone and replaced
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    for w, g in zip(want, got, strict=True):
+        assert g["keys"] == w["keys"], w["step"]
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-4, abs=1e-5), w["step"]
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = _torchrun(2, _overrides(shards, out, "train.steps=1000", "train.checkpoint_every=1000"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    _wait_for_steps(out, 3, proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    _, stderr = proc.communicate(timeout=300)
+    assert "stopped by signal" in stderr
+    steps = len(_metrics(out))
+    ckpts = sorted((out / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts] == [f"step_{steps:08d}"]
+    state = json.loads((ckpts[0] / "vlp_state.json").read_text())
+    assert state["step"] == steps and state["samples"] == steps * 32
+    # loadable: resume from it and take one more step
+    _run(_torchrun(2, _overrides(shards, out, f"train.steps={steps + 1}", "train.resume=auto")))
+    assert _metrics(out)[-1]["step"] == steps + 1
+
+
+def test_export_loads_in_open_clip_with_equal_embeddings(shards, tmp_path):
+    import open_clip
+
+    out = tmp_path / "run"
+    _run([sys.executable, "-m", "vlp", "train", *_overrides(shards, out, "train.steps=3")])
+    exported = tmp_path / "export" / "model.safetensors"
+    _run([sys.executable, "-m", "vlp", "export", str(out), "--out", str(exported)])
+    # stock open_clip, with our config registered from the json written next to the export
+    open_clip.add_model_config(exported.parent / "vlp-micro.json")
+    model, _, preprocess = open_clip.create_model_and_transforms("vlp-micro", pretrained=str(exported))
+    model.eval()
+    # the same weights through vlp's own loader of the checkpoint
+    from safetensors.torch import load_file
+
+    from vlp.config import ModelConfig
+    from vlp.models import create_model
+
+    ours, _, _, tokenizer = create_model(ModelConfig(name="vlp-micro"))
+    state = load_file(str(out / "checkpoints" / "step_00000003" / "model.safetensors"))
+    ours.load_state_dict({k: (v.reshape(1) if k == "logit_scale" else v) for k, v in state.items()})
+    ours.eval()
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 32, 32)
+    texts = tokenizer(["a red circle", "two blue squares", "a star", "three green triangles"])
+    with torch.no_grad():
+        a_img, a_txt = model.encode_image(images), model.encode_text(texts)
+        b_img, b_txt = ours.encode_image(images), ours.encode_text(texts)
+    assert torch.allclose(a_img, b_img, atol=1e-6) and torch.allclose(a_txt, b_txt, atol=1e-6)
+
+
+def test_periodic_eval_runs_the_eval_package_on_checkpoints(shards, tmp_path):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: tiny\ntasks:\n"
+        "  - name: shape\n    type: zeroshot_classification\n"
+        "    dataset: {format: synthetic, attribute: shape, n: 4}\n    templates: ['a {c}.']\n"
+        "  - name: counting\n    type: counting\n    dataset: {format: synthetic, n: 3, min_count: 1, max_count: 3}\n"
+    )
+    out = tmp_path / "run"
+    env_cache = {"VLP_CACHE_DIR": str(tmp_path / "cache")}
+    os.environ.update(env_cache)
+    try:
+        _run(_torchrun(2, _overrides(shards, out, "train.steps=4", "train.eval_every=2",
+                                     f"train.eval_suite={suite}")))
+    finally:
+        os.environ.pop("VLP_CACHE_DIR")
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert {"eval/shape/acc1", "eval/counting/acc1"} <= set(evals[0])
+    assert all(0.0 <= e["eval/shape/acc1"] <= 1.0 for e in evals)
+    report = json.loads((out / "eval" / "step_00000004" / "report.json").read_text())
+    assert report["run"]["world_size"] == 2  # both training ranks shared the encoding
+    assert report["tasks"]["shape"]["n_scored"] == report["tasks"]["shape"]["n_items"]
+    assert len(_metrics(out)) == 4  # eval lines do not mix into the per-step metrics

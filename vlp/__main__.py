@@ -1,0 +1,7 @@
+"""`python -m vlp ...` is the `vlp` command (what launchers run in every process)."""
+
+import sys
+
+from vlp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,440 @@
+"""The training loader: shards -> batches of (uint8 images, token ids, keys).
+
+The plan (vlp.plan) decides which samples each rank and worker reads; this
+module reads them with the webdataset library, decodes and augments them,
+tokenises the captions and assembles batches inside the loader workers.
+
+- Reading: `webdataset.tariterators.tarfile_samples` over `gopen` streams, so
+  local paths, http(s) URLs and `pipe:` commands all work, and both our
+  shards and img2dataset's are read the same way.
+- Decoding: JPEGs are decoded at reduced size when the crop will be smaller
+  anyway (Pillow's draft mode, libjpeg DCT scaling); then open_clip's train
+  augmentation (random resized crop with a configurable scale range, bicubic,
+  optional colour jitter). Each sample's randomness is seeded from its place
+  in the epoch, so a resumed run augments exactly as the original did.
+- Images leave the workers as uint8 (4x less to move between processes than
+  float32); `normalize` turns them into model input on the training device.
+- A sample that is missing (truncated or lost shard) or does not decode is
+  replaced by the next good sample of its shuffle window, and counted in the
+  batch's `replaced` field; a bad sample never stops training, and batches
+  keep their size so ranks stay in step.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import tariterators
+
+from vlp.config import DataConfig
+from vlp.plan import (
+    PlanSpec,
+    Segment,
+    first_local_batch,
+    steps_per_epoch,
+    window_order,
+    worker_batches,
+    worker_segments,
+)
+from vlp.sources import Shard, resolve_sources
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+TEXT_KEYS = ("txt", "text", "caption")
+
+
+# ------------------------------------------------------------------ reading
+
+
+class _ReadStop:
+    """webdataset error handler: remember the error, stop reading this shard."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    def __call__(self, exn: Exception) -> bool:
+        self.error = exn
+        return False
+
+
+def _valid(sample: dict) -> bool:
+    return any(k in sample for k in IMAGE_KEYS) and any(k in sample for k in TEXT_KEYS)
+
+
+def read_shard(url: str, start: int, count: int) -> list[dict | None]:
+    """Samples [start, start + count) of a shard; None where a sample is missing or incomplete."""
+    out: list[dict | None] = []
+    stop = _ReadStop()
+    samples = tariterators.tarfile_samples([{"url": url}], handler=stop)
+    for i, sample in enumerate(samples):
+        if i < start:
+            continue
+        out.append(sample if _valid(sample) else None)
+        if len(out) == count:
+            break
+    return out + [None] * (count - len(out))
+
+
+class SegmentReader:
+    """Reads a worker's segments as one stream of sample slots, from any position."""
+
+    def __init__(self, segments: list[Segment]):
+        self.segments = segments
+        self.seg = 0  # current segment
+        self.offset = 0  # samples already consumed from it
+
+    def skip(self, n: int) -> None:
+        """Move forward n slots without reading (arithmetic over segment sizes)."""
+        while n > 0 and self.seg < len(self.segments):
+            left = self.segments[self.seg].size - self.offset
+            if n < left:
+                self.offset += n
+                return
+            n -= left
+            self.seg, self.offset = self.seg + 1, 0
+
+    def read(self, n: int) -> list[dict | None]:
+        out: list[dict | None] = []
+        while len(out) < n and self.seg < len(self.segments):
+            segment = self.segments[self.seg]
+            take = min(n - len(out), segment.size - self.offset)
+            out += read_shard(segment.shard.url, segment.start + self.offset, take)
+            self.skip(take)
+        return out
+
+
+# ------------------------------------------------------------------ decoding
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """open_clip's train augmentation on PIL, seeded per sample, output uint8 CHW."""
+
+    image_size: int
+    scale: tuple[float, float] = (0.9, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    color_jitter: float = 0.0
+
+    def _open(self, data: bytes) -> Image.Image:
+        img = Image.open(io.BytesIO(data))
+        if img.format == "JPEG":
+            # The crop keeps at least sqrt(scale_min) of the shorter side; decode no larger than needed.
+            need = math.ceil(self.image_size / math.sqrt(self.scale[0]))
+            w, h = img.size
+            factor = need / min(w, h)
+            if factor < 0.5:
+                img.draft("RGB", (math.ceil(w * factor), math.ceil(h * factor)))
+        return img.convert("RGB")
+
+    def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """torchvision's RandomResizedCrop.get_params, drawn from a per-sample Python RNG.
+
+        Same algorithm (10 tries at a random area fraction and log-uniform aspect
+        ratio, then a centre crop clamped to the ratio range); a private RNG
+        instead of torch's global one, whose reseeding per sample costs more
+        than the decode (torch.manual_seed records a stack trace each call).
+        """
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = round(math.sqrt(target * aspect))
+            h = round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+                return left, top, left + w, top + h
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            w, h = round(height * self.ratio[1]), height
+        else:
+            w, h = width, height
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def __call__(self, data: bytes, seed: int) -> torch.Tensor:
+        img = self._open(data)
+        rng = random.Random(seed)
+        size = (self.image_size, self.image_size)
+        img = img.resize(size, Image.Resampling.BICUBIC, box=self.crop_box(*img.size, rng))
+        if self.color_jitter > 0:
+            from torchvision.transforms import ColorJitter
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                j = self.color_jitter
+                img = ColorJitter(j, j, j, min(j, 0.5) / 4)(img)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def normalize(images: torch.Tensor, mean, std, device=None, dtype=torch.float32) -> torch.Tensor:
+    """uint8 [B,3,H,W] from the loader -> normalised float model input, on the device."""
+    x = images.to(device, non_blocking=True).to(dtype).div_(255.0)
+    mean_t = torch.tensor(mean, device=x.device, dtype=dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device, dtype=dtype).view(1, 3, 1, 1)
+    return x.sub_(mean_t).div_(std_t)
+
+
+def _text(sample: dict) -> str:
+    raw = next(sample[k] for k in TEXT_KEYS if k in sample)
+    return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+
+
+def _image_bytes(sample: dict) -> bytes:
+    return next(sample[k] for k in IMAGE_KEYS if k in sample)
+
+
+def _meta(sample: dict) -> dict:
+    raw = sample.get("json")
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def hard_negative_captions(meta: dict, k: int, rng: random.Random) -> list[str]:
+    """Up to k false captions for this image, from the sample's json `hard_negatives`.
+
+    The field may be a list of captions or a dict of lists by kind (as the
+    synthetic generator writes: count / attribute_swap / relation_swap), or a
+    JSON string of either. Kinds are taken in turn so a small k mixes them.
+    """
+    field = meta.get("hard_negatives")
+    if isinstance(field, str):
+        try:
+            field = json.loads(field)
+        except ValueError:
+            return []
+    if isinstance(field, dict):
+        pools = [[str(c) for c in v] for v in field.values() if isinstance(v, list) and v]
+        for pool in pools:
+            rng.shuffle(pool)
+        interleaved = [c for group in itertools.zip_longest(*pools) for c in group if c is not None]
+        return interleaved[:k]
+    if isinstance(field, list):
+        pool = [str(c) for c in field]
+        rng.shuffle(pool)
+        return pool[:k]
+    return []
+
+
+# ------------------------------------------------------------------ batches
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    transform: TrainTransform
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    hard_negatives: int = 0
+    hard_negatives_from_step: int = 0  # earlier batches carry none (they cost text-tower compute)
+
+
+class _EpochDataset(IterableDataset):
+    """One epoch of one rank, from batch `start` on; each loader worker makes its own batches."""
+
+    def __init__(self, spec: PlanSpec, sources: list[list[Shard]], batch: BatchSpec, epoch: int, start: int):
+        self.spec, self.sources, self.batch, self.epoch, self.start = spec, sources, batch, epoch, start
+        self.steps = steps_per_epoch(spec, sources)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        n = info.num_workers if info else 1
+        if n != self.spec.n_workers:
+            raise RuntimeError(f"plan made for {self.spec.n_workers} workers, running with {n}")
+        # The DataLoader asks its workers in turn, starting with worker 0, and
+        # batch b belongs to plan worker b % n: when resuming at `start`, loader
+        # worker 0 plays plan worker start % n, so batches still come in order.
+        worker = ((info.id if info else 0) + self.start) % n
+        spec, m = self.spec, self.spec.window_batches
+        local_total = worker_batches(self.steps, spec, worker)
+        t = first_local_batch(spec, worker, self.start)
+        reader = SegmentReader(worker_segments(spec, self.sources, self.epoch, worker))
+        window_size = m * spec.batch_size
+        reader.skip((t // m) * window_size)
+        fallback = _Fallback(reader.segments)
+        while t < local_total:
+            window = t // m
+            size = min(window_size, (local_total - window * m) * spec.batch_size)
+            slots = reader.read(size)
+            order = window_order(spec, self.epoch, worker, window, size)
+            shuffled = [slots[i] for i in order]
+            while t < local_total and t // m == window:
+                lo = (t % m) * spec.batch_size
+                yield self._make_batch(shuffled, lo, worker + t * spec.n_workers, fallback)
+                t += 1
+
+    def _decode(self, sample: dict, seed: int) -> tuple[torch.Tensor, str] | None:
+        try:
+            return self.batch.transform(_image_bytes(sample), seed), _text(sample)
+        except Exception:  # a corrupt image or caption: replaced and counted by the caller
+            return None
+
+    def _first_good(self, window: list[dict | None], pos: int, seed: int, fallback: _Fallback):
+        """The slot's sample if it decodes, else the next one in the window that does, else the fallback."""
+        for probe in range(len(window)):
+            sample = window[(pos + probe) % len(window)]
+            decoded = self._decode(sample, seed) if sample is not None else None
+            if decoded is not None:
+                return sample, decoded, probe
+        sample = fallback.sample()
+        decoded = self._decode(sample, seed)
+        if decoded is None:
+            raise RuntimeError("no decodable sample left for this loader worker")
+        return sample, decoded, len(window)
+
+    def _make_batch(self, window: list[dict | None], lo: int, index: int, fallback: _Fallback) -> dict:
+        spec = self.spec
+        images, texts, keys, urls, metas, replaced = [], [], [], [], [], 0
+        for j in range(spec.batch_size):
+            seed = hash((spec.seed, self.epoch, spec.rank, index, j)) & 0x7FFFFFFF
+            sample, decoded, probe = self._first_good(window, lo + j, seed, fallback)
+            replaced += probe > 0
+            images.append(decoded[0])
+            texts.append(decoded[1])
+            keys.append(sample["__key__"])
+            urls.append(sample.get("__url__", ""))
+            metas.append(_meta(sample))
+        batch = {
+            "image": torch.stack(images),
+            "text": self.batch.tokenizer(texts),
+            "caption": texts,
+            "key": keys,
+            "url": urls,  # the shard each sample came from
+            "epoch": self.epoch,
+            "batch": index,
+            "replaced": replaced,
+        }
+        global_step = self.epoch * self.steps + index
+        if self.batch.hard_negatives and global_step >= self.batch.hard_negatives_from_step:
+            batch.update(self._negatives(metas, texts, index))
+        return batch
+
+    def _negatives(self, metas: list[dict], texts: list[str], index: int) -> dict:
+        """k false captions per image, with a mask for the slots no negative was found for."""
+        k = self.batch.hard_negatives
+        rng = random.Random(f"{self.spec.seed}:{self.epoch}:{self.spec.rank}:{index}:neg")
+        captions, mask = [], []
+        for j, meta in enumerate(metas):
+            found = hard_negative_captions(meta, k, rng)
+            mask.append([True] * len(found) + [False] * (k - len(found)))
+            # padding slots get the image's own caption; the mask keeps them out of the loss
+            captions += found + [texts[j]] * (k - len(found))
+        tokens = self.batch.tokenizer(captions)
+        return {
+            "hard_negatives": tokens.view(len(metas), k, -1),
+            "hard_negative_mask": torch.tensor(mask, dtype=torch.bool),
+        }
+
+
+class _Fallback:
+    """The first readable sample of a worker's part: used only when a whole window is unreadable."""
+
+    def __init__(self, segments: list[Segment]):
+        self.segments, self._sample = segments, None
+
+    def sample(self) -> dict:
+        if self._sample is None:
+            for seg in self.segments:
+                good = [s for s in read_shard(seg.shard.url, seg.start, seg.size) if s is not None]
+                if good:
+                    self._sample = good[0]
+                    break
+            else:
+                raise RuntimeError("no readable sample in any shard of this loader worker")
+        return self._sample
+
+
+# ------------------------------------------------------------------ loader
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGINT to the trainer, which stops cleanly after its step.
+
+    Launchers (torchrun, SLURM) signal whole process groups; a worker that died
+    on the signal would break the step the trainer is finishing before it saves.
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class ShardLoader:
+    """Batches for one rank, epoch after epoch, resumable at any batch.
+
+    Usage: `for batch in loader.stream(epoch, batch): ...`; each batch carries
+    its `epoch` and `batch` index, which is all a checkpoint needs to store
+    (resume with `stream(epoch, batch + 1)`).
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        *,
+        batch_size: int,
+        image_size: int,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ):
+        self.cfg = cfg
+        self.sources = resolve_sources(cfg.sources)
+        self.spec = PlanSpec(
+            batch_size=batch_size,
+            world_size=world_size,
+            rank=rank,
+            workers=cfg.workers,
+            window_batches=max(1, math.ceil(cfg.shuffle_buffer / batch_size)),
+            seed=seed,
+            split=cfg.split,
+            samples_per_epoch=cfg.samples_per_epoch,
+            weights=tuple(s.weight for s in cfg.sources),
+        )
+        if cfg.split == "exact" and len({s.weight for s in cfg.sources}) > 1:
+            from vlp.errors import UserError
+
+            raise UserError("config key 'data.sources': mixing weights need data.split=resampled")
+        aug = cfg.augment
+        self.batch = BatchSpec(
+            TrainTransform(image_size, (aug.scale_min, aug.scale_max), (aug.ratio_min, aug.ratio_max),
+                           aug.color_jitter),
+            tokenizer,
+            cfg.hard_negatives,
+            cfg.hard_negatives_from_step,
+        )
+        self.steps_per_epoch = steps_per_epoch(self.spec, self.sources)
+
+    def epoch(self, epoch: int, start: int = 0) -> DataLoader:
+        """The batches of one epoch from batch `start` (a DataLoader over the plan)."""
+        dataset = _EpochDataset(self.spec, self.sources, self.batch, epoch, start)
+        workers = self.cfg.workers
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_ignore_stop_signals,
+        )
+
+    def stream(self, epoch: int = 0, start: int = 0) -> Iterator[dict]:
+        """Batches forever, from (epoch, start), rolling over epochs."""
+        while True:
+            if start < self.steps_per_epoch:
+                yield from self.epoch(epoch, start)
+            epoch, start = epoch + 1, 0

@@ -1,0 +1,257 @@
+"""Process-group plumbing that works under every launcher we support, plus the gathers the losses use.
+
+Launchers announce rank and world size through different environment variables:
+torchrun, the DeepSpeed launcher and `accelerate launch` set RANK / WORLD_SIZE /
+LOCAL_RANK; SLURM's srun sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; OpenMPI's
+mpirun sets OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK. `detect_env` reads whichever is
+there (in that order), so the trainer never cares how it was started.
+
+Backend: nccl when CUDA is present, gloo otherwise (that is how the tests run 2 ranks
+on CPU). DeepSpeed picks its accelerator at import time, so `use_cpu_accelerator_if_no_gpu`
+must run before `import deepspeed`.
+
+Gathers (all return the concatenation over ranks along dim 0):
+- `all_gather_nograd`: values only, no autograd.
+- `all_gather_with_grad`: autograd; backward sums every rank's gradient for this rank's
+  slot (a reduce-scatter). Correct for any per-rank loss.
+- `all_gather_replicated`: autograd; backward returns world_size x this rank's own slot
+  gradient, with no communication. Exact only when every rank computes the same
+  function of the gathered tensor (e.g. the global softmax loss): then all ranks hold the
+  same slot gradient and the reduce-scatter above would sum W identical copies.
+Both autograd gathers make `loss.backward()` + DDP/DeepSpeed gradient averaging give the
+gradient of the global-batch loss.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_ENV_SCHEMES = (
+    # (name, rank, world size, local rank)
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, as announced by its launcher."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launcher: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
+    """Rank / world size / local rank from torchrun, DeepSpeed, accelerate, SLURM or OpenMPI variables."""
+    env = os.environ if environ is None else environ
+    for name, rank_key, size_key, local_key in _ENV_SCHEMES:
+        if rank_key in env and size_key in env:
+            return DistEnv(int(env[rank_key]), int(env[size_key]), int(env.get(local_key, 0)), name)
+    return DistEnv()
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """'gpu[003-005,9],cpu1' -> 'gpu003': the master address SLURM jobs conventionally use."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _set_rendezvous_defaults(env: DistEnv) -> None:
+    """env:// rendezvous needs MASTER_ADDR/PORT; SLURM and MPI do not set them."""
+    if "MASTER_ADDR" not in os.environ:
+        nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+        os.environ["MASTER_ADDR"] = first_slurm_host(nodelist) if nodelist else "127.0.0.1"
+    os.environ.setdefault("MASTER_PORT", "29500")
+    # DeepSpeed and accelerate read these even when another launcher started us.
+    os.environ.setdefault("RANK", str(env.rank))
+    os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+
+
+def pick_backend() -> str:
+    """nccl with CUDA, gloo on CPU."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def use_cpu_accelerator_if_no_gpu() -> None:
+    """Make DeepSpeed choose its CPU accelerator when there is no GPU; call before `import deepspeed`."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> DistEnv:
+    """Join the process group the launcher set up (no-op for a single process).
+
+    Sets the CUDA device to the local rank, and registers `destroy_distributed` at exit:
+    NOTES saw a rare SIGABRT at interpreter shutdown without it.
+    """
+    env = detect_env()
+    if env.world_size > 1 and not dist.is_initialized():
+        _set_rendezvous_defaults(env)
+        backend = backend or pick_backend()
+        if backend == "nccl":
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group(
+            backend,
+            init_method="env://",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        atexit.register(destroy_distributed)
+    return env
+
+
+def destroy_distributed() -> None:
+    """Tear the process group down if there is one (safe to call twice)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def find_free_port() -> int:
+    """A TCP port free right now on localhost (for tests and single-node launches)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all ranks along dim 0; no gradient flows."""
+    if not is_distributed():
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradients every rank computed for this rank's slot."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.n = x.shape[0]
+        return all_gather_nograd(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rank = dist.get_rank()
+        return grad[rank * ctx.n : (rank + 1) * ctx.n]
+
+
+class _AllGatherReplicated(torch.autograd.Function):
+    """all_gather for a loss every rank computes identically: backward = W x own slot, no comms."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.n = x.shape[0]
+        return all_gather_nograd(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return grad[rank * ctx.n : (rank + 1) * ctx.n] * world
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Gather along dim 0 with a gradient that is exact for any per-rank loss (one all-reduce in backward).
+
+    Equal-sized local batches are assumed on every rank (the data loader guarantees it).
+    """
+    return _AllGatherWithGrad.apply(x) if is_distributed() else x
+
+
+def all_gather_replicated(x: torch.Tensor) -> torch.Tensor:
+    """Gather along dim 0 for a loss computed identically on all ranks; backward needs no communication."""
+    return _AllGatherReplicated.apply(x) if is_distributed() else x
+
+
+def neighbour_exchange_with_grad(from_rank: int, to_rank: int, x: torch.Tensor) -> torch.Tensor:
+    """Send x to `to_rank`, receive from `from_rank`; gradients travel back (open_clip's primitive)."""
+    from open_clip.loss import neighbour_exchange_with_grad as _exchange
+
+    return _exchange(from_rank, to_rank, x)
+
+
+def neighbour_exchange_bidir_with_grad(
+    left: int, right: int, to_left: torch.Tensor, to_right: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exchange with both neighbours at once; returns (from_right, from_left)."""
+    from open_clip.loss import neighbour_exchange_bidir_with_grad as _exchange
+
+    return _exchange(left, right, to_left, to_right)
+
+
+def reduce_mean(value: float | torch.Tensor) -> float:
+    """Mean of a per-rank scalar over all ranks (for logging per-rank loss terms)."""
+    t = torch.as_tensor(value, dtype=torch.float64).detach().cpu().reshape(())
+    if is_distributed() and dist.get_backend() != "nccl":
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    elif is_distributed():
+        t = t.cuda()
+        dist.all_reduce(t)
+        t = t.cpu() / dist.get_world_size()
+    return float(t)
+
+
+def _local_rank_main(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
+    """Child-process entry of `run_local_ranks`: launcher-like env, process group, fn, teardown."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)  # ranks share the machine's cores
+    init_distributed(backend="gloo")
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        destroy_distributed()
+
+
+def run_local_ranks(fn, world_size: int, *args) -> None:
+    """Run fn(rank, world_size, *args) in `world_size` fresh processes joined by a gloo group.
+
+    For tests and single-node CPU experiments: fn must be importable (module level). An
+    exception in any rank is re-raised here with its traceback.
+    """
+    import torch.multiprocessing as mp
+
+    mp.spawn(_local_rank_main, args=(world_size, find_free_port(), fn, args), nprocs=world_size, join=True)

@@ -1,0 +1,106 @@
+"""The DeepSpeed config of a run, from three layers (later ones win):
+
+1. the run config (`train.zero_stage`, `train.precision`, `optim.grad_clip`, ...);
+2. a DeepSpeed JSON file named by `train.deepspeed_config` (launch/ds_zero*.json);
+3. under `accelerate launch` with its DeepSpeed plugin: what the plugin read from
+   the accelerate config file (its own DeepSpeed JSON, ZeRO stage, offload,
+   mixed precision, clipping).
+
+Values left as "auto" in layers 2-3 take the run config's value. Batch
+sizes always come from the run config: gradient caching drives
+accumulation itself, so `gradient_accumulation_steps` must stay 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from vlp.config import RunConfig
+from vlp.errors import UserError
+
+
+def base_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    t = cfg.train
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "train_batch_size": t.batch_size * world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.grad_clip or 0.0,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # our AdamW is a torch optimizer handed to DeepSpeed (no fused-op compilation)
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.offload_optimizer:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return ds
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Deep-merge `over` into a copy of `base`; "auto" keeps the base value."""
+    out = dict(base)
+    for key, value in over.items():
+        if value == "auto":
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _from_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config key 'train.deepspeed_config': no such file {path}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"config key 'train.deepspeed_config': {path} is not valid JSON ({err.msg})") from None
+
+
+def _from_accelerate() -> dict:
+    """What `accelerate launch` (DeepSpeed plugin) was configured with; {} when not under it."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return {}
+    from accelerate.utils import DeepSpeedPlugin  # reads the ACCELERATE_DEEPSPEED_* environment
+
+    plugin = DeepSpeedPlugin()
+    ds = dict(plugin.deepspeed_config)
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision in ("bf16", "fp16"):
+        ds.setdefault(precision, {})["enabled"] = True
+    return ds
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    ds = base_config(cfg, world_size)
+    if cfg.train.deepspeed_config:
+        ds = _merge(ds, _from_file(cfg.train.deepspeed_config))
+    ds = _merge(ds, _from_accelerate())
+    # batch bookkeeping is ours, whatever a file said
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    ds["train_batch_size"] = cfg.train.batch_size * world_size
+    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
+        raise UserError("DeepSpeed config enables both bf16 and fp16; pick one (train.precision)")
+    return ds
+
+
+def precision_of(ds: dict[str, Any]) -> str:
+    """The precision the merged config really asks for (files may override train.precision)."""
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def zero_stage_of(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,379 @@
+"""Contrastive losses over the global batch, as functions of embeddings.
+
+`ContrastiveLoss(img, txt, logit_scale, logit_bias, hard_negatives)` takes this rank's
+L2-normalised embeddings (and k hard-negative caption embeddings per image, [B, k, D]),
+gathers what it needs across ranks, and returns this rank's loss term. Because it only
+sees embeddings, gradient caching can call it once on the cached embeddings of the whole
+effective batch (see vlp/gradcache.py).
+
+Kinds:
+- softmax: CLIP's symmetric InfoNCE, `exp(t)` clamped at `max_logit_scale` (100).
+  `local_loss=False` computes the full N x N logits on every rank (value = the global
+  loss on every rank); `local_loss=True` only this rank's rows, B x N in each direction
+  (value averaged over ranks = the global loss). Values equal open_clip's `ClipLoss`.
+- sigmoid: SigLIP (`sum of -log sigmoid(z_ij * logit_ij) / N`), full form (this rank's
+  images x all gathered texts) or chunked neighbour exchange (`sigmoid_chunked`: texts
+  travel around the ring, B x B logits per step), like open_clip's `SigLipLoss`.
+Opt-in terms:
+- decoupled (DCL): the positive pair is removed from the softmax denominators.
+- hard negatives: k extra captions per image enter the image->text softmax denominator
+  (each counted `hard_negative_weight` times, i.e. logit + log w) or the sigmoid
+  negatives (their pair losses weighted by w); or, with hard_negative_mode="pairwise",
+  a separate term per image over just its caption and its negatives (weight w).
+- align_uniform: weight x (alignment + mean of image/text uniformity), Wang & Isola 2020,
+  on the gathered global batch.
+
+Gradient contract (what makes it safe under DDP / DeepSpeed and in gradient caching): in
+every mode, `loss.backward()` on each rank followed by averaging gradients over ranks yields
+exactly the gradient of the global-batch loss. Equivalently, the gradient that reaches a
+rank's local embeddings is world_size x d(global loss)/d(local embeddings) and the one that
+reaches `logit_scale` averages over ranks to d(global loss)/d(scale). open_clip's
+`gather_with_grad=False` (without local loss) gives 1/W of that; here it means "gather
+without a backward collective", which is exact because every rank computes the same loss.
+`local_loss=True` needs `gather_with_grad=True` (otherwise gradients would miss the other
+ranks' terms), and the full sigmoid form always gathers with grad.
+
+Memory: logits are built in row blocks under activation checkpointing, so the loss holds
+O(block x N) floats at a time rather than several N x N matrices (at N = 4096 an N x N fp32
+matrix is 64 MiB and autograd would keep ~4 of them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vlp import distributed as vdist
+from vlp.config import LossConfig
+
+BLOCK_ELEMENTS = 1 << 22  # logits per row block (16 MiB in fp32)
+
+
+def _blocks(n_rows: int, n_cols: int) -> list[slice]:
+    """Row slices so that one block of logits holds about BLOCK_ELEMENTS values."""
+    step = max(1, BLOCK_ELEMENTS // max(1, n_cols))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
+def _sum_over_row_blocks(fn, rows: tuple, shared: tuple) -> torch.Tensor:
+    """sum_b fn(*(r[b] for r in rows), *shared), each block recomputed in backward.
+
+    One block runs plainly (no recompute cost at small batches); several run under
+    non-reentrant checkpointing so only one block of logits is alive at a time.
+    """
+    n = next(r.shape[0] for r in rows if r is not None)
+    n_cols = max((s.shape[0] for s in shared if isinstance(s, torch.Tensor) and s.dim() == 2), default=1)
+    blocks = _blocks(n, n_cols)
+    if len(blocks) == 1:
+        return fn(*rows, *shared)
+    total = None
+    for b in blocks:
+        args = tuple(r[b] if r is not None else None for r in rows)
+        part = checkpoint(fn, *args, *shared, use_reentrant=False, preserve_rng_state=False)
+        total = part if total is None else total + part
+    return total
+
+
+def _softmax_rows(
+    q: torch.Tensor,
+    pos: torch.Tensor,
+    hn: torch.Tensor | None,
+    hn_log_w: torch.Tensor | None,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    decoupled: bool,
+) -> torch.Tensor:
+    """Sum over rows of -log softmax(positive) for queries q against keys k (+ hard negatives).
+
+    hn_log_w [rows, k]: log of each hard negative's weight; -inf drops a padding slot.
+    """
+    logits = scale * (q @ k.T)
+    positive = logits.gather(1, pos[:, None]).squeeze(1)
+    if decoupled:
+        logits = logits.scatter(1, pos[:, None], float("-inf"))
+    if hn is not None:
+        logits = torch.cat([logits, scale * torch.einsum("rd,rkd->rk", q, hn) + hn_log_w], dim=1)
+    return (torch.logsumexp(logits, dim=1) - positive).sum()
+
+
+def _sigmoid_rows(
+    q: torch.Tensor,
+    pos: torch.Tensor | None,
+    hn: torch.Tensor | None,
+    hn_w: torch.Tensor | None,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """Sum of -log sigmoid(z * logit) over a block; z = +1 at (row, pos[row]), -1 elsewhere.
+
+    -log sigmoid(-l) = softplus(l) for negatives and softplus(l) - l for positives, so no
+    label matrix is built.
+    """
+    logits = scale * (q @ k.T) + bias
+    loss = F.softplus(logits).sum()
+    if pos is not None:
+        loss = loss - logits.gather(1, pos[:, None]).sum()
+    if hn is not None:
+        loss = loss + (hn_w * F.softplus(scale * torch.einsum("rd,rkd->rk", q, hn) + bias)).sum()
+    return loss
+
+
+def _pairwise_term(
+    img: torch.Tensor, txt: torch.Tensor, hn: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Mean over this rank's images of -log(e^pos / (e^pos + sum_k e^neg_k)), padding slots left out.
+
+    The counting loss of "Teaching CLIP to Count" (Paiss et al. 2023), for any
+    counterfactual: only the true caption and its own negatives compete, so
+    the term is about the fact that differs, not about the rest of the batch.
+    Local rows only: each rank's mean, averaged over ranks by DDP/DeepSpeed,
+    is the global mean, which keeps the gradient contract of this module.
+    """
+    pos = scale * (img * txt).sum(-1, keepdim=True)
+    neg = (scale * torch.einsum("bd,bkd->bk", img, hn)).masked_fill(~keep, float("-inf"))
+    return (torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1) - pos.squeeze(1)).mean()
+
+
+def _lse_offdiag_rows(
+    q: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, sq_k: torch.Tensor
+) -> torch.Tensor:
+    """logsumexp over j != i of -2 ||q_i - k_j||^2 for a block of rows (uniformity)."""
+    d2 = (q * q).sum(1, keepdim=True) + sq_k[None, :] - 2 * (q @ k.T)
+    d2 = d2.scatter(1, idx[:, None], float("inf"))
+    return torch.logsumexp(-2 * d2, dim=1).logsumexp(0, keepdim=True)
+
+
+def uniformity(x: torch.Tensor) -> torch.Tensor:
+    """log mean_{i != j} exp(-2 ||x_i - x_j||^2) (Wang & Isola, t = 2), in checkpointed row blocks."""
+    n = x.shape[0]
+    if n < 2:
+        return x.sum() * 0
+    idx = torch.arange(n, device=x.device)
+    sq = (x * x).sum(1)
+    blocks = _blocks(n, n)
+    if len(blocks) == 1:
+        lse = _lse_offdiag_rows(x, idx, x, sq)
+    else:
+        lse = torch.cat(
+            [
+                checkpoint(
+                    _lse_offdiag_rows, x[b], idx[b], x, sq, use_reentrant=False, preserve_rng_state=False
+                )
+                for b in blocks
+            ]
+        )
+    return lse.logsumexp(0) - math.log(n * (n - 1))
+
+
+def alignment(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean_i ||x_i - y_i||^2 over positive pairs (Wang & Isola, alpha = 2)."""
+    return (x - y).pow(2).sum(1).mean()
+
+
+class ContrastiveLoss(nn.Module):
+    """Softmax (CLIP) or sigmoid (SigLIP) loss over the global batch, with opt-in DCL,
+    hard-negative and alignment/uniformity terms. See the module docstring for semantics.
+
+    `rank` / `world_size` default to the current process group at call time; pass
+    `world_size=1` to compute the single-process loss on whatever tensors are given.
+    """
+
+    def __init__(
+        self,
+        kind: str = "softmax",
+        *,
+        gather_with_grad: bool = True,
+        local_loss: bool = False,
+        sigmoid_chunked: bool = True,
+        max_logit_scale: float = 100.0,
+        decoupled: bool = False,
+        align_uniform: float = 0.0,
+        hard_negative_weight: float = 1.0,
+        hard_negative_mode: str = "denominator",
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in ("softmax", "sigmoid"):
+            raise ValueError(f"loss kind must be 'softmax' or 'sigmoid', got {kind!r}")
+        if kind == "softmax" and local_loss and not gather_with_grad:
+            raise ValueError(
+                "local_loss=True needs gather_with_grad=True: without it gradients miss other ranks' terms"
+            )
+        self.kind = kind
+        self.gather_with_grad = gather_with_grad
+        self.local_loss = local_loss
+        self.sigmoid_chunked = sigmoid_chunked
+        self.max_logit_scale = max_logit_scale
+        self.decoupled = decoupled
+        self.align_uniform = align_uniform
+        self.hard_negative_weight = hard_negative_weight
+        if hard_negative_mode not in ("denominator", "pairwise"):
+            raise ValueError(f"hard_negative_mode must be 'denominator' or 'pairwise', got {hard_negative_mode!r}")
+        self.hard_negative_mode = hard_negative_mode
+        self._rank = rank
+        self._world_size = world_size
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig, **kwargs) -> ContrastiveLoss:
+        """Build from the `loss` section of the run config."""
+        return cls(
+            cfg.kind,
+            gather_with_grad=cfg.gather_with_grad,
+            local_loss=cfg.local_loss,
+            sigmoid_chunked=cfg.sigmoid_chunked,
+            max_logit_scale=cfg.max_logit_scale,
+            decoupled=cfg.decoupled,
+            align_uniform=cfg.align_uniform,
+            hard_negative_weight=cfg.hard_negative_weight,
+            hard_negative_mode=cfg.hard_negative_mode,
+            **kwargs,
+        )
+
+    @property
+    def rank(self) -> int:
+        return vdist.get_rank() if self._rank is None else self._rank
+
+    @property
+    def world_size(self) -> int:
+        return vdist.get_world_size() if self._world_size is None else self._world_size
+
+    def _gather_global(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """Gather for the global (non-local) softmax, which every rank computes identically."""
+        if x is None or self.world_size == 1:
+            return x
+        if self.gather_with_grad:
+            return vdist.all_gather_with_grad(x)
+        return vdist.all_gather_replicated(x)
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        hard_negatives: torch.Tensor | None = None,
+        hard_negative_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """This rank's loss term; returns {'loss': total (with grad), plus detached parts}.
+
+        logit_scale is exp(t) as open_clip models return it (any shape with one element);
+        hard_negatives are [B, k, D] text embeddings, k may be 0 or None;
+        hard_negative_mask [B, k] (bool) marks the real ones: False slots are padding
+        (an image with fewer than k negatives) and take no part in the loss.
+        """
+        img, txt = image_features.float(), text_features.float()
+        hn = hn_w = None
+        if hard_negatives is not None and hard_negatives.shape[1] > 0 and self.hard_negative_weight > 0:
+            hn = hard_negatives.float()
+            hn_w = torch.full(hn.shape[:2], self.hard_negative_weight, device=hn.device)
+            if hard_negative_mask is not None:
+                hn_w = hn_w * hard_negative_mask.to(hn.device, torch.float32)
+        scale = logit_scale.float().reshape(()).clamp(max=self.max_logit_scale)
+        terms: dict[str, torch.Tensor] = {}
+        pairwise = None
+        if hn is not None and self.hard_negative_mode == "pairwise":
+            pairwise = self.hard_negative_weight * _pairwise_term(img, txt, hn, hn_w > 0, scale)
+            hn = hn_w = None  # the contrastive part runs without them
+        if self.kind == "softmax":
+            loss = self._softmax(img, txt, scale, hn, hn_w)
+        else:
+            if logit_bias is None:
+                raise ValueError("the sigmoid loss needs a logit_bias (build the model with init_logit_bias)")
+            bias = logit_bias.float().reshape(())
+            loss = self._sigmoid(img, txt, scale, bias, hn, hn_w)
+            terms["logit_bias"] = bias.detach()
+        terms["contrastive"] = loss.detach()
+        if pairwise is not None:
+            loss = loss + pairwise
+            terms["hard_negative"] = pairwise.detach()
+        if self.align_uniform > 0:
+            # every rank computes the same global term, so the comm-free replicated gather is exact
+            all_img, all_txt = img, txt
+            if self.world_size > 1:
+                all_img, all_txt = vdist.all_gather_replicated(img), vdist.all_gather_replicated(txt)
+            align = alignment(all_img, all_txt)
+            unif = (uniformity(all_img) + uniformity(all_txt)) / 2
+            loss = loss + self.align_uniform * (align + unif)
+            terms["alignment"], terms["uniformity"] = align.detach(), unif.detach()
+        terms["logit_scale"] = scale.detach()
+        terms["loss"] = loss
+        return terms
+
+    # ---------------------------------------------------------------- softmax
+
+    def _softmax(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        scale: torch.Tensor,
+        hn: torch.Tensor | None,
+        hn_w: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Symmetric InfoNCE; rows = all N pairs (global) or this rank's B pairs (local_loss)."""
+        b, world = img.shape[0], self.world_size
+        hn_log_w = None if hn_w is None else hn_w.log()  # weight 0 (padding) -> -inf: no share
+        if world > 1 and self.local_loss:
+            all_img, all_txt = vdist.all_gather_with_grad(img), vdist.all_gather_with_grad(txt)
+            q_img, q_txt, q_hn = img, txt, hn
+            pos = torch.arange(b, device=img.device) + b * self.rank
+        else:
+            all_img, all_txt = self._gather_global(img), self._gather_global(txt)
+            q_img, q_txt, q_hn = all_img, all_txt, self._gather_global(hn)
+            if hn_log_w is not None and world > 1:
+                hn_log_w = vdist.all_gather_nograd(hn_log_w)
+            pos = torch.arange(all_img.shape[0], device=img.device)
+        n = q_img.shape[0]
+
+        def rows(q, p, h, h_log_w, keys):
+            return _sum_over_row_blocks(_softmax_rows, (q, p, h, h_log_w), (keys, scale, self.decoupled))
+
+        i2t = rows(q_img, pos, q_hn, hn_log_w, all_txt) / n
+        t2i = rows(q_txt, pos, None, None, all_img) / n
+        return (i2t + t2i) / 2
+
+    # ---------------------------------------------------------------- sigmoid
+
+    def _sigmoid(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor,
+        hn: torch.Tensor | None,
+        hn_w: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """SigLIP: this rank's images against every text; divided by the local batch like open_clip."""
+        b, world, rank = img.shape[0], self.world_size, self.rank
+
+        def rows(keys, pos, h, h_w):
+            return _sum_over_row_blocks(_sigmoid_rows, (img, pos, h, h_w), (keys, scale, bias))
+
+        arange = torch.arange(b, device=img.device)
+        if world == 1:
+            return rows(txt, arange, hn, hn_w) / b
+        if not self.sigmoid_chunked:
+            return rows(vdist.all_gather_with_grad(txt), arange + b * rank, hn, hn_w) / b
+        loss = rows(txt, arange, hn, hn_w)
+        for other in self._exchanged_texts(txt):
+            loss = loss + rows(other, None, None, None)
+        return loss / b
+
+    def _exchanged_texts(self, txt: torch.Tensor):
+        """Yield every other rank's texts, passed around the ring (bidirectionally where possible)."""
+        world, rank = self.world_size, self.rank
+        right, left = (rank + 1) % world, (rank - 1 + world) % world
+        to_left = to_right = txt
+        n_bidir, remainder = divmod(world - 1, 2)
+        for _ in range(n_bidir):
+            from_right, from_left = vdist.neighbour_exchange_bidir_with_grad(left, right, to_left, to_right)
+            yield from_right
+            yield from_left
+            to_left, to_right = from_right, from_left
+        if remainder:
+            yield vdist.neighbour_exchange_with_grad(left, right, to_right)

@@ -1,0 +1,117 @@
+"""Shard sources: from a config's shard specs to a list of shards with sample counts.
+
+A spec may be a folder written by `vlp shards build` (its manifest.json lists
+the shards), a brace pattern (`/data/{00000..00099}.tar`), a single local
+path, an http(s) URL or a `pipe:` command, or several of these separated by
+`::`. The loader plans exact, equal splits across ranks, so it needs every
+shard's sample count, taken from (in order): the source's manifest.json,
+per-shard `*_stats.json` files (ours and img2dataset's), or a scan of local
+tar headers. Remote shards without a manifest are a config error.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+
+from vlp.config import DataSource
+from vlp.errors import UserError
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # what webdataset's gopen opens: a path, an http URL, or a pipe: command
+    samples: int
+    source: int  # index into data.sources
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith(("pipe:", "http://", "https://", "s3://", "gs://"))
+
+
+def _manifest_counts(manifest: Path, base: str) -> dict[str, int]:
+    try:
+        data = json.loads(manifest.read_text())
+        return {f"{base}/{s['name']}": int(s["samples"]) for s in data["shards"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"manifest {manifest}: unreadable ({type(err).__name__}: {err})") from None
+
+
+def _stats_count(url: str) -> int | None:
+    stats = Path(url[: -len(".tar")] + "_stats.json") if url.endswith(".tar") else None
+    if stats is None or not stats.is_file():
+        return None
+    data = json.loads(stats.read_text())
+    return int(data["successes"])
+
+
+def count_tar_samples(path: str) -> int:
+    """Samples in a local tar: distinct keys (the basename before its first dot, as webdataset groups)."""
+    keys = set()
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.isfile():
+                name = member.name.rsplit("/", 1)[-1]
+                keys.add(member.name[: len(member.name) - len(name)] + name.split(".", 1)[0])
+    return len(keys)
+
+
+def _expand(spec: str) -> list[str]:
+    urls = []
+    for part in spec.split("::"):
+        part = part.strip()
+        path = Path(part)
+        if not _is_remote(part) and path.is_dir():
+            manifest = path / "manifest.json"
+            if manifest.is_file():
+                urls += list(_manifest_counts(manifest, str(path)))
+            else:
+                urls += sorted(str(p) for p in path.glob("*.tar"))
+        else:
+            urls += list(braceexpand.braceexpand(part))
+    return urls
+
+
+def resolve_source(source: DataSource, index: int) -> list[Shard]:
+    urls = _expand(source.shards)
+    if not urls:
+        raise UserError(f"data.sources.{index}.shards: no shards match {source.shards!r}")
+    known: dict[str, int] = {}
+    if source.manifest:
+        manifest = Path(source.manifest)
+        if not manifest.is_file():
+            raise UserError(f"data.sources.{index}.manifest: no such file {manifest}")
+        by_name = {k.rsplit("/", 1)[-1]: v for k, v in _manifest_counts(manifest, ".").items()}
+        known = {u: by_name[u.rsplit("/", 1)[-1]] for u in urls if u.rsplit("/", 1)[-1] in by_name}
+    for spec_part in source.shards.split("::"):
+        path = Path(spec_part.strip())
+        if path.is_dir() and (path / "manifest.json").is_file():
+            known.update(_manifest_counts(path / "manifest.json", str(path)))
+    shards = []
+    for url in urls:
+        count = known.get(url)
+        if count is None and not _is_remote(url):
+            if not Path(url).is_file():
+                raise UserError(f"data.sources.{index}.shards: no such shard {url}")
+            count = _stats_count(url)
+            if count is None:
+                count = count_tar_samples(url)
+        if count is None:
+            raise UserError(
+                f"data.sources.{index}: sample count of {url} unknown; give data.sources.{index}.manifest"
+            )
+        shards.append(Shard(url, count, index))
+    return shards
+
+
+def resolve_sources(sources: list[DataSource]) -> list[list[Shard]]:
+    """Every source's shards with counts; fails before training on a missing or empty source."""
+    resolved = [resolve_source(s, i) for i, s in enumerate(sources)]
+    for i, shards in enumerate(resolved):
+        if sum(s.samples for s in shards) == 0:
+            raise UserError(f"data.sources.{i}: the shards hold no samples")
+    return resolved

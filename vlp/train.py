@@ -1,0 +1,351 @@
+"""`vlp train`: contrastive pretraining under a DeepSpeed engine with exact gradient caching.
+
+One optimizer step, end to end:
+
+    loader batch (uint8 images, token ids, keys)          vlp.data
+      -> GradCache.step: forwards/backwards in chunks     vlp.gradcache, vlp.losses
+      -> engine.step(): clip, AdamW update                DeepSpeed
+      -> metrics line, maybe a checkpoint                 vlp.checkpoint
+
+The same command runs a single CPU process or many GPU nodes: the launcher's
+environment says where this process sits (vlp.distributed), and without a
+GPU DeepSpeed's CPU accelerator and gloo are used. SIGTERM / SIGINT (SLURM
+preemption, Ctrl-C) finish the current step, save a checkpoint and exit 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vlp import distributed as vdist
+from vlp.config import RunConfig, dump_config
+
+
+@dataclass
+class Position:
+    """Where training stands: what a checkpoint must restore besides weights and RNG."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # data epoch of the last consumed batch
+    batch: int = -1  # its index in the epoch (-1: none yet)
+    samples: int = 0  # global samples seen
+    replaced: int = 0  # bad samples replaced by the loader, all ranks
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TrainResult:
+    position: Position
+    output_dir: Path
+    stopped_by_signal: bool = False
+    losses: list[float] = field(default_factory=list)
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT ask for a clean stop after the current step; a second SIGINT interrupts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in self._previous:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def total_steps(cfg: RunConfig, world_size: int) -> int:
+    if cfg.train.steps:
+        return cfg.train.steps
+    return math.ceil(cfg.train.samples / (cfg.train.batch_size * world_size))
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class _Metrics:
+    """metrics.jsonl (one line per step) and tensorboard when installed; rank 0 only."""
+
+    def __init__(self, out: Path, enabled: bool, resumed_step: int = 0):
+        self.enabled, self.out = enabled, out
+        if enabled:
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                _truncate_history(out / name, resumed_step)
+        self.fh = open(out / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:  # tensorboard is optional (pip install vlp[tensorboard])
+                pass
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, int | float) and key != "step":
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def log_eval(self, step: int, values: dict[str, float]) -> None:
+        """Periodic eval results: eval.jsonl (one line per eval) and tensorboard."""
+        if not self.enabled:
+            return
+        with open(self.out / "eval.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.fh:
+            self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _truncate_history(path: Path, step: int) -> None:
+    """Keep only records up to `step`, the step a run starts (or resumes) from.
+
+    A killed run may have logged steps past its last checkpoint (and a partial
+    last line); the resumed run redoes those steps, so the file keeps one
+    consistent history instead of duplicates.
+    """
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
+def _single_process_env() -> None:
+    """DeepSpeed always joins a process group: give a lone process a private one."""
+    import os
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(vdist.find_free_port()))
+
+
+class Trainer:
+    """Holds what one run needs; `run()` trains until the length in the config."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.env = vdist.init_distributed()
+        if self.env.world_size == 1:
+            _single_process_env()
+        vdist.use_cpu_accelerator_if_no_gpu()  # before deepspeed is imported
+        self.out = Path(cfg.train.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.is_main = self.env.rank == 0
+        torch.manual_seed(cfg.train.seed + self.env.rank)
+        self._build()
+
+    # ------------------------------------------------------------ setup
+
+    def _build(self) -> None:
+        import deepspeed
+
+        from vlp.data import ShardLoader, normalize
+        from vlp.dsconfig import deepspeed_config, precision_of
+        from vlp.gradcache import GradCache
+        from vlp.losses import ContrastiveLoss
+        from vlp.models import create_model
+        from vlp.schedule import make_optimizer
+
+        cfg, env = self.cfg, self.env
+        deepspeed.init_distributed(dist_backend=vdist.pick_backend(), verbose=False)
+        model, _, _, tokenizer = create_model(cfg.model, cfg.loss)
+        self.ds_config = deepspeed_config(cfg, env.world_size)
+        self.precision = precision_of(self.ds_config)
+        optimizer = None if cfg.train.offload_optimizer else make_optimizer(model, cfg.optim)
+        if optimizer is None:  # ZeRO-Offload wants DeepSpeed's CPU Adam, configured by name
+            from vlp.schedule import param_groups
+
+            self.ds_config["optimizer"] = {"type": "AdamW", "params": {
+                "lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": cfg.optim.eps}}
+            params = param_groups(model, cfg.optim.weight_decay)
+        else:
+            params = None
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=params, config=self.ds_config
+        )
+        self.device = self.engine.device
+        visual = self.engine.module.visual
+        size = visual.image_size
+        self.image_size = size[0] if isinstance(size, tuple | list) else size
+        mean = getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+        std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+        self.loader = ShardLoader(
+            cfg.data, batch_size=cfg.train.batch_size, image_size=self.image_size, tokenizer=tokenizer,
+            rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
+        )
+        self.loss = ContrastiveLoss.from_config(cfg.loss)
+        self.gradcache = GradCache(
+            self.engine, self.loss, cfg.train.micro_batch_size,
+            image_transform=lambda x: normalize(x, mean, std, self.device),
+        )
+        self.total_steps = total_steps(cfg, env.world_size)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _model_weights(self):
+        """The open_clip state dict on rank 0 (a ZeRO-3 gather needs every rank)."""
+        from vlp.dsconfig import zero_stage_of
+
+        if zero_stage_of(self.ds_config) == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.engine.module.state_dict() if self.is_main else None
+        return (state, self.cfg.model.name) if self.is_main else None
+
+    def save(self, pos: Position) -> Path:
+        from vlp.checkpoint import save_checkpoint
+
+        return save_checkpoint(
+            self.engine, self.out / "checkpoints", pos.step, pos.as_dict(), dump_config(self.cfg),
+            self._model_weights, self.env.rank, self.cfg.train.keep_last,
+        )
+
+    def restore(self) -> Position:
+        from vlp.checkpoint import load_checkpoint, resolve_resume
+
+        path = resolve_resume(self.cfg.train.resume, self.out / "checkpoints")
+        if path is None:
+            return Position()
+        state = load_checkpoint(self.engine, path, self.env.rank)
+        if self.is_main:
+            print(f"resumed from {path} (step {state['step']})", file=sys.stderr)
+        return Position(**state)
+
+    # ------------------------------------------------------------ the loop
+
+    def _step(self, batch: dict, pos: Position) -> tuple[dict, bool]:
+        from vlp.schedule import lr_at, set_lr
+
+        lr = lr_at(pos.step, self.cfg.optim, self.total_steps)
+        set_lr(self.engine.optimizer, lr)
+        texts = batch["text"].to(self.device)
+        result = self.gradcache.step(batch["image"], texts, batch.get("hard_negatives"),
+                                     batch.get("hard_negative_mask"))
+        self.engine.step()
+        # one small all-reduce: global loss, bad samples, and whether any rank was asked to stop
+        shared = torch.tensor([result.loss, float(batch["replaced"]), float(self.stop.requested)])
+        if dist.is_initialized() and self.env.world_size > 1:
+            dist.all_reduce(shared)
+            shared[0] /= self.env.world_size
+        record = {"loss": shared[0].item(), "lr": lr, "replaced": int(shared[1].item()),
+                  **{k: v for k, v in result.terms.items() if k != "loss"}}
+        return record, bool(shared[2].item() > 0)
+
+    def _keys_digest(self, batch: dict) -> dict:
+        keys = batch["key"]
+        if self.env.world_size > 1:
+            gathered: list = [None] * self.env.world_size
+            dist.all_gather_object(gathered, keys)
+            keys = [k for part in gathered for k in part]
+        if self.cfg.train.log_keys:
+            return {"keys": keys}
+        return {"keys_sha1": hashlib.sha1(",".join(keys).encode()).hexdigest()[:16]}
+
+    def run(self) -> TrainResult:
+        from tqdm import tqdm
+
+        pos = self.restore()
+        self.stop = _StopFlag()
+        metrics = _Metrics(self.out, self.is_main, pos.step)
+        if self.is_main:
+            (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        result = TrainResult(pos, self.out)
+        bar = tqdm(total=self.total_steps, initial=pos.step, unit="step", desc="train",
+                   disable=not self.is_main, dynamic_ncols=True)
+        global_batch = self.cfg.train.batch_size * self.env.world_size
+        stream = self.loader.stream(pos.epoch, pos.batch + 1)
+        last_saved = pos.step
+        try:
+            while pos.step < self.total_steps:
+                tick = time.perf_counter()
+                batch = next(stream)
+                record, stop = self._step(batch, pos)
+                keys = self._keys_digest(batch)
+                pos.step += 1
+                pos.epoch, pos.batch = batch["epoch"], batch["batch"]
+                pos.samples += global_batch
+                pos.replaced += record.pop("replaced")
+                seconds = time.perf_counter() - tick
+                record = {"step": pos.step, "epoch": pos.epoch, "samples": pos.samples, **record,
+                          "samples_per_s": global_batch / seconds, "skipped_samples": pos.replaced,
+                          "peak_memory_mb": _peak_memory_mb(self.device), **keys}
+                metrics.log(record)
+                result.losses.append(record["loss"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                sps=f"{record['samples_per_s']:.0f}", refresh=False)
+                evaluate = self._eval_due(pos) and not stop
+                if stop or evaluate or pos.step % self.cfg.train.checkpoint_every == 0:
+                    checkpoint = self.save(pos)
+                    last_saved = pos.step
+                    if evaluate:
+                        from vlp.evalhook import zero_shot_eval
+
+                        metrics.log_eval(pos.step, zero_shot_eval(self, pos, checkpoint))
+                if stop:
+                    result.stopped_by_signal = True
+                    if self.is_main:
+                        print(f"stopped by signal at step {pos.step}; checkpoint saved", file=sys.stderr)
+                    break
+            if last_saved != pos.step:
+                self.save(pos)
+        finally:
+            bar.close()
+            metrics.close()
+            self.stop.restore()
+        return result
+
+    def _eval_due(self, pos: Position) -> bool:
+        every = self.cfg.train.eval_every
+        return bool(every and self.cfg.train.eval_suite and pos.step % every == 0)
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Build the trainer from a validated config and run it."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        vdist.destroy_distributed()
