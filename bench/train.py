@@ -12,6 +12,13 @@ batch 4B in chunks of B; open_clip_train: --accum-freq 4 at batch B, its own
 feature-caching accumulation). Last, a profile of where one vlp step's time
 goes.
 
+Model FLOPs utilisation (MFU) is printed when the peak is known: on a GPU
+from its name (dense bf16/fp16 tensor-core peak), or given by --peak-tflops.
+Model FLOPs per pair are counted by torch (FlopCounterMode) on one forward of
+image and text and tripled for the backward; the re-forward of gradient
+caching is not counted, as MFU counts the work the model needs, not the work
+done. On a GPU cluster: `python bench/train.py --model ViT-B-16 --precision bf16 --batch 256`.
+
 open_clip_train runs from its own virtualenv (bench/baselines.py).
 """
 
@@ -25,6 +32,38 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
 
 from baselines import Recipe, ensure_synthetic_shards, train_open_clip, train_vlp  # noqa: E402
+
+# dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name substring
+GPU_PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.5, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
+
+
+def peak_tflops(precision: str, given: float | None) -> float | None:
+    import torch
+
+    if given is not None:
+        return given
+    if precision == "fp32" or not torch.cuda.is_available():
+        return None  # no meaningful tensor-core peak: MFU not printed
+    name = torch.cuda.get_device_name()
+    return next((tflops for key, tflops in GPU_PEAK_TFLOPS.items() if key in name), None)
+
+
+def model_flops_per_pair(model_name: str) -> float:
+    """Training FLOPs for one image-text pair: forward (counted by torch) x 3."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vlp.config import ModelConfig
+    from vlp.models import create_model, encode
+
+    model, _, _, tokenizer = create_model(ModelConfig(name=model_name))
+    size = model.visual.image_size
+    size = size if isinstance(size, tuple | list) else (size, size)
+    images = torch.zeros(2, 3, *size)
+    texts = tokenizer(["a red circle", "two blue squares"])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        encode(model, images, texts)
+    return 3 * counter.get_total_flops() / 2
 
 
 def profile_vlp_step(shards: Path, out: Path, r: Recipe) -> list[tuple[str, float]]:
@@ -71,6 +110,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--work", default="/tmp/vlp-bench-train")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, help="the accelerator's peak, for MFU (default: from the GPU)")
     args = parser.parse_args()
     work = Path(args.work)
     shards = ensure_synthetic_shards(work)
@@ -86,10 +126,15 @@ def main() -> None:
         print(f"  {label}: vlp {ours.samples_per_s:.1f}/s, open_clip_train {oc.samples_per_s:.1f}/s", flush=True)
     print(f"\ntraining throughput, {args.model}, {args.precision}, {args.steps} steps, {args.workers} data workers, "
           "1 process (median samples/s after 5 steps)")
-    print("| contrastive batch | vlp train samples/s | open_clip_train samples/s | ratio |")
-    print("|---|---|---|---|")
+    flops = model_flops_per_pair(args.model)
+    peak = peak_tflops(args.precision, args.peak_tflops)
+    print(f"model FLOPs per pair (forward + backward): {flops / 1e9:.2f} GFLOP; peak: "
+          + (f"{peak:.1f} TFLOP/s" if peak else "unknown (MFU not shown; --peak-tflops)"))
+    print("| contrastive batch | vlp train samples/s | open_clip_train samples/s | ratio | vlp MFU | open_clip_train MFU |")
+    print("|---|---|---|---|---|---|")
     for label, ours, oc in rows:
-        print(f"| {label} | {ours:.1f} | {oc:.1f} | {ours / oc:.2f}x |")
+        mfu = [f"{100 * sps * flops / (peak * 1e12):.1f}%" if peak else "n/a" for sps in (ours, oc)]
+        print(f"| {label} | {ours:.1f} | {oc:.1f} | {ours / oc:.2f}x | {mfu[0]} | {mfu[1]} |")
     if not args.no_profile:
         parts = profile_vlp_step(shards, work / "profile", r)
         total = sum(s for _, s in parts)

@@ -113,9 +113,7 @@ class _PairTask(Task):
         raise NotImplementedError
 
     def load(self) -> None:
-        data = self.spec.dataset
-        if isinstance(data, SyntheticAro):
-            data = self.materialise(data, _ARO_DATA)
+        data = self.dataset(_ARO_DATA)
         path = user_path(data.path)
         root = user_path(data.image_root) if data.image_root else path.parent / "images"
         doc = read_json(path, "ARO")
@@ -243,9 +241,7 @@ class AroOrderTask(Task):
     spec: AroOrderSpec
 
     def load(self) -> None:
-        data = self.spec.dataset
-        if isinstance(data, SyntheticOrder):
-            data = self.materialise(data, _ORDER_DATA)
+        data = self.dataset(_ORDER_DATA)
         path = user_path(data.path)
         root = user_path(data.image_root) if data.image_root else path.parent
         self.items: list[tuple[str, ImageRef, str, dict[str, str]]] = []  # id, image, original, shuffles

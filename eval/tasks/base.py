@@ -131,8 +131,12 @@ class Task(ABC):
     def score(self, store: FeatureStore) -> TaskResult:
         """Metrics from the prefetched features."""
 
-    def materialise(self, data: SyntheticData, adapter: TypeAdapter) -> Any:
-        """Write (or find in the cache) the synthetic set and return the public-format spec that reads it."""
+    def dataset(self, adapter: TypeAdapter) -> Any:
+        """The spec's dataset in its public format: a synthetic one is written (or found in the cache) first,
+        so every task reads synthetic and downloaded sets through the same adapter."""
+        data = self.spec.dataset  # type: ignore[attr-defined]
+        if not isinstance(data, SyntheticData):
+            return data
         from eval.synthetic import materialise
 
         self.materialised = materialise(self.type, data, self.ctx.cache_dir)

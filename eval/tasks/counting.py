@@ -118,11 +118,10 @@ class CountingTask(Task):
     spec: CountingSpec
 
     def load(self) -> None:
-        data = self.spec.dataset
-        lo, hi = self.spec.numbers or DEFAULT_NUMBERS
-        if isinstance(data, SyntheticCounting):
-            lo, hi = self.spec.numbers or (data.min_count, data.max_count)
-            data = self.materialise(data, _DATA)
+        spec = self.spec.dataset
+        default = (spec.min_count, spec.max_count) if isinstance(spec, SyntheticCounting) else DEFAULT_NUMBERS
+        lo, hi = self.spec.numbers or default
+        data = self.dataset(_DATA)
         self.numbers = list(range(lo, hi + 1))
         path = user_path(data.path)
         root = user_path(data.image_root) if data.image_root else path.parent

@@ -133,9 +133,7 @@ class RetrievalTask(Task):
     spec: RetrievalSpec
 
     def load(self) -> None:
-        data = self.spec.dataset
-        if isinstance(data, SyntheticRetrieval):
-            data = self.materialise(data, _DATA)
+        data = self.dataset(_DATA)
         groups: dict[str, tuple[ImageRef, list[str]]] = {}  # image id -> (ref, captions)
         if isinstance(data, KarpathyData):
             path = user_path(data.path)

@@ -75,9 +75,7 @@ class SugarCrepeTask(Task):
     spec: SugarCrepeSpec
 
     def load(self) -> None:
-        data = self.spec.dataset
-        if isinstance(data, SyntheticSugarCrepe):
-            data = self.materialise(data, _DATA)
+        data = self.dataset(_DATA)
         folder, root = user_path(data.path), user_path(data.image_root)
         if not folder.is_dir():
             raise UserError(f"task {self.name}: SugarCrepe folder not found: {folder}")

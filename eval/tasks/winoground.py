@@ -86,9 +86,7 @@ class WinogroundTask(Task):
     spec: WinogroundSpec
 
     def load(self) -> None:
-        data = self.spec.dataset
-        if isinstance(data, SyntheticWinoground):
-            data = self.materialise(data, _DATA)
+        data = self.dataset(_DATA)
         path = user_path(data.path)
         root = user_path(data.image_root) if data.image_root else path.parent / "images"
         self.items: list[tuple[str, tuple[ImageRef, ImageRef], tuple[str, str], str]] = []

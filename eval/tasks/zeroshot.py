@@ -97,9 +97,7 @@ class ZeroShotTask(Task):
     spec: ZeroShotSpec
 
     def load(self) -> None:
-        data = self.spec.dataset
-        if isinstance(data, SyntheticZeroShot):
-            data = self.materialise(data, _DATA)
+        data = self.dataset(_DATA)
         self.data = data
         self.items: list[tuple[str, ImageRef, int]] = []  # (id, image, class index)
         self.dataset_templates: list[str] | None = None
