@@ -147,9 +147,9 @@ def _truncate_history(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line + "\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
+    from data_tools.writer import fsync_write
+
+    fsync_write(path, "".join(kept).encode())
 
 
 def _single_process_env() -> None:

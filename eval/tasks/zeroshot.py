@@ -97,8 +97,7 @@ class ZeroShotTask(Task):
     spec: ZeroShotSpec
 
     def load(self) -> None:
-        data = self.dataset(_DATA)
-        self.data = data
+        self.data = data = self.dataset(_DATA)
         self.items: list[tuple[str, ImageRef, int]] = []  # (id, image, class index)
         self.dataset_templates: list[str] | None = None
         if isinstance(data, FolderData):
