@@ -1,7 +1,7 @@
 """What the bench scripts share: the baseline tools' virtualenvs, and one training run of each tool.
 
 The baselines pin packages our project cannot live with (img2dataset and
-open_clip_train need webdataset 0.2.x, NOTES.md), so each runs from its own
+open_clip_train's webdataset reader breaks on webdataset >= 0.2.8x), so each runs from its own
 virtualenv under bench/, made with pip on first use and never committed.
 """
 

@@ -43,10 +43,10 @@ METRICS = [  # (column, task, metric)
 
 def demo_shards(pairs: int) -> Path:
     """The shards `vlp demo` builds (made here with the demo's own stages if missing)."""
-    from vlp.config import load_config
-    from vlp.demo import _shards, _synth
+    from vlp.app.demo import _shards, _synth
+    from vlp.core.config import DemoRunConfig, load_config
 
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"demo.pairs={pairs}"])
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"demo.pairs={pairs}"], DemoRunConfig)
     return _shards(cfg, _synth(cfg))
 
 

@@ -6,7 +6,7 @@ Each (batch, mode) runs in a fresh child process, so its peak RSS (getrusage ru_
 is that configuration's alone: torch's CPU allocations are invisible to tracemalloc.
 One process, fp32, CPU, all cores; the optimizer step is left out (it is the same per
 step with or without caching). Images are held as uint8 and normalised per chunk
-(GradCache's image_transform), as a GPU pipeline would do on the device; the
+(GradCache's normalize_images), as the trainer does on the device; the
 "input MB" column is the uint8 batch. Time per sample is the fastest of --repeats rounds
 (the machine may be shared). Without caching the whole batch goes through one
 forward/backward; those runs are skipped once the peak predicted from the smaller ones
@@ -22,9 +22,7 @@ import resource
 import subprocess
 import sys
 import time
-
-MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OPENAI_DATASET_MEAN / STD
-STD = (0.26862954, 0.26130258, 0.27577711)
+from functools import partial
 
 
 def peak_rss_mb() -> float:
@@ -36,23 +34,19 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from vlp.config import LossConfig, ModelConfig
+    from vlp.core.config import LossConfig, ModelConfig
+    from vlp.core.models import create_model, image_normalization
+    from vlp.data import normalize
     from vlp.gradcache import GradCache
     from vlp.losses import ContrastiveLoss
-    from vlp.models import create_model
 
     torch.manual_seed(0)
     model, *_ = create_model(ModelConfig(name=args.model), LossConfig())
     model.train()
     size, ctx = model.visual.image_size, model.context_length
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-
-    def normalise(x: torch.Tensor) -> torch.Tensor:
-        return (x.float() / 255 - mean) / std
-
+    mean, std = image_normalization(model)
     chunk = args.chunk if args.mode == "cache" else None
-    gc = GradCache(model, ContrastiveLoss("softmax"), chunk, image_transform=normalise)
+    gc = GradCache(model, ContrastiveLoss("softmax"), chunk, normalize_images=partial(normalize, mean=mean, std=std))
 
     def data(n: int):
         g = torch.Generator().manual_seed(n)

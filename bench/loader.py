@@ -56,28 +56,29 @@ def make_shards(work: Path, n: int) -> Path:
         return out
     images = make_images(work / "images", n)
     csv_path = write_csv(work / "pairs.csv", [str(p) for p in images])
-    subprocess.run([sys.executable, "-m", "data_tools", "build", str(csv_path), "--output", str(out),
+    subprocess.run([sys.executable, "-m", "vlp", "shards", "build", str(csv_path), "--output", str(out),
                     "--resize-mode", "no", "--encode-quality", "90", "--shard-size", "250", "--quiet"],
                    check=True)
     return out
 
 
 def run_vlp(shards: Path, args, normalise: bool) -> tuple[int, float]:
-    import open_clip
-
-    from vlp.config import DataConfig, DataSource
+    from vlp.core.config import DataConfig, DataSource, ModelConfig
+    from vlp.core.models import create_model, image_normalization
     from vlp.data import ShardLoader, normalize
 
+    model, _, _, tokenizer = create_model(ModelConfig(name="ViT-B-32"))
+    mean, std = image_normalization(model)
+    del model
     cfg = DataConfig(sources=[DataSource(shards=str(shards))], workers=args.workers, shuffle_buffer=1000)
-    loader = ShardLoader(cfg, batch_size=args.batch, image_size=args.image_size,
-                         tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+    loader = ShardLoader(cfg, batch_size=args.batch, image_size=args.image_size, tokenizer=tokenizer)
     it = iter(loader.epoch(0))
     next(it)
     start, n = time.perf_counter(), 0
     for batch in it:
         if normalise:
-            normalize(batch["image"], open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
-        n += batch["image"].shape[0]
+            normalize(batch.images, mean, std)
+        n += batch.images.shape[0]
     return n, time.perf_counter() - start
 
 

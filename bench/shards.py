@@ -87,7 +87,7 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
 
 
 def run_vlp(csv_path: Path, out: Path, args) -> tuple[float, int]:
-    cmd = [sys.executable, "-m", "data_tools", "build", str(csv_path), "--output", str(out), "--overwrite",
+    cmd = [sys.executable, "-m", "vlp", "shards", "build", str(csv_path), "--output", str(out), "--overwrite",
            "--image-size", str(args.image_size), "--resize-mode", "border", "--encode-quality", "95",
            "--workers", str(args.workers), "--threads", "16", "--shard-size", "500", "--quiet"]
     start = time.perf_counter()

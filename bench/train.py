@@ -53,8 +53,8 @@ def model_flops_per_pair(model_name: str) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vlp.config import ModelConfig
-    from vlp.models import create_model, encode
+    from vlp.core.config import ModelConfig
+    from vlp.core.models import create_model, encode
 
     model, _, _, tokenizer = create_model(ModelConfig(name=model_name))
     size = model.visual.image_size
@@ -70,7 +70,7 @@ def profile_vlp_step(shards: Path, out: Path, r: Recipe) -> list[tuple[str, floa
     """Time the parts of vlp steps in-process: data wait, gradient-cached forward/backward, optimizer."""
     import torch
 
-    from vlp.config import load_config
+    from vlp.core.config import load_config
     from vlp.train import Trainer
 
     cfg = load_config(None, [f"data.sources=[{{shards: '{shards}'}}]", f"data.workers={r.workers}",
@@ -84,7 +84,7 @@ def profile_vlp_step(shards: Path, out: Path, r: Recipe) -> list[tuple[str, floa
         t0 = time.perf_counter()
         batch = next(stream)
         t1 = time.perf_counter()
-        trainer.gradcache.step(batch["image"], batch["text"].to(trainer.device))
+        trainer.gradcache.step(batch.images, batch.texts.to(trainer.device))
         t2 = time.perf_counter()
         trainer.engine.step()
         t3 = time.perf_counter()
@@ -94,7 +94,7 @@ def profile_vlp_step(shards: Path, out: Path, r: Recipe) -> list[tuple[str, floa
             parts["optimizer (engine.step)"] += t3 - t2
     batch = next(stream)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        trainer.gradcache.step(batch["image"], batch["text"])
+        trainer.gradcache.step(batch.images, batch.texts)
         trainer.engine.step()
     print("\ntop operators of one step (torch.profiler, CPU time):")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))

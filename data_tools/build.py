@@ -22,7 +22,7 @@ How a build runs:
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import itertools
 import json
 import re
@@ -32,95 +32,62 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from tqdm import tqdm
+from vlp.data_tools.images import ImageOptions
+from vlp.data_tools.pipeline import RowOptions, RowResult, init_worker, process_chunk
+from vlp.data_tools.readers import InputFile, Row, iter_rows, open_inputs
+from vlp.data_tools.writer import RECORD_FIELDS, ShardWriter, printable, shard_name
 
-from data_tools.fetch import FetchOptions
-from data_tools.images import ImageOptions
-from data_tools.pipeline import RowOptions, RowResult, init_worker, process_chunk
-from data_tools.readers import InputFile, Row, iter_rows, open_inputs
-from data_tools.writer import ShardWriter, fsync_write, printable, shard_name
-from vlp.errors import UserError
+from vlp.core.atomic import TMP_PREFIX, write_atomic, write_json
+from vlp.core.config import ShardsBuildConfig
+from vlp.core.errors import UserError
+from vlp.core.fetch import FetchOptions
+from vlp.core.ownership import FolderLock, claim
 
 STATE_FILE = ".build.json"
-OWN_FILE = re.compile(r"^(\d{5}(\.tar|\.parquet|_stats\.json)|manifest\.json|failures\.jsonl|\.build\.json)(\.tmp)?$")
+OWN_FILE = re.compile(
+    rf"^({re.escape(TMP_PREFIX)})?(\d{{5}}(\.tar|\.parquet|_stats\.json)|manifest\.json|failures\.jsonl|\.build\.json)$"
+)
 CHUNK_ROWS = 64
+# Record and sample-json fields vlp writes itself: an extra column may not reuse these names.
+RESERVED_FIELDS = frozenset(name for name, _ in RECORD_FIELDS)
 
 
-@dataclass(frozen=True)
-class BuildOptions:
-    url_col: str = "url"
-    caption_col: str = "caption"
-    keep_cols: tuple[str, ...] = ()
-    image: ImageOptions = ImageOptions()
-    fetch: FetchOptions = FetchOptions()
-    caption_max_chars: int = 512
-    caption_reject_chars: int = 10_000
-    dedup: bool = True
-    shard_size: int = 10_000
-    workers: int = 1
-    threads: int = 16
+def fingerprint(cfg: ShardsBuildConfig) -> dict:
+    """The options that shape the output (not workers/threads: they only change speed)."""
+    return {
+        "url_col": cfg.url_col,
+        "caption_col": cfg.caption_col,
+        "keep_cols": list(cfg.keep_cols),
+        "image": dataclasses.asdict(image_options(cfg)) | {"max_aspect_ratio": str(cfg.max_aspect_ratio)},
+        "fetch": dataclasses.asdict(fetch_options(cfg)),
+        "caption_max_chars": cfg.caption_max_chars,
+        "caption_reject_chars": cfg.caption_reject_chars,
+        "dedup": cfg.dedup,
+        "shard_size": cfg.shard_size,
+    }
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> BuildOptions:
-        image = ImageOptions(
-            image_size=args.image_size,
-            resize_mode=args.resize_mode,
-            resize_only_if_bigger=args.resize_only_if_bigger,
-            encode_format=args.encode_format,
-            encode_quality=args.encode_quality,
-            min_image_size=args.min_image_size,
-            max_aspect_ratio=args.max_aspect_ratio,
-            max_pixels=args.max_pixels,
-        )
-        keep = tuple(c.strip() for c in args.keep_cols.split(",") if c.strip())
-        return cls(
-            url_col=args.url_col,
-            caption_col=args.caption_col,
-            keep_cols=keep,
-            image=image,
-            fetch=FetchOptions(timeout=args.timeout, retries=args.retries, max_bytes=args.max_bytes),
-            caption_max_chars=args.caption_max_chars,
-            caption_reject_chars=args.caption_reject_chars,
-            dedup=args.dedup,
-            shard_size=args.shard_size,
-            workers=args.workers,
-            threads=args.threads,
-        )
 
-    def validate(self) -> None:
-        checks = [
-            (self.image.image_size > 0, "--image-size must be > 0"),
-            (1 <= self.image.encode_quality <= 100, "--encode-quality must be in 1..100"),
-            (self.image.max_aspect_ratio >= 1, "--max-aspect-ratio must be >= 1"),
-            (self.image.max_pixels > 0, "--max-pixels must be > 0"),
-            (self.shard_size > 0, "--shard-size must be > 0"),
-            (self.workers >= 0, "--workers must be >= 0"),
-            (self.threads >= 1, "--threads must be >= 1"),
-            (self.fetch.timeout > 0, "--timeout must be > 0"),
-            (self.fetch.retries >= 0, "--retries must be >= 0"),
-            (self.caption_max_chars > 0, "--caption-max-chars must be > 0"),
-            (self.caption_reject_chars >= self.caption_max_chars, "--caption-reject-chars must be >= --caption-max-chars"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+def image_options(cfg: ShardsBuildConfig) -> ImageOptions:
+    return ImageOptions(
+        image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
+        encode_format=cfg.encode_format, encode_quality=cfg.encode_quality, min_image_size=cfg.min_image_size,
+        max_aspect_ratio=cfg.max_aspect_ratio, max_pixels=cfg.max_pixels,
+    )
 
-    def fingerprint(self) -> dict:
-        """The options that shape the output (not workers/threads: they only change speed)."""
-        fp = asdict(self)
-        for k in ("workers", "threads"):
-            fp.pop(k)
-        fp["keep_cols"] = list(self.keep_cols)
-        fp["image"]["max_aspect_ratio"] = str(self.image.max_aspect_ratio)  # inf is not JSON
-        return fp
 
-    def row_options(self) -> RowOptions:
-        return RowOptions(self.image, self.fetch, self.caption_max_chars, self.caption_reject_chars, self.threads)
+def fetch_options(cfg: ShardsBuildConfig) -> FetchOptions:
+    return FetchOptions(timeout=cfg.timeout, retries=cfg.retries, max_bytes=cfg.max_bytes)
+
+
+def row_options(cfg: ShardsBuildConfig) -> RowOptions:
+    return RowOptions(image_options(cfg), fetch_options(cfg), cfg.caption_max_chars, cfg.caption_reject_chars,
+                      cfg.threads)
 
 
 @dataclass
@@ -167,14 +134,7 @@ def _clear_own_files(out: Path) -> None:
 
 
 def prepare_output(out: Path, state: dict, overwrite: bool) -> None:
-    """Create/check the output folder; refuse to mix two different builds in one folder."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"output {out}: not writable ({err.strerror or err})") from None
+    """Refuse to mix two different builds in one (claimed, locked) output folder."""
     state_path = out / STATE_FILE
     if overwrite:
         _clear_own_files(out)
@@ -186,9 +146,10 @@ def prepare_output(out: Path, state: dict, overwrite: bool) -> None:
             )
     elif any(OWN_FILE.match(p.name) for p in out.iterdir()):
         raise UserError(f"output {out} holds shards from another build; pass --overwrite to start over")
-    for p in out.glob("*.tmp"):  # leftovers of a killed build
-        p.unlink()
-    fsync_write(state_path, json.dumps(state, indent=2).encode())
+    for p in out.glob(TMP_PREFIX + "*"):  # leftovers of a killed build (only vlp's own temp files)
+        if p.is_file() and OWN_FILE.match(p.name):
+            p.unlink()
+    write_json(state_path, state)
 
 
 def completed_shards(out: Path) -> int:
@@ -319,7 +280,7 @@ def _sample_meta(record: dict, keep_cols: tuple[str, ...], extra: dict) -> dict:
 class _Writer:
     """Consumes results in row order: dedup, keys, shard rollover."""
 
-    def __init__(self, out: Path, opts: BuildOptions, seen: dict[str, int]):
+    def __init__(self, out: Path, opts: ShardsBuildConfig, seen: dict[str, int]):
         self.out, self.opts, self.seen = out, opts, seen
         self.digits = len(str(opts.shard_size - 1))
         self.current: ShardWriter | None = None
@@ -328,7 +289,7 @@ class _Writer:
         shard = row.index // self.opts.shard_size
         if self.current is None or self.current.shard != shard:
             self.close()
-            self.current = ShardWriter(self.out, shard, self.opts.keep_cols)
+            self.current = ShardWriter(self.out, shard, tuple(self.opts.keep_cols))
         key = f"{shard_name(shard)}{row.index % self.opts.shard_size:0{self.digits}d}"
         record = _record(row, key, result)
         if result.reason is None:
@@ -337,7 +298,7 @@ class _Writer:
                 record.update(status="duplicate", error_message="duplicate", detail=f"same image as row {first}")
             else:
                 self.seen[result.sha256] = row.index
-                meta = _sample_meta(record, self.opts.keep_cols, row.extra)
+                meta = _sample_meta(record, tuple(self.opts.keep_cols), row.extra)
                 self.current.add_sample(key, result.image.data, result.image.ext, result.caption, meta)
         self.current.add_record(record)
 
@@ -355,7 +316,7 @@ class _Writer:
 # ------------------------------------------------------------ finishing
 
 
-def _finish(out: Path, opts: BuildOptions, inputs: list[InputFile]) -> dict:
+def _finish(out: Path, opts: ShardsBuildConfig, inputs: list[InputFile]) -> dict:
     """Assemble failures.jsonl and manifest.json from the complete shards."""
     n = completed_shards(out)
     shards, totals, reasons = [], Counter(), Counter()
@@ -374,7 +335,7 @@ def _finish(out: Path, opts: BuildOptions, inputs: list[InputFile]) -> dict:
                     "url": rec["url"], "status": rec["status"], "reason": rec["error_message"],
                     "detail": rec["detail"],
                 }, ensure_ascii=False))
-    fsync_write(out / "failures.jsonl", "".join(line + "\n" for line in lines).encode())
+    write_atomic(out / "failures.jsonl", "".join(line + "\n" for line in lines))
     manifest = {
         "format": "vlp-shards/1",
         "rows": totals["rows"],
@@ -384,31 +345,44 @@ def _finish(out: Path, opts: BuildOptions, inputs: list[InputFile]) -> dict:
         "failure_reasons": dict(sorted(reasons.items())),
         "shards": shards,
         "inputs": [str(inp.path) for inp in inputs],
-        "options": opts.fingerprint(),
+        "options": fingerprint(opts),
     }
-    fsync_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    write_json(out / "manifest.json", manifest)
     return manifest
 
 
-def build_shards(
-    inputs: list[str], output: str, opts: BuildOptions, overwrite: bool = False, progress: bool = True
-) -> BuildSummary:
-    """Build (or resume building) shards in `output` from `inputs`. See the module docstring."""
+def build_shards(opts: ShardsBuildConfig, progress: bool = True) -> BuildSummary:
+    """Build (or resume building) shards in `opts.output` from `opts.inputs`. See the module docstring."""
     start = time.perf_counter()
-    opts.validate()
-    files = open_inputs(list(inputs), opts.url_col, opts.caption_col, opts.keep_cols)
-    out = Path(output)
-    prepare_output(out, {"options": opts.fingerprint(), "inputs": _input_fingerprint(files)}, overwrite)
+    if not opts.inputs:
+        raise UserError("vlp shards build: give at least one input file or folder")
+    if not opts.output:
+        raise UserError("vlp shards build: --output DIR is required")
+    keep = tuple(opts.keep_cols)
+    clash = sorted(set(keep) & RESERVED_FIELDS)
+    if clash:
+        raise UserError(f"--keep-cols {','.join(clash)}: the sample json already has a field of that name "
+                        f"(vlp writes {', '.join(sorted(RESERVED_FIELDS))}); rename the column in the input")
+    files = open_inputs(list(opts.inputs), opts.url_col, opts.caption_col, keep)
+    out = Path(opts.output)
+    claim(out, "shards", "vlp shards build", "choose a new --output folder")
+    with FolderLock(out):  # before looking inside: another build may be writing it
+        prepare_output(out, {"options": fingerprint(opts), "inputs": _input_fingerprint(files)}, opts.overwrite)
+        return _build(opts, files, out, keep, start, progress)
+
+
+def _build(opts: ShardsBuildConfig, files: list[InputFile], out: Path, keep: tuple[str, ...], start: float,
+           progress: bool) -> BuildSummary:
 
     done = completed_shards(out)
     seen = _load_hashes(out, done) if opts.dedup else {}
-    rows = itertools.islice(iter_rows(files, opts.url_col, opts.caption_col, opts.keep_cols),
+    rows = itertools.islice(iter_rows(files, opts.url_col, opts.caption_col, keep),
                             done * opts.shard_size, None)
     writer = _Writer(out, opts, seen)
     bar = tqdm(unit=" rows", desc="build", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     failed = 0
     try:
-        for chunk, results in _Workers(opts.workers, opts.row_options()).map(_chunks(rows, opts.shard_size)):
+        for chunk, results in _Workers(opts.workers, row_options(opts)).map(_chunks(rows, opts.shard_size)):
             for row, result in zip(chunk, results, strict=True):
                 writer.add(row, result)
                 failed += result.reason is not None

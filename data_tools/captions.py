@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ftfy
 
-from data_tools.failure import RowFailure
+from vlp.core.errors import RowFailure
 
 
 class CaptionError(RowFailure):

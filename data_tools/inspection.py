@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-
-from data_tools.verify import load_manifest
+from vlp.data_tools.verify import load_manifest
 
 
 def text_histogram(values: list[float], bins: int = 8, width: int = 40) -> list[str]:

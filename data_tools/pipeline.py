@@ -11,11 +11,12 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from data_tools.captions import normalise_caption
-from data_tools.failure import RowFailure
-from data_tools.fetch import FetchOptions, fetch, suffix_of
-from data_tools.images import EncodedImage, ImageOptions, process_image
-from data_tools.readers import Row
+from vlp.data_tools.captions import normalise_caption
+from vlp.data_tools.images import EncodedImage, ImageOptions, process_image
+from vlp.data_tools.readers import Row
+
+from vlp.core.errors import RowFailure
+from vlp.core.fetch import FetchOptions, fetch, suffix_of
 
 
 @dataclass(frozen=True)

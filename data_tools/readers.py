@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlp.errors import UserError
+from vlp.core.errors import UserError
 
 # Captions can be absurdly long; the builder rejects those with a reason,
 # which needs the csv module to read them instead of raising.

@@ -11,18 +11,15 @@ written.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
-from vlp.errors import UserError
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from vlp.core.errors import UserError
+from vlp.core.images import SHARD_IMAGE_EXTS, decode_rgb
 
 
 @dataclass
@@ -55,7 +52,7 @@ def load_manifest(folder: Path) -> dict:
 
 def _check_sample(sample: dict, problems: list[str], where: str) -> None:
     key = sample["__key__"]
-    images = [e for e in IMAGE_EXTS if e in sample]
+    images = [e for e in SHARD_IMAGE_EXTS if e in sample]
     if not key.isdigit():
         problems.append(f"{where}: key {key!r} is not all digits")
     if len(images) != 1 or "txt" not in sample or "json" not in sample:
@@ -63,7 +60,7 @@ def _check_sample(sample: dict, problems: list[str], where: str) -> None:
         problems.append(f"{where}: sample {key} has members {members}")
         return
     try:
-        Image.open(io.BytesIO(sample[images[0]])).load()
+        decode_rgb(sample[images[0]])
     except Exception as err:
         problems.append(f"{where}: sample {key} image does not decode ({err})")
     meta = json.loads(sample["json"])

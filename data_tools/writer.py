@@ -9,7 +9,7 @@ feed our loader:
     00000_stats.json   counts for the shard; written last, so its presence
                        means the shard is complete (resume relies on this)
 
-Files are written under a temporary name and renamed, so a kill -9 never
+Files are written under a temporary name, fsynced and renamed (vlp.core.atomic), so a kill -9 never
 leaves a file that looks complete but is not. Tar headers carry a fixed
 mtime/owner so the same input gives byte-identical shards.
 """
@@ -24,6 +24,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
+
+from vlp.core.atomic import fsync_dir, temp_path, write_atomic, write_json
 
 RECORD_FIELDS = [
     ("row", pa.int64()),
@@ -56,16 +58,6 @@ def printable(text: str | None, limit: int = RECORD_TEXT_LIMIT) -> str | None:
     return text if len(text) <= limit else text[:limit] + f"... [{len(text)} chars]"
 
 
-def fsync_write(path: Path, data: bytes) -> None:
-    """Write data to path via a temporary file and rename: all or nothing."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _record_schema(keep_cols: tuple[str, ...]) -> pa.Schema:
     extra = [(c, pa.string()) for c in keep_cols if c not in dict(RECORD_FIELDS)]
     return pa.schema(RECORD_FIELDS + extra)
@@ -86,7 +78,7 @@ class ShardWriter:
         self.name = shard_name(shard)
         self.keep_cols = keep_cols
         self.tar_path = out_dir / f"{self.name}.tar"
-        self._tmp_tar = out_dir / f"{self.name}.tar.tmp"
+        self._tmp_tar = temp_path(self.tar_path)
         self._stream = open(self._tmp_tar, "wb")  # noqa: SIM115 - closed in close()
         # encoder=False: we hand over bytes, encoded exactly as we want them.
         self._tar = wds.TarWriter(self._stream, mtime=0, user="vlp", group="vlp", encoder=False)
@@ -125,12 +117,13 @@ class ShardWriter:
         os.fsync(self._stream.fileno())
         self._stream.close()
         os.replace(self._tmp_tar, self.tar_path)
+        fsync_dir(self.out_dir)
         table = pa.Table.from_pylist(self.records, schema=_record_schema(self.keep_cols))
-        tmp = self.out_dir / f"{self.name}.parquet.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.out_dir / f"{self.name}.parquet")
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        write_atomic(self.out_dir / f"{self.name}.parquet", sink.getvalue().to_pybytes())
         stats = self.stats()
-        fsync_write(self.out_dir / f"{self.name}_stats.json", json.dumps(stats, indent=2).encode())
+        write_json(self.out_dir / f"{self.name}_stats.json", stats)
         return stats
 
     def abort(self) -> None:

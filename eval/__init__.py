@@ -3,9 +3,8 @@
     vlp eval --model M [--weights W | --random-init] --suite S --out DIR
     vlp eval compare A/report.json B/report.json [--out DIR]
 
-Modules, one idea each:
+The command line lives in vlp.app; this package does the work. Modules, one idea each:
 
-    cli        the `vlp eval` subcommand (argparse)
     runner     suite -> tasks -> features -> report.json / report.html / skipped.jsonl
     suite      the suite YAML, validated with pydantic before any model is loaded
     models     --model/--weights resolution, safe weight loading, the `Encoder`
@@ -16,8 +15,10 @@ Modules, one idea each:
     metrics    pure metric functions on score matrices (ties count against the model)
     templates  prompt templates and CLIP prompt-ensemble class embeddings
     shuffle    ARO word-order perturbations without spaCy/nltk
-    synthetic  synthetic benchmark sets from data_tools.synth, in the public formats, cached
-    report     report.html from the report dict; plots: matplotlib figures as inline PNG
+    synthetic  synthetic benchmark sets from vlp.core.synth, in the public formats, cached
+    report     report.html from the report dict (each task class draws its own section)
+    plots      matplotlib figures as inline PNG; markup: the HTML pieces report and compare share
     compare    two reports side by side
-    tasks/     one module per task type: zeroshot, retrieval, counting, sugarcrepe, aro, winoground
+    tasks/     one module per task type: zeroshot, retrieval, counting, sugarcrepe, aro, winoground;
+               base (the Task interface), pairs (the paired-caption protocol SugarCrepe and ARO share)
 """

@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from eval import plots
-from eval.report import esc, fmt, img, page
-from vlp.errors import UserError
+from vlp.eval import plots
+from vlp.eval.markup import esc, fmt, img, page
+
+from vlp.core.errors import UserError
 
 Row = tuple[str, str, float | None, float | None, float | None]  # task, metric, a, b, b - a
 

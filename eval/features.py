@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
+from vlp.eval.images import ImageFailure, ImageRef, load_image
+from vlp.eval.models import Encoder
+from vlp.eval.parallel import run_sharded
 
-from data_tools.fetch import FetchOptions
-from eval.images import ImageFailure, ImageRef, load_image
-from eval.models import Encoder
-from eval.parallel import rank_and_world, run_sharded
+from vlp.core.distributed import rank_and_world
+from vlp.core.fetch import FetchOptions
 
 
 @dataclass

@@ -16,17 +16,15 @@ builder's `data_tools.fetch`, so both tools classify failures the same way.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
-from data_tools.fetch import FetchError, FetchOptions, fetch, is_url
+from vlp.core.fetch import FetchError, FetchOptions, fetch, is_url
+from vlp.core.images import ImageError, decode_rgb
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MAX_PIXELS = 89_478_485  # PIL's default decompression-bomb limit, as the shard builder's --max-pixels
 Box = tuple[float, float, float, float]  # x, y, width, height in pixels (ARO's bbox_x/y/w/h)
 
 
@@ -90,24 +88,6 @@ def _read_bytes(ref: ImageRef, fetch_opts: FetchOptions) -> bytes:
     return data
 
 
-class _TooLarge(Exception):
-    pass
-
-
-def _decode(data: bytes) -> Image.Image:
-    """Decode fully (not lazily), so a truncated file fails here and not inside the model's transform.
-
-    The pixel limit is checked from the header, before decoding, with our own constant:
-    PIL's global `Image.MAX_IMAGE_PIXELS` may be switched off by other code in the process
-    (the shard builder does its own check), and its warning filters are not thread-safe.
-    """
-    image = Image.open(io.BytesIO(data))
-    if image.width * image.height > MAX_PIXELS:
-        raise _TooLarge(f"{image.width}x{image.height} pixels > {MAX_PIXELS}")
-    image.load()
-    return image.convert("RGB")
-
-
 def load_image(ref: ImageRef, fetch_opts: FetchOptions | None = None) -> Image.Image | ImageFailure:
     """The RGB image behind `ref` (cropped if asked), or the reason it cannot be had."""
     opts = fetch_opts or FetchOptions(timeout=10.0, retries=1)
@@ -116,9 +96,10 @@ def load_image(ref: ImageRef, fetch_opts: FetchOptions | None = None) -> Image.I
     except FetchError as err:
         return ImageFailure(err.reason, err.detail or ref.describe())
     try:
-        image = _decode(data)
-    except (_TooLarge, Image.DecompressionBombError) as err:
-        return ImageFailure("image_too_large", f"{ref.describe()}: {err}")
+        image = decode_rgb(data)  # the same pixels training saw (vlp.core.images)
+    except ImageError as err:
+        reason = "image_too_large" if err.reason == "decompression_bomb" else "undecodable_image"
+        return ImageFailure(reason, f"{ref.describe()}: {err.reason}: {err.detail}")
     except Exception as err:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError, ...)
         return ImageFailure("undecodable_image", f"{ref.describe()}: {type(err).__name__}: {err}")
     if ref.crop is None:

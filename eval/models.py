@@ -2,7 +2,7 @@
 
 `--model` may be:
 
-(a) an open_clip model name (ours from vlp/model_configs included) with a local
+(a) an open_clip model name (ours from vlp/core/model_configs included) with a local
     weights file (`--weights`), or with random weights only when `--random-init`
     is given explicitly: a report of an untrained model by accident would be
     worse than an error;
@@ -32,14 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlp.errors import UserError
+from vlp.core.errors import UserError
+from vlp.core.models import register_model_configs
+from vlp.core.weights import META_CONFIG, META_NAME, find_weights, read_metadata
 
-META_NAME = "vlp_model_name"
-META_CONFIG = "vlp_model_config"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
@@ -52,23 +53,6 @@ class ModelSpec:
     source: str  # what the user passed, for the report
 
 
-def _register_our_configs() -> None:
-    """Make vlp-tiny and friends known to open_clip."""
-    from vlp.models import register_model_configs
-
-    register_model_configs()
-
-
-def _read_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {})
-    except Exception as err:  # safetensors raises its own error types for a bad header
-        raise UserError(f"cannot read safetensors file {path}: {err}") from None
-
-
 def _register_config(name: str, config_json: str, path: Path) -> str:
     """Register the config stored in an export; return the name to create the model under.
 
@@ -77,8 +61,6 @@ def _register_config(name: str, config_json: str, path: Path) -> str:
     under `name` plus a hash of the config, so a changed tiny config never
     overwrites the one the rest of the process sees under the plain name.
     """
-    import open_clip
-
     try:
         config = json.loads(config_json)
     except json.JSONDecodeError:
@@ -100,17 +82,15 @@ def _register_config(name: str, config_json: str, path: Path) -> str:
 
 
 def _from_export(path: Path, source: str) -> ModelSpec:
-    meta = _read_metadata(path)
+    meta = read_metadata(path)
     name = meta.get(META_NAME)
     if not name:
         raise UserError(
             f"{path} has no '{META_NAME}' metadata; pass the architecture: --model NAME --weights {path}"
         )
-    _register_our_configs()
+    register_model_configs()
     if META_CONFIG in meta:
         name = _register_config(name, meta[META_CONFIG], path)
-    import open_clip
-
     if open_clip.get_model_config(name) is None:
         raise UserError(f"{path}: model '{name}' is unknown to open_clip and the file carries no config")
     return ModelSpec(name=name, weights=str(path), source=source)
@@ -122,8 +102,6 @@ def resolve_model(model: str, weights: str | None = None, random_init: bool = Fa
     if path.is_dir():
         if weights or random_init:
             raise UserError("--weights/--random-init go with a model name, not a checkpoint directory")
-        from vlp.export import find_weights
-
         # a checkpoint folder, or a training run's folder (its newest checkpoint)
         return _from_export(find_weights(path).resolve(), model)
     if path.suffix == ".safetensors" or path.is_file():
@@ -134,9 +112,7 @@ def resolve_model(model: str, weights: str | None = None, random_init: bool = Fa
         return _from_export(path.resolve(), model)
     if model.startswith("hf-hub:"):
         raise UserError(f"{model}: hub models would be downloaded; give a local weights file instead")
-    import open_clip
-
-    _register_our_configs()
+    register_model_configs()
     if open_clip.get_model_config(model) is None:
         raise UserError(
             f"unknown model {model!r}: not a file, a checkpoint directory or an open_clip model name"
@@ -158,8 +134,6 @@ def resolve_model(model: str, weights: str | None = None, random_init: bool = Fa
 def _create(spec: ModelSpec) -> tuple[torch.nn.Module, Callable]:
     """open_clip's factory, weights included: safetensors or weights_only torch.load, strict keys,
     0-dim vs (1,) logit scale reconciled. Its errors become one-line UserErrors."""
-    import open_clip
-
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             spec.name, pretrained=spec.weights, device="cpu", weights_only=True
@@ -247,8 +221,6 @@ def load_encoder(
     seed: int = 0,
 ) -> tuple[Encoder, dict[str, Any]]:
     """Build the model, load its weights, and return (encoder, description for the report)."""
-    import open_clip
-
     if bf16 and not device.startswith("cuda"):
         raise UserError("--precision bf16 needs a CUDA device (autocast on CPU is not used here)")
     torch.manual_seed(seed)  # random init is reproducible

@@ -18,14 +18,9 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from vlp.core.distributed import rank_and_world
+
 T = TypeVar("T")
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes (0, 1 without a process group)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def share(items: Sequence[T], rank: int, world: int) -> list[T]:

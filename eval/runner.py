@@ -15,22 +15,26 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from vlp.eval.features import FeatureStore
+from vlp.eval.models import load_encoder, resolve_model
+from vlp.eval.parallel import broadcast_from_main
+from vlp.eval.report import render_report
+from vlp.eval.suite import load_suite
+from vlp.eval.tasks import TASKS
+from vlp.eval.tasks.base import Context, Task
 
-from eval.features import FeatureStore
-from eval.models import load_encoder, resolve_model
-from eval.parallel import broadcast_from_main, rank_and_world
-from eval.suite import load_suite
-from eval.tasks import TASKS
-from eval.tasks.base import Context, Task
-from vlp.errors import UserError
+from vlp.core.atomic import write_atomic
+from vlp.core.config import EvalConfig
+from vlp.core.distributed import init_distributed, rank_and_world
+from vlp.core.errors import UserError
 
 SCHEMA_VERSION = 1
-SKIPS_SHOWN = 5  # per task on stderr; report.json and skipped.jsonl have them all
+SKIPS_SHOWN = 5  # per task on stderr; skipped.jsonl has them all, report.json up to MAX_LISTED_SKIPS
 
 
 def default_cache_dir() -> Path:
@@ -39,25 +43,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ["VLP_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "vlp" / "eval"
-
-
-@dataclass
-class RunOptions:
-    """Everything `vlp eval` was asked to do."""
-
-    model: str
-    suite: str
-    out: Path
-    weights: str | None = None
-    random_init: bool = False
-    cache_dir: Path | None = None
-    device: str = "auto"
-    precision: str = "fp32"
-    batch_size: int = 256
-    workers: int = 4
-    seed: int = 0
-    only: list[str] | None = None
-    progress: bool = True
 
 
 def _device(choice: str, local_rank: int) -> str:
@@ -117,10 +102,13 @@ def _report_skips(name: str, result: dict[str, Any]) -> None:
         print("  ... all of them in skipped.jsonl", file=sys.stderr)
 
 
-def run(opts: RunOptions) -> dict[str, Any]:
+def run(opts: EvalConfig) -> dict[str, Any]:
     """Evaluate; return the report (written to opts.out by rank 0)."""
-    from vlp.distributed import init_distributed
-
+    if not opts.model:
+        raise UserError("vlp eval: --model is required (or use `vlp eval compare A B`)")
+    if not opts.out:
+        raise UserError("vlp eval: --out DIR is required")
+    out = Path(opts.out)
     suite = load_suite(opts.suite, opts.only)
     spec = resolve_model(opts.model, opts.weights, opts.random_init)
     if opts.precision not in ("fp32", "bf16"):
@@ -128,8 +116,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
     env = init_distributed()
     rank, world = rank_and_world()
     device = _device(opts.device, env.local_rank)
-    _prepare_out(opts.out)  # every rank: a failure here must stop them all
-    cache_dir = opts.cache_dir or default_cache_dir()
+    _prepare_out(out)  # every rank: a failure here must stop them all
+    cache_dir = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
     tasks = [TASKS[s.type](s, Context(cache_dir=cache_dir)) for s in suite.tasks]
     started = time.perf_counter()
     _load_tasks(tasks, rank)
@@ -142,7 +130,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
         workers=opts.workers,
         seed=opts.seed,
     )
-    store = FeatureStore(encoder, workers=opts.workers, progress=opts.progress)
+    store = FeatureStore(encoder, workers=opts.workers, progress=not opts.quiet)
     results: dict[str, dict[str, Any]] = {}
     all_skips: list[dict[str, str]] = []
     for task in tasks:
@@ -177,20 +165,13 @@ def run(opts: RunOptions) -> dict[str, Any]:
         "tasks": results,
     }
     if rank == 0:
-        write_outputs(report, all_skips, opts.out)
+        write_outputs(report, all_skips, out)
     return report
 
 
 def write_outputs(report: dict[str, Any], skips: list[dict[str, str]], out: Path) -> None:
     """report.json, report.html and skipped.jsonl (every skipped item, uncapped), each written atomically."""
-    from eval.report import render_report
+    write_atomic(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    write_atomic(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skips))
+    write_atomic(out / "report.html", render_report(report))
 
-    _atomic_write(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-    _atomic_write(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skips))
-    _atomic_write(out / "report.html", render_report(report))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

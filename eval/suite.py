@@ -27,10 +27,10 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from vlp.eval.tasks import TASKS
+from vlp.eval.tasks.base import TaskSpec
 
-from eval.tasks import TASKS
-from eval.tasks.base import TaskSpec
-from vlp.errors import UserError
+from vlp.core.errors import UserError
 
 SUITE_DIR = Path(__file__).parent / "suites"
 

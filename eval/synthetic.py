@@ -1,4 +1,4 @@
-"""Synthetic benchmark sets from data_tools.synth, written in the public formats and cached.
+"""Synthetic benchmark sets from vlp.core.synth, written in the public formats and cached.
 
 Why: nothing can be downloaded here, yet the report must measure zero-shot
 classification, retrieval, counting and compositionality. The shapes world
@@ -17,11 +17,11 @@ real files read these:
 
 Seeds: training data uses small seeds (0, 1, ...); eval sets default to
 SYNTH_SEED = 10_000_019, and every item draws from its own RNG keyed by
-("vlp-eval", set, seed, index), never from data_tools.synth's training RNG
+("vlp-eval", set, seed, index), never from vlp.core.synth's training RNG
 (keyed "vlp-synth:seed:index"), so no eval image repeats a training image.
 
 Cache: `cache_dir/synthetic/<task type>-<hash>/`, the hash covering the
-generation parameters and the source of this module and of data_tools.synth,
+generation parameters and the source of this module and of vlp.core.synth,
 so a changed generator never serves stale files. A set is written to a
 temporary folder and renamed into place: a folder that exists is complete,
 and concurrent runs (several ranks) cannot see half a set.
@@ -40,12 +40,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import webdataset as wds
 from PIL import Image
+from vlp.eval.shuffle import HeuristicTagger, perturb_all, pre_caption, tokenize
+from vlp.eval.specs import SyntheticData
 
-import data_tools.synth as synth
-from data_tools.synth import COLOURS, INVERSE_RELATION, PLURALS, SHAPES, Scene, Statement, describe, render
-from eval.shuffle import HeuristicTagger, perturb_all, pre_caption, tokenize
-from eval.tasks.base import SyntheticData
+from vlp.core import synth
+from vlp.core.synth import COLOURS, INVERSE_RELATION, PLURALS, SHAPES, Scene, Statement, describe, render
 
 GENERATOR_VERSION = 1
 SHAPE_TEMPLATES = ("a {c}.", "a photo of a {c}.", "a picture of a {c}.", "there is a {c}.")
@@ -61,7 +62,7 @@ def _draw(make: Callable[[random.Random], Any], kind: str, seed: int, index: int
     for attempt in range(MAX_TRIES):
         try:
             return make(random.Random(f"vlp-eval:{kind}:{seed}:{index}:{attempt}"))
-        except (_Retry, ValueError):  # ValueError: data_tools.synth found no true caption for the scene
+        except (_Retry, ValueError):  # ValueError: vlp.core.synth found no true caption for the scene
             continue
     raise RuntimeError(f"could not draw synthetic {kind} item {index} in {MAX_TRIES} attempts")
 
@@ -97,8 +98,6 @@ def _zeroshot(spec: Any, out: Path) -> dict[str, Any]:
                 )
                 _save(render(scene, spec.image_size), out / shape / f"{j:05d}.png")
         return {"format": "folder", "path": str(out)}
-    import webdataset as wds
-
     colours = list(COLOURS)
     (out / "test").mkdir(parents=True)
     with open(out / "test" / "0.tar", "wb") as fh, wds.TarWriter(fh, mtime=0) as sink:
@@ -346,9 +345,9 @@ WRITERS: dict[str, Callable[[Any, Path], dict[str, Any]]] = {
 
 
 def _source_digest() -> str:
-    """Hash of the generator code: this module and data_tools.synth."""
+    """Hash of the generator code: this module and vlp.core.synth."""
     h = hashlib.sha256()
-    for module_file in (__file__, synth.__file__):
+    for module_file in (__file__, *sorted(Path(synth.__file__).parent.glob("*.py"))):
         h.update(Path(module_file).read_bytes())
     return h.hexdigest()
 

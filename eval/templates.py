@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vlp.errors import UserError
+from vlp.core.errors import UserError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 BUILTIN = {"imagenet": TEMPLATE_DIR / "imagenet_templates.txt"}

@@ -10,26 +10,24 @@ Two layouts are accepted:
 - img2dataset's and ours (`vlp shards build`): `ROOT/*.tar` with `KEY.jpg`,
   `KEY.txt` (the caption), `KEY.json`.
 
-Members are grouped into samples by webdataset's rule: the member name up to
-the first dot of its basename is the key, and a sample's members are
-contiguous. Image members are not read here: each becomes an `ImageRef` to its
+Members are grouped into samples by webdataset's rule (vlp.core.tarformat). Image members are not read here: each becomes an `ImageRef` to its
 bytes inside the tar (offset + size), so a 50k-image benchmark costs no memory
 until the encoder asks for a batch.
 """
 
 from __future__ import annotations
 
-import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eval.images import ImageRef
-from vlp.errors import UserError
+from vlp.eval.images import ImageRef
 
-IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
+from vlp.core.errors import UserError
+from vlp.core.images import SHARD_IMAGE_EXTS
+from vlp.core.tarformat import split_member
+
 TEXT_EXTS = ("txt", "cls", "json")
-_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext
 
 
 @dataclass
@@ -73,14 +71,14 @@ def read_shard(path: Path) -> list[Sample]:
     try:
         with tarfile.open(path, "r") as tar:
             for member in tar:
-                match = _KEY_RE.match(member.name)
-                if not member.isfile() or not match:
+                parts = split_member(member.name) if member.isfile() else None
+                if not parts:
                     continue
-                key, ext = match.group(1), match.group(2).lower()
+                key, ext = parts[0], parts[1].lower()
                 if current is None or current.key != key:
                     current = Sample(key=key, shard=path.name)
                     samples.append(current)
-                if ext in IMAGE_EXTS and current.image is None:
+                if ext in SHARD_IMAGE_EXTS and current.image is None:
                     current.image = ImageRef(str(path.resolve()), offset=member.offset_data, size=member.size)
                 elif ext in TEXT_EXTS:
                     fh = tar.extractfile(member)

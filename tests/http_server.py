@@ -2,7 +2,10 @@
 
 Serves files from a folder, plus special paths that misbehave the ways the
 web does: /status/404, /status/500, /slow/<seconds>/<file> (answers late),
-/flaky/<n>/<file> (500 for the first n requests, then the file).
+/flaky/<n>/<file> (500 for the first n requests, then the file), and the
+ways a hostile server does: /drip/<seconds per byte>/<file> (the body a byte
+at a time, for as long as the client listens), /endless (a body without
+end), /redirect/<scheme>/<rest> (302 to <scheme>://<rest>).
 """
 
 from __future__ import annotations
@@ -26,11 +29,38 @@ def _handler(root: Path, hits: Counter):
             self.end_headers()
             self.wfile.write(body)
 
+        def _stream(self, parts: list[str]) -> None:
+            """A hostile body: one byte per `parts[1]` seconds of a file (drip), or zeros without end."""
+            drip = parts[0] == "drip"
+            body = root.joinpath(*parts[2:]).read_bytes() if drip else b""
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)) if drip else str(10**12))
+            self.end_headers()
+            deadline = time.monotonic() + 60  # the server gives up on its own: no test can hang on it
+            try:
+                i = 0
+                while time.monotonic() < deadline and (not drip or i < len(body)):
+                    self.wfile.write(body[i : i + 1] if drip else b"\0" * 65536)
+                    self.wfile.flush()
+                    i += 1
+                    if drip:
+                        time.sleep(float(parts[1]))
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+                pass
+
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
             hits[self.path] += 1
             parts = self.path.strip("/").split("/")
             if parts[0] == "status":
                 return self._send(int(parts[1]), b"error page")
+            if parts[0] == "redirect":
+                self.send_response(302)
+                self.send_header("Location", f"{parts[1]}://{'/'.join(parts[2:])}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
+            if parts[0] in ("drip", "endless"):
+                return self._stream(parts)
             if parts[0] == "slow":
                 time.sleep(float(parts[1]))
                 parts = parts[2:]

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 from PIL import Image
+from vlp.data_tools.build import build_shards
 
-from data_tools.build import BuildOptions, build_shards
-from data_tools.fetch import FetchOptions
-from data_tools.images import ImageOptions
+from vlp.core.config import ShardsBuildConfig
 
 
 def noise_image(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -48,18 +47,13 @@ def write_csv(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
     return path
 
 
-def options(**kw) -> BuildOptions:
-    """Small, fast defaults for tests; image and fetch options by name go where they belong."""
-    image_keys = set(ImageOptions.__dataclass_fields__)
-    fetch_keys = set(FetchOptions.__dataclass_fields__)
-    image = ImageOptions(**{"image_size": 32, **{k: v for k, v in kw.items() if k in image_keys}})
-    fetch = FetchOptions(**{k: v for k, v in kw.items() if k in fetch_keys})
-    rest = {k: v for k, v in kw.items() if k not in image_keys | fetch_keys}
-    return BuildOptions(image=image, fetch=fetch, **{"workers": 0, "threads": 4, **rest})
+def options(**kw) -> ShardsBuildConfig:
+    """Small, fast defaults for tests."""
+    return ShardsBuildConfig(**{"image_size": 32, "workers": 0, "threads": 4, **kw})
 
 
 def build(inputs, out: Path, **kw):
-    return build_shards([str(p) for p in inputs], str(out), options(**kw), progress=False)
+    return build_shards(options(inputs=[str(p) for p in inputs], output=str(out), **kw), progress=False)
 
 
 def read_back(out: Path) -> dict[str, dict]:

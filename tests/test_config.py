@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from vlp.config import ConfigError, RunConfig, dump_config, load_config
+from vlp.core.config import ConfigError, RunConfig, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,9 +77,81 @@ def test_every_shipped_config_validates():
 
 def test_cli_rejects_bad_config_before_any_work():
     """`vlp train` with a bad key exits 2 with one line on stderr; no heavy import happens first."""
-    code = "import sys; from vlp.cli import main; rc = main(['train', 'optim.lr=-1']); " \
+    code = "import sys; from vlp.app.cli import main; rc = main(['train', 'optim.lr=-1']); " \
            "print('torch' in sys.modules); sys.exit(rc)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "vlp: error: config key 'optim.lr': Input should be greater than 0 (got -1)"
     assert proc.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------ one schema family, every command
+
+
+@pytest.mark.parametrize("name", ["train", "shards", "eval", "demo"])
+def test_config_show_describes_every_key_with_type_default_and_description(name, capsys):
+    from vlp.app.cli import main
+    from vlp.core.config import COMMAND_SCHEMAS
+
+    assert main(["config", "show", name, "--describe"]) == 0
+    out = capsys.readouterr().out
+    schema = COMMAND_SCHEMAS[name]
+    for field in schema.model_fields:
+        assert f"  {field}" in out or f"  {field}." in out, field
+    if name == "shards":
+        assert re.search(r"  image_size +int = 256\n +target side in pixels", out)
+    if name == "train":
+        assert "optim.lr" in out and "float = 0.001" in out
+
+
+def test_config_show_prints_loadable_defaults(tmp_path, capsys):
+    from vlp.app.cli import main
+    from vlp.core.config import ShardsBuildConfig, load
+
+    assert main(["config", "show", "shards"]) == 0
+    path = tmp_path / "build.yaml"
+    path.write_text(capsys.readouterr().out)
+    assert load(ShardsBuildConfig, path) == ShardsBuildConfig()
+
+
+def test_train_help_lists_the_keys(capsys):
+    from vlp.app.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "train.micro_batch_size" in out and "chunk for gradient caching" in out and "examples:" in out
+
+
+def test_shards_build_takes_yaml_then_overrides_then_flags(tmp_path):
+    from vlp.app.cli import _config, build_parser
+    from vlp.core.config import ShardsBuildConfig
+
+    path = tmp_path / "build.yaml"
+    path.write_text("inputs: [a.csv]\noutput: out\nimage_size: 128\nshard_size: 7\nkeep_cols: kind\n")
+    args = build_parser().parse_args(["shards", "build", "--config", str(path), "shard_size=9", "b.csv",
+                                      "--image-size", "64"])
+    cfg = _config(args, ShardsBuildConfig, positional="inputs")
+    assert (cfg.inputs, cfg.output, cfg.image_size, cfg.shard_size, cfg.keep_cols) == (
+        ["b.csv"], "out", 64, 9, ["kind"])
+
+
+def test_eval_takes_yaml_and_set_overrides(tmp_path):
+    from vlp.app.cli import _config, build_parser
+    from vlp.core.config import EvalConfig
+
+    path = tmp_path / "eval.yaml"
+    path.write_text("model: runs/x\nout: reports/x\nbatch_size: 32\nonly: a,b\n")
+    args = build_parser().parse_args(["eval", "--config", str(path), "--set", "batch_size=8", "--quiet"])
+    cfg = _config(args, EvalConfig)
+    assert (cfg.model, cfg.batch_size, cfg.only, cfg.quiet) == ("runs/x", 8, ["a", "b"], True)
+
+
+def test_a_run_file_may_carry_sibling_sections_which_are_still_checked(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("demo:\n  pairs: 10\nlaunch:\n  nodes: 2\ntrain:\n  steps: 3\n")
+    cfg = load_config(path)
+    assert cfg.train.steps == 3 and not hasattr(cfg, "demo")
+    path.write_text("demo:\n  pairz: 10\n")
+    with pytest.raises(ConfigError, match="unknown config key 'demo.pairz'"):
+        load_config(path)

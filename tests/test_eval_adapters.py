@@ -13,14 +13,15 @@ import webdataset as wds
 from PIL import Image
 from shard_helpers import build
 from test_eval_support import noise, save, solid
+from vlp.eval.images import ImageFailure, load_image
+from vlp.eval.shuffle import PERTURBATIONS, HeuristicTagger, perturb_all, pre_caption, tokenize
+from vlp.eval.suite import parse_suite
+from vlp.eval.tasks import TASKS
+from vlp.eval.tasks.aro import ARO_EXCLUDED_RELATIONS
+from vlp.eval.tasks.base import Context
+from vlp.eval.tasks.retrieval import Caption
 
-from eval.images import ImageFailure, load_image
-from eval.shuffle import PERTURBATIONS, HeuristicTagger, perturb_all, pre_caption, tokenize
-from eval.suite import parse_suite
-from eval.tasks import TASKS
-from eval.tasks.aro import ARO_EXCLUDED_RELATIONS
-from eval.tasks.base import Context
-from vlp.errors import UserError
+from vlp.core.errors import UserError
 
 
 def make(tmp_path, spec: dict):
@@ -54,7 +55,7 @@ def test_zeroshot_image_folder(tmp_path):
         },
     )
     assert task.classnames == ["cat", "dog"]
-    assert [(i, label) for i, _, label in task.items] == [
+    assert [(it.id, it.label) for it in task.items] == [
         ("n001/a.jpg", 0),
         ("n001/sub/b.png", 0),
         ("n002/c.JPEG", 1),
@@ -86,12 +87,12 @@ def test_zeroshot_csv_names_indices_and_unknown_labels(tmp_path):
         "dataset": {"format": "csv", "path": str(tmp_path / "labels.csv"), "classnames": ["cat", "dog"]},
     }
     task = make(tmp_path, spec)
-    assert [(i, label) for i, _, label in task.items] == [
+    assert [(it.id, it.label) for it in task.items] == [
         ("labels.csv:2", 1),
         ("labels.csv:3", 1),
         ("labels.csv:5", 0),
     ]
-    assert {r.source for _, r, _ in task.items} == {str(tmp_path / "x" / "1.png")}
+    assert {it.image.source for it in task.items} == {str(tmp_path / "x" / "1.png")}
     assert [(s.id, s.reason) for s in task.skipped] == [("labels.csv:4", "unknown_label")]
     # without classnames, the classes are the sorted distinct labels
     spec["dataset"].pop("classnames")
@@ -128,12 +129,12 @@ def test_zeroshot_clip_benchmark_webdataset(tmp_path):
     )
     assert task.classnames == ["red car", "blue car"]
     assert task.templates == ["a photo of a {c}.", "a {c}"]
-    assert [(i, label) for i, _, label in task.items] == [
+    assert [(it.id, it.label) for it in task.items] == [
         ("0.tar/s0000000", 0),
         ("0.tar/s0000001", 0),
         ("1.tar/s0000002", 1),
     ]
-    first = load_image(task.items[1][1])
+    first = load_image(task.items[1].image)
     assert np.array_equal(
         np.asarray(first), np.asarray(noise(1))
     )  # the bytes inside the tar, decoded losslessly
@@ -168,8 +169,8 @@ def test_retrieval_karpathy_dataset_json_keeps_the_split(tmp_path):
         tmp_path,
         {"type": "retrieval", "dataset": {"format": "karpathy", "path": str(tmp_path / "dataset_coco.json")}},
     )
-    assert [i for i, _ in task.images] == ["val2014/a.jpg", "val2014/c.jpg"]
-    assert task.captions == [("a one", 0), ("a two", 0), ("c one", 1)]
+    assert [im.id for im in task.images] == ["val2014/a.jpg", "val2014/c.jpg"]
+    assert task.captions == [Caption("a one", 0), Caption("a two", 0), Caption("c one", 1)]
 
 
 def test_retrieval_blip_list_form_merges_entries_of_one_image(tmp_path):
@@ -189,7 +190,9 @@ def test_retrieval_blip_list_form_merges_entries_of_one_image(tmp_path):
             "dataset": {"format": "karpathy", "path": str(tmp_path / "flickr30k_test.json")},
         },
     )
-    assert task.captions == [("one a", 0), ("one b", 0), ("two a", 1), ("two b", 1)]
+    assert task.captions == [
+        Caption(c, i) for c, i in (("one a", 0), ("one b", 0), ("two a", 1), ("two b", 1))
+    ]
     assert [(s.id, s.reason) for s in task.skipped] == [("[3]", "malformed_item")]
 
 
@@ -203,7 +206,7 @@ def test_retrieval_csv_pairs(tmp_path):
         "caption_column": "text",
     }
     task = make(tmp_path, {"type": "retrieval", "dataset": spec})
-    assert task.captions == [("first", 0), ("second", 0)] and len(task.images) == 1
+    assert task.captions == [Caption("first", 0), Caption("second", 0)] and len(task.images) == 1
 
 
 def test_retrieval_clip_benchmark_wds_and_our_shards(tmp_path):
@@ -217,7 +220,7 @@ def test_retrieval_clip_benchmark_wds_and_our_shards(tmp_path):
     (root / "test" / "nshards.txt").write_text("1\n")
     (root / "dataset_type.txt").write_text("retrieval\n")
     task = make(tmp_path, {"type": "retrieval", "dataset": {"format": "wds", "path": str(root)}})
-    assert task.captions == [("cap a", 0), ("cap b", 0), ("cap c", 1)]
+    assert task.captions == [Caption("cap a", 0), Caption("cap b", 0), Caption("cap c", 1)]
 
     # shards made by our own builder (img2dataset layout: KEY.jpg + KEY.txt + KEY.json)
     for i in range(3):
@@ -228,8 +231,8 @@ def test_retrieval_clip_benchmark_wds_and_our_shards(tmp_path):
     task = make(
         tmp_path, {"type": "retrieval", "dataset": {"format": "wds", "path": str(tmp_path / "shards")}}
     )
-    assert sorted(c for c, _ in task.captions) == ["caption 0", "caption 1", "caption 2"]
-    assert all(not isinstance(load_image(r), ImageFailure) for _, r in task.images)
+    assert sorted(c.text for c in task.captions) == ["caption 0", "caption 1", "caption 2"]
+    assert all(not isinstance(load_image(im.image), ImageFailure) for im in task.images)
 
 
 # ---------------------------------------------------------------------- SugarCrepe, ARO, Winoground
@@ -256,7 +259,7 @@ def test_sugarcrepe_folder(tmp_path):
         },
     )
     assert task.subsets == ["add_att", "swap_obj"]
-    assert [it[0] for it in task.items] == ["add_att/1", "swap_obj/0", "swap_obj/2"]
+    assert [it.id for it in task.items] == ["add_att/1", "swap_obj/0", "swap_obj/2"]
     assert {(s.id, s.reason) for s in task.skipped} == {
         ("add_att/3", "malformed_item"),
         ("swap_obj/7", "identical_captions"),
@@ -313,10 +316,11 @@ def test_aro_relation_crops_to_the_box(tmp_path):
             "dataset": {"format": "aro", "path": str(tmp_path / "aro" / "visual_genome_relation.json")},
         },
     )
-    assert [it[4] for it in task.items] == ["eating", "next to"]
-    crop = load_image(task.items[0][1])
+    assert [it.group for it in task.items] == ["eating", "next to"]
+    crop = load_image(task.items[0].image)
     assert crop.size == (20, 20) and (np.asarray(crop) == [255, 0, 0]).all()
-    assert task.items[0][1].key != task.items[1][1].key  # same file, different crops: different features
+    # same file, different crops: different features
+    assert task.items[0].image.key != task.items[1].image.key
     assert "next to" in ARO_EXCLUDED_RELATIONS and "eating" not in ARO_EXCLUDED_RELATIONS
     assert [(s.id, s.reason) for s in task.skipped] == [("2", "malformed_item")]
 
@@ -341,7 +345,7 @@ def test_aro_attribution_groups_pairs(tmp_path):
             "dataset": {"format": "aro", "path": str(tmp_path / "visual_genome_attribution.json")},
         },
     )
-    assert [it[4] for it in task.items] == ["white_black", "white_black"]
+    assert [it.group for it in task.items] == ["white_black", "white_black"]
     assert task.spec.min_group_size == 25
 
 
@@ -370,9 +374,10 @@ def test_aro_order_precomputed_and_karpathy(tmp_path):
         tmp_path,
         {"type": "aro_order", "dataset": {"format": "precomputed", "path": str(tmp_path / "order.json")}},
     )
-    assert task.items[0][2] == "a man riding a horse"  # ARO's pre_caption: lower case, no full stop
-    assert list(task.items[0][3]) == list(PERTURBATIONS)
-    assert task.items[1][3] == {"shuffle_within_trigrams": "dog a"}  # the identical shuffle is no negative
+    assert task.items[0].original == "a man riding a horse"  # ARO's pre_caption: lower case, no full stop
+    assert list(task.items[0].shuffles) == list(PERTURBATIONS)
+    # the identical shuffle is no negative
+    assert task.items[1].shuffles == {"shuffle_within_trigrams": "dog a"}
     assert [(s.id, s.reason) for s in task.skipped] == [("2", "no_distinct_shuffle")]
 
     (tmp_path / "coco_karpathy_test.json").write_text(
@@ -386,7 +391,7 @@ def test_aro_order_precomputed_and_karpathy(tmp_path):
         "dataset": {"format": "karpathy", "path": str(tmp_path / "coco_karpathy_test.json")},
     }
     first, again = make(tmp_path, spec), make(tmp_path, spec)
-    assert first.items == again.items and len(first.items[0][3]) == 4  # reproducible from the seed
+    assert first.items == again.items and len(first.items[0].shuffles) == 4  # reproducible from the seed
 
 
 def test_winoground_examples_jsonl(tmp_path):
@@ -413,9 +418,10 @@ def test_winoground_examples_jsonl(tmp_path):
             "dataset": {"format": "winoground", "path": str(tmp_path / "data" / "examples.jsonl")},
         },
     )
-    ((item_id, (i0, i1), caps, tag),) = task.items
-    assert (item_id, tag) == ("0", "Object") and i0.source.endswith("images/ex_0_img_0.png")
-    assert caps == (example["caption_0"], example["caption_1"])
+    (example_0,) = task.items
+    i0, _ = example_0.images
+    assert (example_0.id, example_0.tag) == ("0", "Object") and i0.source.endswith("images/ex_0_img_0.png")
+    assert example_0.captions == (example["caption_0"], example["caption_1"])
     assert [(s.id, s.reason) for s in task.skipped] == [("1", "malformed_item")]
 
 
@@ -460,7 +466,7 @@ def test_pre_caption_matches_aro():
 
 
 def test_shipped_suites_validate():
-    from eval.suite import load_suite
+    from vlp.eval.suite import load_suite
 
     default = load_suite("default")
     assert [t.type for t in default.tasks].count("zeroshot_classification") == 2
@@ -474,8 +480,7 @@ def test_shipped_suites_validate():
 
 def test_bad_images_become_reasons(tmp_path):
     from shard_helpers import bomb_png
-
-    from eval.images import ImageRef, resolve
+    from vlp.eval.images import ImageRef, resolve
 
     good = save(noise(1, 40), tmp_path / "good.png")
     (tmp_path / "garbage.jpg").write_bytes(b"this is not a jpeg at all")

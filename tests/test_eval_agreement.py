@@ -8,13 +8,12 @@ import pytest
 import torch
 from test_eval_support import noise, save, solid, tiny_model
 from torch.utils.data import DataLoader, Dataset
-
-from eval import templates as tmpl
-from eval.features import FeatureStore
-from eval.models import Encoder
-from eval.suite import parse_suite
-from eval.tasks import TASKS
-from eval.tasks.base import Context
+from vlp.eval import templates as tmpl
+from vlp.eval.features import FeatureStore
+from vlp.eval.models import Encoder
+from vlp.eval.suite import parse_suite
+from vlp.eval.tasks import TASKS
+from vlp.eval.tasks.base import Context
 
 cb_zeroshot = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
 cb_retrieval = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
@@ -99,7 +98,7 @@ def test_zeroshot_classification_matches_clip_benchmark(tmp_path, model):
 
     weights = tmpl.class_embeddings(store.texts(tmpl.prompts(CLASSES, TEMPLATES)), len(CLASSES))
     assert torch.allclose(weights, classifier, atol=1e-6)
-    our_logits = 100 * store.images([r for _, r, _ in task.items])[0] @ weights
+    our_logits = 100 * store.images([it.image for it in task.items])[0] @ weights
     assert torch.allclose(our_logits, their_logits, atol=1e-4)
     assert len(set(our_logits.argmax(1).tolist())) > 1  # a non-degenerate case: several classes predicted
     for key in ("acc1", "acc5", "mean_per_class_recall"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_eval_support import TINY, export_tiny, noise, save, tiny_model, write_suite
 
-from vlp.cli import main
+from vlp.app.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TOP_KEYS = {"schema_version", "created", "suite", "model", "run", "summary", "tasks"}
@@ -255,7 +255,7 @@ def test_missing_image_is_skipped_with_its_id(tmp_path, capsys, exported):
 
 
 def _text_features(args, tmp_path):
-    from eval.models import load_encoder, resolve_model
+    from vlp.eval.models import load_encoder, resolve_model
 
     encoder, info = load_encoder(resolve_model(*args))
     return encoder.encode_texts(["two red circles", "a blue star"]), info
@@ -393,7 +393,7 @@ def test_two_ranks_give_the_single_process_report(tmp_path, exported):
         "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
     single = subprocess.run(
-        [sys.executable, "-m", "vlp.cli", "eval", *common, "--out", str(tmp_path / "one")],
+        [sys.executable, "-m", "vlp", "eval", *common, "--out", str(tmp_path / "one")],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -411,7 +411,7 @@ def test_two_ranks_give_the_single_process_report(tmp_path, exported):
         str(_free_port()),
     ]
     multi = subprocess.run(
-        [*torchrun, "-m", "vlp.cli", "eval", *common, "--out", str(tmp_path / "two")],
+        [*torchrun, "-m", "vlp", "eval", *common, "--out", str(tmp_path / "two")],
         env=env,
         cwd=REPO,
         capture_output=True,

@@ -7,10 +7,9 @@ import json
 import pytest
 from http_server import closed_port, serve
 from test_eval_support import noise, save, solid, tiny_encoder
-
-from eval.features import FeatureStore
-from eval.tasks.base import Context
-from eval.tasks.counting import CountingSpec, CountingTask, substitute
+from vlp.eval.features import FeatureStore
+from vlp.eval.tasks.base import Context
+from vlp.eval.tasks.counting import CountingSpec, CountingTask, substitute
 
 # ---------------------------------------------------------------------- substitution
 
@@ -122,14 +121,14 @@ def test_countbench_candidates_and_http_timeout(tmp_path):
             {"image_url": f"{base}/a.png", "text": "THREE ducks", "number": 3},
         ]
         task = _task(tmp_path, items, numbers=[1, 6], timeout=0.5, retries=0)
-        assert task.items[1][3] == [
+        assert task.items[1].candidates == (
             "ONE ducks",
             "TWO ducks",
             "THREE ducks",
             "FOUR ducks",
             "FIVE ducks",
             "SIX ducks",
-        ]
+        )
         result = _run(task)
     assert [(s.id, s.reason) for s in result.skipped] == [("0", "timeout")]
     assert result.n_scored == 1 and result.details["numbers"] == [1, 2, 3, 4, 5, 6]

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-
-from eval import metrics
-from eval.templates import check_template, class_embeddings, format_template, load_templates, prompts
+from vlp.eval import metrics
+from vlp.eval.templates import check_template, class_embeddings, format_template, load_templates, prompts
 
 # ---------------------------------------------------------------------- retrieval
 

@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 
 from PIL import Image
-
-from eval.shuffle import tokenize
-from eval.synthetic import materialise
-from eval.tasks.aro import SyntheticAro
-from eval.tasks.counting import SyntheticCounting
-from eval.tasks.sugarcrepe import SyntheticSugarCrepe
-from eval.tasks.winoground import SyntheticWinoground
+from vlp.eval.shuffle import tokenize
+from vlp.eval.synthetic import materialise
+from vlp.eval.tasks.aro import SyntheticAro
+from vlp.eval.tasks.counting import SyntheticCounting
+from vlp.eval.tasks.sugarcrepe import SyntheticSugarCrepe
+from vlp.eval.tasks.winoground import SyntheticWinoground
 
 
 def _words(text: str) -> list[str]:

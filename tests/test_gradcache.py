@@ -10,15 +10,18 @@ concatenated global batch and calls backward once.
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
+from ranks import run_local_ranks
 
-from vlp import distributed as vdist
-from vlp.config import LossConfig, ModelConfig
-from vlp.gradcache import GradCache
+from vlp.core import distributed as vdist
+from vlp.core.config import LossConfig, ModelConfig
+from vlp.core.models import create_model, forward, image_normalization
+from vlp.data import normalize
+from vlp.gradcache import GradCache, RngState
 from vlp.losses import ContrastiveLoss
-from vlp.models import create_model, forward
 
 CHUNK, PER_RANK, CTX = 4, 12, 16
 
@@ -185,6 +188,24 @@ def test_one_chunk_is_a_plain_step(chunk, forwards):
     assert result.loss == pytest.approx(result.terms["contrastive"])
 
 
+def test_normalising_uint8_chunks_equals_normalised_input():
+    """The trainer's seam: uint8 images normalised per chunk give the normalised batch's gradients, bit for bit."""
+    model = build("softmax")
+    reference = copy.deepcopy(model)
+    mean, std = image_normalization(model)
+    raw = torch.randint(0, 256, (PER_RANK, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    _, texts, hn = batch(0, 2)
+    torch.manual_seed(seed(0))
+    want = GradCache(reference, ContrastiveLoss("softmax"), CHUNK).step(normalize(raw, mean, std), texts, hn)
+    torch.manual_seed(seed(0))
+    gc = GradCache(model, ContrastiveLoss("softmax"), CHUNK, normalize_images=partial(normalize, mean=mean, std=std))
+    got = gc.step(raw, texts, hn)
+    assert got.loss == want.loss
+    got_grads, want_grads = grads_of(model), grads_of(reference)
+    assert set(got_grads) == set(want_grads)
+    assert all(torch.equal(got_grads[name], g) for name, g in want_grads.items())
+
+
 def test_bf16_autocast():
     """bf16: the cache matches the uncached bf16 computation closely and fp32 to bf16 precision."""
     model = build("softmax")
@@ -199,8 +220,6 @@ def test_bf16_autocast():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_rng_state_replays_cpu_and_cuda_streams():
     """CUDA dropout draws from the device generator, open_clip's PatchDropout from the CPU one."""
-    from vlp.gradcache import RngState
-
     state = RngState(torch.device("cuda"))
     first = torch.randn(4), torch.randn(4, device="cuda")
     torch.randn(1), torch.randn(1, device="cuda")
@@ -237,7 +256,7 @@ def _ddp_worker(rank: int, world: int) -> None:
 
 @pytest.mark.slow
 def test_cached_ddp_two_ranks():
-    vdist.run_local_ranks(_ddp_worker, 2)
+    run_local_ranks(_ddp_worker, 2)
 
 
 # ------------------------------------------------------------------ DeepSpeed over gloo
@@ -315,4 +334,4 @@ def _deepspeed_worker(rank: int, world: int) -> None:
 
 @pytest.mark.slow
 def test_cached_deepspeed_two_ranks():
-    vdist.run_local_ranks(_deepspeed_worker, 2)
+    run_local_ranks(_deepspeed_worker, 2)

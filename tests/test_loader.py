@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from http_server import serve
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
+from vlp.data_tools.build import build_shards
+from vlp.data_tools.synth import generate
 
-from data_tools.build import BuildOptions, build_shards
-from data_tools.images import ImageOptions
-from data_tools.synth import generate
-from vlp.config import DataConfig, DataSource
-from vlp.data import ShardLoader, hard_negative_captions
-from vlp.errors import UserError
+from vlp.core.config import DataConfig, DataSource, ModelConfig, ShardsBuildConfig
+from vlp.core.errors import UserError
+from vlp.core.models import create_model, image_normalization
+from vlp.data import Batch, ShardLoader, hard_negative_captions, normalize
 
 TOKENIZER = SimpleTokenizer(context_length=32)
 
@@ -28,9 +29,9 @@ def shards(tmp_path_factory) -> Path:
     """223 synthetic pairs in uneven shards (50, 50, 50, 50, 23), with ground truth and negatives."""
     root = tmp_path_factory.mktemp("loader")
     csv_path = generate(root / "synth", n=223, seed=5, image_size=32, progress=False)
-    opts = BuildOptions(image=ImageOptions(image_size=32), keep_cols=("kind", "hard_negatives"),
-                        shard_size=50, workers=0)
-    build_shards([str(csv_path)], str(root / "shards"), opts, progress=False)
+    opts = ShardsBuildConfig(inputs=[str(csv_path)], output=str(root / "shards"), image_size=32,
+                             keep_cols=["kind", "hard_negatives"], shard_size=50, workers=0)
+    build_shards(opts, progress=False)
     return root / "shards"
 
 
@@ -48,33 +49,57 @@ def test_batches_have_the_promised_shapes_and_fields(shards):
     loader = _loader(str(shards), hard_negatives=2)
     assert loader.steps_per_epoch == 223 // 16
     batch = next(loader.stream())
-    assert batch["image"].shape == (16, 3, 24, 24) and batch["image"].dtype == torch.uint8
-    assert batch["text"].shape == (16, 32) and batch["text"].dtype == torch.long
-    assert batch["hard_negatives"].shape == (16, 2, 32)
-    assert batch["hard_negative_mask"].shape == (16, 2)
-    assert batch["hard_negative_mask"][:, 0].all()  # every synthetic caption has a counterfactual
-    assert len(set(batch["key"])) == 16 and all(k.isdigit() for k in batch["key"])
-    assert (batch["epoch"], batch["batch"], batch["replaced"]) == (0, 0, 0)
+    assert isinstance(batch, Batch)
+    assert batch.images.shape == (16, 3, 24, 24) and batch.images.dtype == torch.uint8
+    assert batch.texts.shape == (16, 32) and batch.texts.dtype == torch.long
+    assert batch.hard_negatives.shape == (16, 2, 32)
+    assert batch.hard_negative_mask.shape == (16, 2) and batch.hard_negative_mask.dtype == torch.bool
+    assert batch.hard_negative_mask[:, 0].all()  # every synthetic caption has a counterfactual
+    assert len(set(batch.keys)) == 16 and all(k.isdigit() for k in batch.keys)
+    assert len(batch.captions) == len(batch.urls) == 16
+    assert (batch.epoch, batch.index, batch.replaced) == (0, 0, 0)
     # the token ids decode back to the captions
-    assert TOKENIZER.decode(batch["text"][0].tolist()).startswith("<start_of_text>" + batch["caption"][0].lower())
+    assert TOKENIZER.decode(batch.texts[0].tolist()).startswith("<start_of_text>" + batch.captions[0].lower())
+
+
+def test_batches_cross_worker_processes_and_pin_whole(shards):
+    """A Batch is built in a loader worker and passes the DataLoader's collate and pinning as it is."""
+    (batch,) = _take(_loader(str(shards), workers=2, hard_negatives=2).stream(), 1)
+    assert isinstance(batch, Batch) and batch.hard_negatives.shape == (16, 2, 32)
+    pinned = batch.pin_memory() if torch.cuda.is_available() else batch
+    assert isinstance(pinned, Batch) and pinned.keys == batch.keys
+    assert torch.equal(pinned.images, batch.images) and torch.equal(pinned.hard_negatives, batch.hard_negatives)
+    if torch.cuda.is_available():
+        assert pinned.images.is_pinned() and pinned.texts.is_pinned() and pinned.hard_negative_mask.is_pinned()
+
+
+def test_normalize_is_x_over_255_minus_mean_over_std_with_the_models_statistics():
+    model, *_ = create_model(ModelConfig(name="vlp-micro"))
+    mean, std = image_normalization(model)
+    assert (mean, std) == (tuple(OPENAI_DATASET_MEAN), tuple(OPENAI_DATASET_STD))
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    got = normalize(images, mean, std)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, (images.float() / 255 - m) / s)  # bit for bit, same order of operations
 
 
 def test_an_epoch_covers_distinct_samples_and_epochs_differ(shards):
     loader = _loader(str(shards), workers=2)
     epoch0 = list(loader.epoch(0))
     epoch1 = list(loader.epoch(1))
-    keys0 = [k for b in epoch0 for k in b["key"]]
-    assert [b["batch"] for b in epoch0] == list(range(loader.steps_per_epoch))
+    keys0 = [k for b in epoch0 for k in b.keys]
+    assert [b.index for b in epoch0] == list(range(loader.steps_per_epoch))
     assert len(keys0) == len(set(keys0)) == loader.steps_per_epoch * 16
-    assert keys0 != [k for b in epoch1 for k in b["key"]]
+    assert keys0 != [k for b in epoch1 for k in b.keys]
 
 
 def test_same_seed_same_stream_including_augmentation(shards):
     a = _take(_loader(str(shards), workers=2).stream(), 5)
     b = _take(_loader(str(shards), workers=2).stream(), 5)
     for x, y in zip(a, b, strict=True):
-        assert x["key"] == y["key"]
-        assert torch.equal(x["image"], y["image"])
+        assert x.keys == y.keys
+        assert torch.equal(x.images, y.images)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -84,20 +109,20 @@ def test_resume_from_batch_k_continues_exactly(shards, workers):
     full = _take(loader.stream(), steps + 6)  # crosses into the second epoch
     k = 9
     last = full[k - 1]
-    resumed = _take(loader.stream(last["epoch"], last["batch"] + 1), len(full) - k)
+    resumed = _take(loader.stream(last.epoch, last.index + 1), len(full) - k)
     for want, got in zip(full[k:], resumed, strict=True):
-        assert (got["epoch"], got["batch"]) == (want["epoch"], want["batch"])
-        assert got["key"] == want["key"]
-        assert torch.equal(got["image"], want["image"])
+        assert (got.epoch, got.index) == (want.epoch, want.index)
+        assert got.keys == want.keys
+        assert torch.equal(got.images, want.images)
 
 
 def test_uneven_shards_give_every_rank_the_same_batches(shards):
     ranks = [_loader(str(shards), batch=8, rank=r, world=2, workers=2) for r in range(2)]
     epochs = [list(r.epoch(0)) for r in ranks]
     assert len(epochs[0]) == len(epochs[1]) == 223 // 16
-    keys = [[k for b in e for k in b["key"]] for e in epochs]
+    keys = [[k for b in e for k in b.keys] for e in epochs]
     assert not set(keys[0]) & set(keys[1])  # the ranks split the data, no overlap
-    assert all(b["image"].shape[0] == 8 for e in epochs for b in e)
+    assert all(b.images.shape[0] == 8 for e in epochs for b in e)
 
 
 def _rewrite_tar(path: Path, edit) -> None:
@@ -143,15 +168,15 @@ def test_corrupt_and_truncated_samples_are_replaced_and_counted_exactly(shards, 
 
     # one batch holding every sample: each bad slot is refilled once, and counted
     (batch,) = list(_loader(str(bad), batch=223).epoch(0))
-    assert batch["replaced"] == 1 + lost
-    assert "0000107" not in batch["key"]
-    assert len(batch["key"]) == 223 and len(set(batch["key"])) == 223 - 1 - lost
+    assert batch.replaced == 1 + lost
+    assert "0000107" not in batch.keys
+    assert len(batch.keys) == 223 and len(set(batch.keys)) == 223 - 1 - lost
 
     # the same data through workers and small batches: training goes on, batch sizes hold
     loader = _loader(str(bad), workers=2)
     epoch = list(loader.epoch(0))
-    assert len(epoch) == loader.steps_per_epoch and all(len(b["key"]) == 16 for b in epoch)
-    assert sum(b["replaced"] for b in epoch) > 0
+    assert len(epoch) == loader.steps_per_epoch and all(len(b.keys) == 16 for b in epoch)
+    assert sum(b.replaced for b in epoch) > 0
 
 
 def test_brace_spec_without_manifest_uses_stats_counts(shards):
@@ -165,10 +190,10 @@ def test_pipe_and_http_shards_with_a_manifest(shards):
     manifest = str(shards / "manifest.json")
     pipe = _loader([DataSource(shards=f"pipe:cat {shards}/{{00000..00004}}.tar", manifest=manifest)])
     local = _loader(str(shards))
-    assert [b["key"] for b in pipe.epoch(0)] == [b["key"] for b in local.epoch(0)]
+    assert [b.keys for b in pipe.epoch(0)] == [b.keys for b in local.epoch(0)]
     with serve(shards) as (base, hits):
         web = _loader([DataSource(shards=f"{base}/{{00000..00004}}.tar", manifest=manifest)])
-        assert [b["key"] for b in web.epoch(0)] == [b["key"] for b in local.epoch(0)]
+        assert [b.keys for b in web.epoch(0)] == [b.keys for b in local.epoch(0)]
         assert sum(hits.values()) >= 5
 
 
@@ -180,13 +205,13 @@ def test_remote_shards_without_counts_are_a_config_error(shards):
 def test_resampled_mixing_follows_weights(shards, tmp_path):
     second = tmp_path / "second"
     csv_path = generate(tmp_path / "s2", n=100, seed=99, image_size=32, progress=False)
-    build_shards([str(csv_path)], str(second), BuildOptions(image=ImageOptions(image_size=32), shard_size=25,
-                                                           workers=0), progress=False)
+    build_shards(ShardsBuildConfig(inputs=[str(csv_path)], output=str(second), image_size=32, shard_size=25,
+                                   workers=0), progress=False)
     sources = [DataSource(shards=str(shards), weight=3.0), DataSource(shards=str(second), weight=1.0)]
     loader = _loader(sources, split="resampled", samples_per_epoch=6400, workers=2)
     batches = list(loader.epoch(0))
     assert len(batches) == 400
-    from_second = Counter(url.startswith(str(second)) for b in batches for url in b["url"])
+    from_second = Counter(url.startswith(str(second)) for b in batches for url in b.urls)
     assert 0.15 < from_second[True] / 6400 < 0.35  # weights 3:1 -> a quarter of the samples
     ranks = [_loader(sources, split="resampled", samples_per_epoch=1600, rank=r, world=2) for r in range(2)]
     assert [r.steps_per_epoch for r in ranks] == [50, 50]
@@ -209,5 +234,6 @@ def test_hard_negatives_start_at_the_configured_step(shards):
     loader = _loader(str(shards), hard_negatives=1, hard_negatives_from_step=16)
     steps = loader.steps_per_epoch  # 13: step 16 is the 4th batch of epoch 1
     batches = _take(loader.stream(), steps + 5)
-    with_negatives = [i for i, b in enumerate(batches) if "hard_negatives" in b]
+    with_negatives = [i for i, b in enumerate(batches) if b.hard_negatives is not None]
+    assert all((b.hard_negatives is None) == (b.hard_negative_mask is None) for b in batches)
     assert with_negatives == list(range(16, steps + 5))

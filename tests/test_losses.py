@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
+from ranks import reduce_mean, run_local_ranks
 
 import vlp.losses as vl
-from vlp import distributed as vdist
+from vlp.core import distributed as vdist
 from vlp.losses import ContrastiveLoss
 
 
@@ -210,7 +211,7 @@ def _check_contract(kind, rank, world, n_local, img, txt, hn, **opts):
     out = ContrastiveLoss(kind, **opts)(a, b, s, bias, h)
     out["loss"].backward()
     ref_loss, ga, gb, gh, gs, gbias = _global_reference(kind, img, txt, hn, **opts)
-    assert vdist.reduce_mean(out["loss"]) == pytest.approx(ref_loss.item(), rel=1e-5), opts
+    assert reduce_mean(out["loss"]) == pytest.approx(ref_loss.item(), rel=1e-5), opts
     torch.testing.assert_close(a.grad, world * ga[sl], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(b.grad, world * gb[sl], rtol=1e-4, atol=1e-6)
     if h is not None:
@@ -273,7 +274,7 @@ def _loss_worker(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_losses_across_gloo_ranks(world):
     """world 2 uses the one-way exchange; 3 the bidirectional one."""
-    vdist.run_local_ranks(_loss_worker, world)
+    run_local_ranks(_loss_worker, world)
 
 
 # ------------------------------------------------------------------ launcher environments
@@ -307,4 +308,4 @@ def test_slurm_master_host_and_backend():
     assert vdist.get_world_size() == 1 and vdist.get_rank() == 0
     x = torch.randn(3, 2, requires_grad=True)
     assert vdist.all_gather_with_grad(x) is x and vdist.all_gather_replicated(x) is x
-    assert math.isclose(vdist.reduce_mean(2.5), 2.5)
+    assert math.isclose(reduce_mean(2.5), 2.5)

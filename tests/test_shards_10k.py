@@ -17,9 +17,9 @@ from collections import Counter
 import pytest
 from http_server import closed_port, serve
 from shard_helpers import bomb_png, failures, noise_image
+from vlp.data_tools.synth import generate
 
-from data_tools.synth import generate
-from vlp.cli import main as vlp_main
+from vlp.app.cli import main as vlp_main
 
 pytestmark = pytest.mark.slow
 

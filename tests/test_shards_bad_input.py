@@ -12,9 +12,9 @@ import pytest
 from http_server import closed_port, serve
 from PIL import Image
 from shard_helpers import bomb_png, build, failures, noise_image, read_back, save, write_csv
+from vlp.data_tools.verify import verify_shards
 
-from data_tools.verify import verify_shards
-from vlp.cli import main as vlp_main
+from vlp.app.cli import main as vlp_main
 
 
 def _jpeg_bytes(seed: int = 0) -> bytes:

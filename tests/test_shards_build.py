@@ -12,8 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from shard_helpers import build, failures, noise_image, read_back, save, tree_bytes, write_csv
-
-from data_tools.verify import verify_shards
+from vlp.data_tools.verify import verify_shards
 
 
 @pytest.fixture

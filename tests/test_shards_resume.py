@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 from http_server import serve
 from shard_helpers import build, noise_image, save, tree_bytes, write_csv
-
-from data_tools.verify import verify_shards
+from vlp.data_tools.verify import verify_shards
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +35,7 @@ def slow_input(tmp_path):
 
 
 def _start(csv_path: Path, out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "data_tools", "build", str(csv_path), "--output", str(out),
+    cmd = [sys.executable, "-m", "vlp", "shards", "build", str(csv_path), "--output", str(out),
            "--shard-size", str(SHARD), "--image-size", "32", "--workers", "2", "--threads", "2", "--quiet", *extra]
     return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from vlp.data_tools.synth import generate, make_pair
 
-from data_tools import synth
-from data_tools.synth import Obj, Scene
-from vlp.errors import UserError
+from vlp.core import synth
+from vlp.core.errors import UserError
+from vlp.core.synth import Obj, Scene
 
 # ---------------------------------------------------------------------------
 # An independent caption parser and truth test
@@ -329,7 +330,7 @@ def _snapshot(csv_path: Path) -> dict[str, bytes]:
 
 
 def test_generate_writes_csv_and_images(tmp_path: Path) -> None:
-    csv_path = synth.generate(tmp_path / "out", n=30, seed=0, image_size=48, progress=False)
+    csv_path = generate(tmp_path / "out", n=30, seed=0, image_size=48, progress=False)
     assert csv_path == tmp_path / "out" / "pairs.csv"
     with open(csv_path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
@@ -350,15 +351,15 @@ def test_generate_writes_csv_and_images(tmp_path: Path) -> None:
         assert flat, "every synthetic caption has at least one counterfactual"
         assert all(not is_true(c, scene) for c in flat)
     # the rows are exactly make_pair's items
-    scene, text, image = synth.make_pair(0, 7, 48)
+    scene, text, image = make_pair(0, 7, 48)
     assert rows[7]["caption"] == text and Scene.from_json(rows[7]["scene"]) == scene
 
 
 def test_generate_is_deterministic_and_ignores_workers(tmp_path: Path) -> None:
-    first = _snapshot(synth.generate(tmp_path / "a", n=24, seed=0, progress=False))
-    again = _snapshot(synth.generate(tmp_path / "b", n=24, seed=0, progress=False))
-    pooled = _snapshot(synth.generate(tmp_path / "c", n=24, seed=0, workers=2, progress=False))
-    other = _snapshot(synth.generate(tmp_path / "d", n=24, seed=1, progress=False))
+    first = _snapshot(generate(tmp_path / "a", n=24, seed=0, progress=False))
+    again = _snapshot(generate(tmp_path / "b", n=24, seed=0, progress=False))
+    pooled = _snapshot(generate(tmp_path / "c", n=24, seed=0, workers=2, progress=False))
+    other = _snapshot(generate(tmp_path / "d", n=24, seed=1, progress=False))
     assert len(first) == 25
     assert first == again == pooled
     assert other["pairs.csv"] != first["pairs.csv"]
@@ -367,8 +368,8 @@ def test_generate_is_deterministic_and_ignores_workers(tmp_path: Path) -> None:
 
 def test_generate_refuses_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(UserError):
-        synth.generate(tmp_path, n=-1, seed=0)
+        generate(tmp_path, n=-1, seed=0)
     with pytest.raises(UserError):
-        synth.generate(tmp_path, n=1, seed=0, image_size=8)
-    empty = synth.generate(tmp_path / "empty", n=0, seed=0, progress=False)
+        generate(tmp_path, n=1, seed=0, image_size=8)
+    empty = generate(tmp_path / "empty", n=0, seed=0, progress=False)
     assert empty.read_text() == "url,caption,kind,scene,counts,n_objects,hard_negatives\n"

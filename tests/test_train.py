@@ -19,11 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from vlp.data_tools.build import build_shards
+from vlp.data_tools.synth import generate
 
-from data_tools.build import BuildOptions, build_shards
-from data_tools.images import ImageOptions
-from data_tools.synth import generate
-from vlp.distributed import find_free_port
+from vlp.core.config import ShardsBuildConfig
+from vlp.core.distributed import find_free_port
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +36,9 @@ STEPS = 8
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
     csv_path = generate(root / "synth", n=640, seed=11, image_size=32, progress=False)
-    opts = BuildOptions(image=ImageOptions(image_size=32), keep_cols=("hard_negatives",), shard_size=100,
-                        workers=0)
-    build_shards([str(csv_path)], str(root / "shards"), opts, progress=False)
+    opts = ShardsBuildConfig(inputs=[str(csv_path)], output=str(root / "shards"), image_size=32,
+                             keep_cols=["hard_negatives"], shard_size=100, workers=0)
+    build_shards(opts, progress=False)
     return root / "shards"
 
 
@@ -224,8 +224,8 @@ def test_export_loads_in_open_clip_with_equal_embeddings(shards, tmp_path):
     # the same weights through vlp's own loader of the checkpoint
     from safetensors.torch import load_file
 
-    from vlp.config import ModelConfig
-    from vlp.models import create_model
+    from vlp.core.config import ModelConfig
+    from vlp.core.models import create_model
 
     ours, _, _, tokenizer = create_model(ModelConfig(name="vlp-micro"))
     state = load_file(str(out / "checkpoints" / "step_00000003" / "model.safetensors"))

@@ -2,6 +2,6 @@
 
 import sys
 
-from vlp.cli import main
+from vlp.app.cli import main
 
 sys.exit(main())

@@ -30,9 +30,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vlp.errors import UserError
+from vlp.core.atomic import fsync_dir, write_json
+from vlp.core.errors import UserError
+from vlp.core.ownership import LOCK, FolderLock, claim, owner
+from vlp.core.weights import STATE_FILE, WEIGHTS_FILE, complete_checkpoints, write_weights
 
-STATE_FILE = "vlp_state.json"
 STAGING = ".staging"
 
 
@@ -40,12 +42,36 @@ def tag_of(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Finished checkpoints, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+RUN_HINT = "pass train.resume=auto to continue it, or choose a new train.output_dir"
+
+
+def check_run_folder(out: Path, resume: str | None) -> None:
+    """Before anything is written: refuse a folder vlp did not make, and a fresh run into an existing run.
+
+    A fresh run (train.resume unset) into a folder that holds a run would mix two
+    histories: metrics.jsonl, checkpoints of the same step, pruning by name.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"train.output_dir {out} is a file; choose a new train.output_dir")
+    mark = owner(out)
+    if mark is None:
+        if any(p.name != LOCK for p in out.iterdir()):
+            raise UserError(f"train.output_dir {out} is not empty and was not made by vlp; "
+                            "choose a new train.output_dir")
+        return
+    if mark.get("kind") != "run":
+        raise UserError(f"train.output_dir {out} holds vlp {mark.get('kind')!r} output; choose a new train.output_dir")
+    history = (out / "metrics.jsonl").exists() or any((out / "checkpoints").glob("step_*"))
+    if resume is None and history:
+        raise UserError(f"train.output_dir {out} holds a training run; {RUN_HINT}")
+
+
+def claim_run_folder(out: Path) -> FolderLock:
+    """Mark `out` as a vlp run folder and lock it for this run (rank 0); release with `.__exit__()`."""
+    claim(out, "run", "vlp train", "choose a new train.output_dir")
+    return FolderLock(out).__enter__()
 
 
 def resolve_resume(resume: str | None, root: Path) -> Path | None:
@@ -81,23 +107,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     engine, root: Path, step: int, state: dict, config_yaml: str, model_weights, rank: int, keep_last: int
 ) -> Path:
@@ -117,16 +126,14 @@ def save_checkpoint(
     weights = model_weights()
     _barrier()
     if rank == 0:
-        from vlp.export import write_weights
-
         if weights is not None:
-            write_weights(weights[0], staging / tag / "model.safetensors", weights[1])
+            write_weights(weights[0], staging / tag / WEIGHTS_FILE, weights[1])
         (staging / tag / "config.yaml").write_text(config_yaml)
         final = root / tag
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging / tag, final)
-        _write_json(final / STATE_FILE, state)  # the completion mark, last
-        _fsync_dir(root)
+        fsync_dir(root)
+        write_json(final / STATE_FILE, state)  # the completion mark, last (fsyncs root)
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

@@ -1,4 +1,4 @@
-"""The training loader: shards -> batches of (uint8 images, token ids, keys).
+"""The training loader: shards -> `Batch`es of (uint8 images, token ids, keys).
 
 The plan (vlp.plan) decides which samples each rank and worker reads; this
 module reads them with the webdataset library, decodes and augments them,
@@ -13,22 +13,26 @@ tokenises the captions and assembles batches inside the loader workers.
   optional colour jitter). Each sample's randomness is seeded from its place
   in the epoch, so a resumed run augments exactly as the original did.
 - Images leave the workers as uint8 (4x less to move between processes than
-  float32); `normalize` turns them into model input on the training device.
+  float32); `normalize` turns them into model input on the training device,
+  with the mean/std `vlp.core.models.image_normalization` reads off the model.
 - A sample that is missing (truncated or lost shard) or does not decode is
   replaced by the next good sample of its shuffle window, and counted in the
   batch's `replaced` field; a bad sample never stops training, and batches
   keep their size so ranks stay in step.
+- A batch is a `Batch` dataclass, built whole in a loader worker: the
+  DataLoader runs with batch_size=None, so torch's collate passes it through
+  untouched, and `Batch.pin_memory` lets the pinning thread pin its tensors.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import math
 import random
+import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -36,7 +40,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
-from vlp.config import DataConfig
+from vlp.core.config import DataConfig
+from vlp.core.errors import UserError
+from vlp.core.images import SHARD_IMAGE_EXTS, draft, open_image, to_rgb_pixels
 from vlp.plan import (
     PlanSpec,
     Segment,
@@ -48,7 +54,7 @@ from vlp.plan import (
 )
 from vlp.sources import Shard, resolve_sources
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+IMAGE_KEYS = SHARD_IMAGE_EXTS
 TEXT_KEYS = ("txt", "text", "caption")
 
 
@@ -124,16 +130,13 @@ class TrainTransform:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     color_jitter: float = 0.0
 
-    def _open(self, data: bytes) -> Image.Image:
-        img = Image.open(io.BytesIO(data))
-        if img.format == "JPEG":
-            # The crop keeps at least sqrt(scale_min) of the shorter side; decode no larger than needed.
-            need = math.ceil(self.image_size / math.sqrt(self.scale[0]))
-            w, h = img.size
-            factor = need / min(w, h)
-            if factor < 0.5:
-                img.draft("RGB", (math.ceil(w * factor), math.ceil(h * factor)))
-        return img.convert("RGB")
+    def decode(self, data: bytes) -> Image.Image:
+        """The sample's RGB pixels (vlp.core.images's policy), at reduced size when the crop allows."""
+        img = open_image(data)
+        # The crop keeps at least sqrt(scale_min) of the shorter side; decode no larger than needed.
+        need = math.ceil(self.image_size / math.sqrt(self.scale[0]))
+        draft(img, need / min(img.size))
+        return to_rgb_pixels(img)
 
     def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         """torchvision's RandomResizedCrop.get_params, drawn from a per-sample Python RNG.
@@ -164,7 +167,7 @@ class TrainTransform:
         return left, top, left + w, top + h
 
     def __call__(self, data: bytes, seed: int) -> torch.Tensor:
-        img = self._open(data)
+        img = self.decode(data)
         rng = random.Random(seed)
         size = (self.image_size, self.image_size)
         img = img.resize(size, Image.Resampling.BICUBIC, box=self.crop_box(*img.size, rng))
@@ -178,8 +181,18 @@ class TrainTransform:
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
-def normalize(images: torch.Tensor, mean, std, device=None, dtype=torch.float32) -> torch.Tensor:
-    """uint8 [B,3,H,W] from the loader -> normalised float model input, on the device."""
+def normalize(
+    images: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 [B,3,H,W] from the loader -> normalised float model input, on the device.
+
+    (x / 255 - mean) / std, computed in `dtype`; take mean and std from
+    `vlp.core.models.image_normalization(model)`.
+    """
     x = images.to(device, non_blocking=True).to(dtype).div_(255.0)
     mean_t = torch.tensor(mean, device=x.device, dtype=dtype).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=x.device, dtype=dtype).view(1, 3, 1, 1)
@@ -236,6 +249,31 @@ def hard_negative_captions(meta: dict, k: int, rng: random.Random) -> list[str]:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """One rank's batch for one optimizer step, as the loader yields it (B samples).
+
+    `epoch` and `index` are all a checkpoint needs to resume the stream after
+    this batch (`ShardLoader.stream(epoch, index + 1)`).
+    """
+
+    images: torch.Tensor  # uint8 [B, 3, H, W], augmented, not normalised (see `normalize`)
+    texts: torch.Tensor  # int64 [B, L]: the captions' token ids
+    captions: list[str]  # the captions, as read from the shards
+    keys: list[str]  # each sample's __key__ in its shard
+    urls: list[str]  # the shard each sample came from
+    epoch: int  # data epoch
+    index: int  # this batch's index in the epoch, on this rank
+    replaced: int  # bad (missing or undecodable) samples replaced by good ones in this batch
+    hard_negatives: torch.Tensor | None = None  # int64 [B, k, L]: k false captions per image, or None
+    hard_negative_mask: torch.Tensor | None = None  # bool [B, k]: False where a slot is padding, or None
+
+    def pin_memory(self) -> Batch:
+        """A copy with page-locked tensors (the DataLoader's pin_memory thread calls this)."""
+        pin = {name: getattr(self, name) for name in ("images", "texts", "hard_negatives", "hard_negative_mask")}
+        return replace(self, **{name: t.pin_memory() for name, t in pin.items() if t is not None})
+
+
+@dataclass(frozen=True)
 class BatchSpec:
     transform: TrainTransform
     tokenizer: Callable[[list[str]], torch.Tensor]
@@ -250,7 +288,7 @@ class _EpochDataset(IterableDataset):
         self.spec, self.sources, self.batch, self.epoch, self.start = spec, sources, batch, epoch, start
         self.steps = steps_per_epoch(spec, sources)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         n = info.num_workers if info else 1
         if n != self.spec.n_workers:
@@ -296,7 +334,7 @@ class _EpochDataset(IterableDataset):
             raise RuntimeError("no decodable sample left for this loader worker")
         return sample, decoded, len(window)
 
-    def _make_batch(self, window: list[dict | None], lo: int, index: int, fallback: _Fallback) -> dict:
+    def _make_batch(self, window: list[dict | None], lo: int, index: int, fallback: _Fallback) -> Batch:
         spec = self.spec
         images, texts, keys, urls, metas, replaced = [], [], [], [], [], 0
         for j in range(spec.batch_size):
@@ -308,22 +346,25 @@ class _EpochDataset(IterableDataset):
             keys.append(sample["__key__"])
             urls.append(sample.get("__url__", ""))
             metas.append(_meta(sample))
-        batch = {
-            "image": torch.stack(images),
-            "text": self.batch.tokenizer(texts),
-            "caption": texts,
-            "key": keys,
-            "url": urls,  # the shard each sample came from
-            "epoch": self.epoch,
-            "batch": index,
-            "replaced": replaced,
-        }
+        tokens = self.batch.tokenizer(texts)
+        hard_negatives = hard_negative_mask = None
         global_step = self.epoch * self.steps + index
         if self.batch.hard_negatives and global_step >= self.batch.hard_negatives_from_step:
-            batch.update(self._negatives(metas, texts, index))
-        return batch
+            hard_negatives, hard_negative_mask = self._negatives(metas, texts, index)
+        return Batch(
+            images=torch.stack(images),
+            texts=tokens,
+            captions=texts,
+            keys=keys,
+            urls=urls,
+            epoch=self.epoch,
+            index=index,
+            replaced=replaced,
+            hard_negatives=hard_negatives,
+            hard_negative_mask=hard_negative_mask,
+        )
 
-    def _negatives(self, metas: list[dict], texts: list[str], index: int) -> dict:
+    def _negatives(self, metas: list[dict], texts: list[str], index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k false captions per image, with a mask for the slots no negative was found for."""
         k = self.batch.hard_negatives
         rng = random.Random(f"{self.spec.seed}:{self.epoch}:{self.spec.rank}:{index}:neg")
@@ -334,10 +375,7 @@ class _EpochDataset(IterableDataset):
             # padding slots get the image's own caption; the mask keeps them out of the loss
             captions += found + [texts[j]] * (k - len(found))
         tokens = self.batch.tokenizer(captions)
-        return {
-            "hard_negatives": tokens.view(len(metas), k, -1),
-            "hard_negative_mask": torch.tensor(mask, dtype=torch.bool),
-        }
+        return tokens.view(len(metas), k, -1), torch.tensor(mask, dtype=torch.bool)
 
 
 class _Fallback:
@@ -367,8 +405,6 @@ def _ignore_stop_signals(worker_id: int) -> None:
     Launchers (torchrun, SLURM) signal whole process groups; a worker that died
     on the signal would break the step the trainer is finishing before it saves.
     """
-    import signal
-
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -376,9 +412,9 @@ def _ignore_stop_signals(worker_id: int) -> None:
 class ShardLoader:
     """Batches for one rank, epoch after epoch, resumable at any batch.
 
-    Usage: `for batch in loader.stream(epoch, batch): ...`; each batch carries
-    its `epoch` and `batch` index, which is all a checkpoint needs to store
-    (resume with `stream(epoch, batch + 1)`).
+    Usage: `for batch in loader.stream(epoch, index): ...`; each `Batch` carries
+    its `epoch` and `index`, which is all a checkpoint needs to store
+    (resume with `stream(batch.epoch, batch.index + 1)`).
     """
 
     def __init__(
@@ -406,8 +442,6 @@ class ShardLoader:
             weights=tuple(s.weight for s in cfg.sources),
         )
         if cfg.split == "exact" and len({s.weight for s in cfg.sources}) > 1:
-            from vlp.errors import UserError
-
             raise UserError("config key 'data.sources': mixing weights need data.split=resampled")
         aug = cfg.augment
         self.batch = BatchSpec(
@@ -432,7 +466,7 @@ class ShardLoader:
             worker_init_fn=_ignore_stop_signals,
         )
 
-    def stream(self, epoch: int = 0, start: int = 0) -> Iterator[dict]:
+    def stream(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         """Batches forever, from (epoch, start), rolling over epochs."""
         while True:
             if start < self.steps_per_epoch:

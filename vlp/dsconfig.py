@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vlp.config import RunConfig
-from vlp.errors import UserError
+from vlp.core.config import RunConfig
+from vlp.core.errors import UserError
 
 
 def base_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:

@@ -18,11 +18,11 @@ Effective batch = chunks x chunk size (per rank) x world size. One `GradCache.st
 Why this is exact under DDP/DeepSpeed averaging: `vlp.losses.ContrastiveLoss` guarantees
 that the gradient reaching a rank's embeddings is world_size x d(global loss)/d(local
 embeddings) and that the scale gradients average over ranks to d(global loss)/d(scale).
-This is NOTES' measured recipe (it gathers without grad, gets d(loss)/d(local embeddings),
-and multiplies the embedding surrogate by W and not the scale term); here the factor W is
-produced by the loss's gather instead of written in the surrogate.
+The usual recipe gathers without grad, takes d(loss)/d(local embeddings) and multiplies
+the embedding surrogate by W (not the scale term); here the factor W is produced by the
+loss's gather instead of written in the surrogate.
 
-DeepSpeed recipe used: NOTES recipe 1. The engine must have gradient_accumulation_steps=1;
+DeepSpeed: the engine must have gradient_accumulation_steps=1;
 before each pass-2 backward `engine.set_gradient_accumulation_boundary(i == last)` is set,
 so ZeRO 0-3 reduce once, at the last chunk. Under DDP, `no_sync()` plays the same role.
 
@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlp.models import ModelOutput, forward, unwrap
+from vlp.core.models import ModelOutput, forward, unwrap
 
 
 @dataclass
@@ -106,8 +106,10 @@ class GradCache:
     autocast_dtype: e.g. torch.bfloat16 for autocast forwards of a plain fp32 module (not
         needed for a DeepSpeed bf16 engine, whose module is already bf16: inputs are cast).
     replay_rng: keep True; False exists to show that without replay gradients are wrong.
-    image_transform: applied to each image chunk after it is moved to the device, e.g.
-        uint8 -> normalised float, so the full batch can be held compactly (on the host).
+    normalize_images: uint8 images -> model input, applied to each image chunk after it
+        is moved to the device, so the full batch can be held compactly (uint8, on the
+        host); the trainer passes `vlp.data.normalize` bound to the model's mean/std
+        (`vlp.core.models.image_normalization`). None: images are model input already.
     """
 
     def __init__(
@@ -118,7 +120,7 @@ class GradCache:
         *,
         autocast_dtype: torch.dtype | None = None,
         replay_rng: bool = True,
-        image_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        normalize_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -127,7 +129,7 @@ class GradCache:
         self.chunk_size = chunk_size
         self.autocast_dtype = autocast_dtype
         self.replay_rng = replay_rng
-        self.image_transform = image_transform
+        self.normalize_images = normalize_images
         self.is_engine = is_deepspeed_engine(model)
         self.is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         if self.is_engine and model.gradient_accumulation_steps() != 1:
@@ -167,8 +169,8 @@ class GradCache:
     def _inputs(self, images: torch.Tensor, texts: torch.Tensor, hn: torch.Tensor | None):
         """Move one chunk to the model's device (the full batch may stay in host memory)."""
         images = images.to(self.device, non_blocking=True)
-        if self.image_transform is not None:
-            images = self.image_transform(images)
+        if self.normalize_images is not None:
+            images = self.normalize_images(images)
         if self.input_dtype is not None and images.is_floating_point():
             images = images.to(self.input_dtype)
         texts = texts.to(self.device, non_blocking=True)

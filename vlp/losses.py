@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlp import distributed as vdist
-from vlp.config import LossConfig
+from vlp.core import distributed as vdist
+from vlp.core.config import LossConfig
 
 BLOCK_ELEMENTS = 1 << 22  # logits per row block (16 MiB in fp32)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from vlp.errors import UserError
+from vlp.core.errors import UserError
 from vlp.sources import Shard
 
 

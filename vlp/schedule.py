@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from vlp.config import OptimConfig
+from vlp.core.config import OptimConfig
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:

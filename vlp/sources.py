@@ -12,14 +12,14 @@ tar headers. Remote shards without a manifest are a config error.
 from __future__ import annotations
 
 import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
 
-from vlp.config import DataSource
-from vlp.errors import UserError
+from vlp.core.config import DataSource
+from vlp.core.errors import UserError
+from vlp.core.tarformat import count_tar_samples
 
 
 @dataclass(frozen=True)
@@ -47,17 +47,6 @@ def _stats_count(url: str) -> int | None:
         return None
     data = json.loads(stats.read_text())
     return int(data["successes"])
-
-
-def count_tar_samples(path: str) -> int:
-    """Samples in a local tar: distinct keys (the basename before its first dot, as webdataset groups)."""
-    keys = set()
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if member.isfile():
-                name = member.name.rsplit("/", 1)[-1]
-                keys.add(member.name[: len(member.name) - len(name)] + name.split(".", 1)[0])
-    return len(keys)
 
 
 def _expand(spec: str) -> list[str]:

@@ -2,7 +2,8 @@
 
 One optimizer step, end to end:
 
-    loader batch (uint8 images, token ids, keys)          vlp.data
+    loader Batch (uint8 images, token ids, keys)          vlp.data
+      -> normalised per chunk on the device                vlp.data.normalize
       -> GradCache.step: forwards/backwards in chunks     vlp.gradcache, vlp.losses
       -> engine.step(): clip, AdamW update                DeepSpeed
       -> metrics line, maybe a checkpoint                 vlp.checkpoint
@@ -18,18 +19,36 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from vlp import distributed as vdist
-from vlp.config import RunConfig, dump_config
+from vlp.checkpoint import (
+    check_run_folder,
+    claim_run_folder,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from vlp.core import distributed as vdist
+from vlp.core.atomic import write_atomic
+from vlp.core.config import RunConfig, dump_config
+from vlp.core.models import create_model, image_normalization
+from vlp.data import Batch, ShardLoader, normalize
+from vlp.dsconfig import deepspeed_config, precision_of, zero_stage_of
+from vlp.gradcache import GradCache
+from vlp.losses import ContrastiveLoss
+from vlp.schedule import lr_at, make_optimizer, param_groups, set_lr
 
 
 @dataclass
@@ -147,15 +166,11 @@ def _truncate_history(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line + "\n")
-    from data_tools.writer import fsync_write
-
-    fsync_write(path, "".join(kept).encode())
+    write_atomic(path, "".join(kept))
 
 
 def _single_process_env() -> None:
     """DeepSpeed always joins a process group: give a lone process a private one."""
-    import os
-
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(vdist.find_free_port()))
@@ -164,29 +179,26 @@ def _single_process_env() -> None:
 class Trainer:
     """Holds what one run needs; `run()` trains until the length in the config."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, evaluate: Callable[[Path], dict[str, float]] | None = None):
+        """`evaluate(checkpoint)` -> metrics runs every `train.eval_every` steps (the app's eval hook)."""
         self.cfg = cfg
+        self.evaluate = evaluate
+        self.out = Path(cfg.train.output_dir)
+        check_run_folder(self.out, cfg.train.resume)  # before anything is written
         self.env = vdist.init_distributed()
         if self.env.world_size == 1:
             _single_process_env()
         vdist.use_cpu_accelerator_if_no_gpu()  # before deepspeed is imported
-        self.out = Path(cfg.train.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.is_main = self.env.rank == 0
+        self.lock = claim_run_folder(self.out) if self.is_main else None
+        self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed + self.env.rank)
         self._build()
 
     # ------------------------------------------------------------ setup
 
     def _build(self) -> None:
-        import deepspeed
-
-        from vlp.data import ShardLoader, normalize
-        from vlp.dsconfig import deepspeed_config, precision_of
-        from vlp.gradcache import GradCache
-        from vlp.losses import ContrastiveLoss
-        from vlp.models import create_model
-        from vlp.schedule import make_optimizer
+        import deepspeed  # here, not at the top: DeepSpeed picks its accelerator when imported
 
         cfg, env = self.cfg, self.env
         deepspeed.init_distributed(dist_backend=vdist.pick_backend(), verbose=False)
@@ -195,8 +207,6 @@ class Trainer:
         self.precision = precision_of(self.ds_config)
         optimizer = None if cfg.train.offload_optimizer else make_optimizer(model, cfg.optim)
         if optimizer is None:  # ZeRO-Offload wants DeepSpeed's CPU Adam, configured by name
-            from vlp.schedule import param_groups
-
             self.ds_config["optimizer"] = {"type": "AdamW", "params": {
                 "lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": cfg.optim.eps}}
             params = param_groups(model, cfg.optim.weight_decay)
@@ -206,11 +216,9 @@ class Trainer:
             model=model, optimizer=optimizer, model_parameters=params, config=self.ds_config
         )
         self.device = self.engine.device
-        visual = self.engine.module.visual
-        size = visual.image_size
+        size = self.engine.module.visual.image_size
         self.image_size = size[0] if isinstance(size, tuple | list) else size
-        mean = getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
-        std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+        mean, std = image_normalization(self.engine)
         self.loader = ShardLoader(
             cfg.data, batch_size=cfg.train.batch_size, image_size=self.image_size, tokenizer=tokenizer,
             rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
@@ -218,7 +226,7 @@ class Trainer:
         self.loss = ContrastiveLoss.from_config(cfg.loss)
         self.gradcache = GradCache(
             self.engine, self.loss, cfg.train.micro_batch_size,
-            image_transform=lambda x: normalize(x, mean, std, self.device),
+            normalize_images=partial(normalize, mean=mean, std=std, device=self.device),
         )
         self.total_steps = total_steps(cfg, env.world_size)
 
@@ -226,8 +234,6 @@ class Trainer:
 
     def _model_weights(self):
         """The open_clip state dict on rank 0 (a ZeRO-3 gather needs every rank)."""
-        from vlp.dsconfig import zero_stage_of
-
         if zero_stage_of(self.ds_config) == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()
         else:
@@ -235,16 +241,12 @@ class Trainer:
         return (state, self.cfg.model.name) if self.is_main else None
 
     def save(self, pos: Position) -> Path:
-        from vlp.checkpoint import save_checkpoint
-
         return save_checkpoint(
             self.engine, self.out / "checkpoints", pos.step, pos.as_dict(), dump_config(self.cfg),
             self._model_weights, self.env.rank, self.cfg.train.keep_last,
         )
 
     def restore(self) -> Position:
-        from vlp.checkpoint import load_checkpoint, resolve_resume
-
         path = resolve_resume(self.cfg.train.resume, self.out / "checkpoints")
         if path is None:
             return Position()
@@ -255,17 +257,14 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def _step(self, batch: dict, pos: Position) -> tuple[dict, bool]:
-        from vlp.schedule import lr_at, set_lr
-
+    def _step(self, batch: Batch, pos: Position) -> tuple[dict, bool]:
         lr = lr_at(pos.step, self.cfg.optim, self.total_steps)
         set_lr(self.engine.optimizer, lr)
-        texts = batch["text"].to(self.device)
-        result = self.gradcache.step(batch["image"], texts, batch.get("hard_negatives"),
-                                     batch.get("hard_negative_mask"))
+        texts = batch.texts.to(self.device)
+        result = self.gradcache.step(batch.images, texts, batch.hard_negatives, batch.hard_negative_mask)
         self.engine.step()
         # one small all-reduce: global loss, bad samples, and whether any rank was asked to stop
-        shared = torch.tensor([result.loss, float(batch["replaced"]), float(self.stop.requested)])
+        shared = torch.tensor([result.loss, float(batch.replaced), float(self.stop.requested)])
         if dist.is_initialized() and self.env.world_size > 1:
             dist.all_reduce(shared)
             shared[0] /= self.env.world_size
@@ -273,8 +272,8 @@ class Trainer:
                   **{k: v for k, v in result.terms.items() if k != "loss"}}
         return record, bool(shared[2].item() > 0)
 
-    def _keys_digest(self, batch: dict) -> dict:
-        keys = batch["key"]
+    def _keys_digest(self, batch: Batch) -> dict:
+        keys = batch.keys
         if self.env.world_size > 1:
             gathered: list = [None] * self.env.world_size
             dist.all_gather_object(gathered, keys)
@@ -284,8 +283,6 @@ class Trainer:
         return {"keys_sha1": hashlib.sha1(",".join(keys).encode()).hexdigest()[:16]}
 
     def run(self) -> TrainResult:
-        from tqdm import tqdm
-
         pos = self.restore()
         self.stop = _StopFlag()
         metrics = _Metrics(self.out, self.is_main, pos.step)
@@ -304,7 +301,7 @@ class Trainer:
                 record, stop = self._step(batch, pos)
                 keys = self._keys_digest(batch)
                 pos.step += 1
-                pos.epoch, pos.batch = batch["epoch"], batch["batch"]
+                pos.epoch, pos.batch = batch.epoch, batch.index
                 pos.samples += global_batch
                 pos.replaced += record.pop("replaced")
                 seconds = time.perf_counter() - tick
@@ -321,9 +318,7 @@ class Trainer:
                     checkpoint = self.save(pos)
                     last_saved = pos.step
                     if evaluate:
-                        from vlp.evalhook import zero_shot_eval
-
-                        metrics.log_eval(pos.step, zero_shot_eval(self, pos, checkpoint))
+                        metrics.log_eval(pos.step, self.evaluate(checkpoint))
                 if stop:
                     result.stopped_by_signal = True
                     if self.is_main:
@@ -339,13 +334,15 @@ class Trainer:
 
     def _eval_due(self, pos: Position) -> bool:
         every = self.cfg.train.eval_every
-        return bool(every and self.cfg.train.eval_suite and pos.step % every == 0)
+        return bool(self.evaluate and every and pos.step % every == 0)
 
 
-def train(cfg: RunConfig) -> TrainResult:
+def train(cfg: RunConfig, evaluate: Callable[[Path], dict[str, float]] | None = None) -> TrainResult:
     """Build the trainer from a validated config and run it."""
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, evaluate)
     try:
         return trainer.run()
     finally:
+        if trainer.lock is not None:
+            trainer.lock.__exit__(None, None, None)
         vdist.destroy_distributed()

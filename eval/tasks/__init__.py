@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from eval.tasks.aro import AroAttributionTask, AroOrderTask, AroRelationTask
-from eval.tasks.base import Task
-from eval.tasks.counting import CountingTask
-from eval.tasks.retrieval import RetrievalTask
-from eval.tasks.sugarcrepe import SugarCrepeTask
-from eval.tasks.winoground import WinogroundTask
-from eval.tasks.zeroshot import ZeroShotTask
+from vlp.eval.tasks.aro import AroAttributionTask, AroOrderTask, AroRelationTask
+from vlp.eval.tasks.base import Task
+from vlp.eval.tasks.counting import CountingTask
+from vlp.eval.tasks.retrieval import RetrievalTask
+from vlp.eval.tasks.sugarcrepe import SugarCrepeTask
+from vlp.eval.tasks.winoground import WinogroundTask
+from vlp.eval.tasks.zeroshot import ZeroShotTask
 
 TASKS: dict[str, type[Task]] = {
     cls.type: cls

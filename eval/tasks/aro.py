@@ -5,7 +5,8 @@ VG-Relation / VG-Attribution (`aro` format): `visual_genome_relation.json` /
 bbox_h, true_caption, false_caption, relation_name | attributes}; images live
 in `image_root` (default: `images/` next to the JSON, ARO's layout) and are
 cropped to the box before encoding, as ARO does. Correct iff the true caption
-scores higher than the false one (tie = wrong).
+scores higher than the false one (tie = wrong): the paired-caption protocol
+SugarCrepe shares (eval.tasks.pairs.PairTask).
 
 - aro_relation: `macro_accuracy` over relations, leaving out by default the
   relations ARO's own notebook leaves out of its VG-Relation figure
@@ -30,27 +31,22 @@ negative and is left out of that item's comparison.
 from __future__ import annotations
 
 import random
-from typing import Annotated, Literal
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, TypeAdapter
+from vlp.eval import metrics
+from vlp.eval.features import FeatureStore
+from vlp.eval.images import ImageRef, resolve
+from vlp.eval.shuffle import PERTURBATIONS, perturb_all, pre_caption
+from vlp.eval.specs import Spec, SyntheticData, TaskSpec
+from vlp.eval.tasks.base import Task, TaskResult, read_json, require_keys, user_path
+from vlp.eval.tasks.pairs import CaptionPair, PairTask
+from vlp.eval.tasks.retrieval import karpathy_groups
 
-from eval import metrics
-from eval.features import FeatureStore
-from eval.images import ImageRef, resolve
-from eval.shuffle import PERTURBATIONS, perturb_all, pre_caption
-from eval.tasks.base import (
-    Spec,
-    SyntheticData,
-    Task,
-    TaskResult,
-    TaskSpec,
-    read_json,
-    require_keys,
-    user_path,
-)
-from eval.tasks.retrieval import karpathy_groups
-from vlp.errors import UserError
+from vlp.core.errors import UserError
 
 # The relations ARO's "Replicate ARO" notebook drops before taking the VG-Relation macro accuracy
 # (mertyg/vision-language-models-are-bows, notebooks/Replicate ARO! VG-Relation, VG-Attribution.ipynb).
@@ -104,15 +100,23 @@ class AroAttributionSpec(TaskSpec):
     min_group_size: int = Field(25, ge=1)
 
 
-class _PairTask(Task):
-    """VG-Relation and VG-Attribution: one cropped image, a true and a false caption, a group label."""
+class _VgPairTask(PairTask):
+    """VG-Relation and VG-Attribution: ARO's adapter (one cropped image, a true and a false caption, a group
+    read from `group_field`) and its grouping (macro accuracy over the groups that count)."""
 
-    group_field: str
+    group_field: ClassVar[str]
+    main_metric = "macro_accuracy"
+    spec: AroRelationSpec | AroAttributionSpec
 
+    @abstractmethod
     def group_of(self, item: dict) -> str:
-        raise NotImplementedError
+        """The group an item is reported in."""
 
-    def load(self) -> None:
+    def exclude(self) -> tuple[str, ...]:
+        """Groups left out of the macro accuracy."""
+        return ()
+
+    def read_pairs(self) -> list[CaptionPair]:
         data = self.dataset(_ARO_DATA)
         path = user_path(data.path)
         root = user_path(data.image_root) if data.image_root else path.parent / "images"
@@ -129,7 +133,7 @@ class _PairTask(Task):
             "false_caption",
             self.group_field,
         )
-        self.items: list[tuple[str, ImageRef, str, str, str]] = []  # id, cropped image, true, false, group
+        pairs: list[CaptionPair] = []
         for i, item in enumerate(doc):
             problem = require_keys(item, keys)
             if problem:
@@ -145,41 +149,31 @@ class _PairTask(Task):
                 continue
             ref = resolve(str(item["image_path"]), root)
             ref = ImageRef(ref.source, crop=box)  # type: ignore[arg-type]
-            self.items.append(
-                (str(i), ref, str(item["true_caption"]), str(item["false_caption"]), self.group_of(item))
+            pairs.append(
+                CaptionPair(
+                    str(i), ref, str(item["true_caption"]), str(item["false_caption"]), self.group_of(item)
+                )
             )
+        return pairs
 
-    def inputs(self) -> tuple[list[ImageRef], list[str]]:
-        return [it[1] for it in self.items], [t for it in self.items for t in it[2:4]]
-
-    def exclude(self) -> tuple[str, ...]:
-        return ()
-
-    def score(self, store: FeatureStore) -> TaskResult:
-        feats, ok = self.image_features(store, [it[1] for it in self.items], [it[0] for it in self.items])
-        kept = [it for it, good in zip(self.items, ok.tolist(), strict=True) if good]
-        img = feats[ok]
-        true = (img * store.texts([it[2] for it in kept])).sum(-1)
-        false = (img * store.texts([it[3] for it in kept])).sum(-1)
-        correct = metrics.pairwise_correct(true, false).tolist()
+    def summarise(
+        self, correct: list[bool], labels: list[str]
+    ) -> tuple[dict[str, float | None], dict[str, Any]]:
+        """`macro_accuracy` over the groups that count (>= min_group_size items, not excluded), `accuracy`
+        over every item."""
         macro, groups = metrics.group_accuracy(
-            correct, [it[4] for it in kept], min_size=self.spec.min_group_size, exclude=self.exclude()
+            correct, labels, min_size=self.spec.min_group_size, exclude=self.exclude()
         )
-        return TaskResult(
-            metrics={"macro_accuracy": macro, "accuracy": metrics.mean(torch.tensor(correct))},
-            main_metric="macro_accuracy",
-            n_scored=len(kept),
-            skipped=self.skipped,
-            details={
-                "chance": 0.5,
-                "groups": groups,
-                "group_label": self.group_field,
-                "groups_counted": sum(1 for g in groups.values() if g["counted"]),
-            },
-        )
+        scores = {"macro_accuracy": macro, "accuracy": metrics.mean(torch.tensor(correct))}
+        details = {
+            "groups": groups,
+            "group_label": self.group_field,
+            "groups_counted": sum(1 for g in groups.values() if g["counted"]),
+        }
+        return scores, details
 
 
-class AroRelationTask(_PairTask):
+class AroRelationTask(_VgPairTask):
     type = "aro_relation"
     Spec = AroRelationSpec
     spec: AroRelationSpec
@@ -193,7 +187,7 @@ class AroRelationTask(_PairTask):
         return ARO_EXCLUDED_RELATIONS if ex == "aro_symmetric" else tuple(ex)
 
 
-class AroAttributionTask(_PairTask):
+class AroAttributionTask(_VgPairTask):
     type = "aro_attribution"
     Spec = AroAttributionSpec
     spec: AroAttributionSpec
@@ -235,6 +229,17 @@ class AroOrderSpec(TaskSpec):
     max_words: int = Field(30, ge=1, description="ARO's pre_caption truncation")
 
 
+@dataclass(frozen=True)
+class ShuffledCaption:
+    """One aro_order item: an image, its caption (ARO-normalised) and the distinct shuffles of it, by
+    perturbation name."""
+
+    id: str
+    image: ImageRef
+    original: str
+    shuffles: dict[str, str]
+
+
 class AroOrderTask(Task):
     type = "aro_order"
     Spec = AroOrderSpec
@@ -244,12 +249,12 @@ class AroOrderTask(Task):
         data = self.dataset(_ORDER_DATA)
         path = user_path(data.path)
         root = user_path(data.image_root) if data.image_root else path.parent
-        self.items: list[tuple[str, ImageRef, str, dict[str, str]]] = []  # id, image, original, shuffles
+        self.items: list[ShuffledCaption] = []
         if isinstance(data, OrderKarpathy):
             rng = random.Random(self.spec.seed)
-            for image_id, (ref, caps) in karpathy_groups(path, root, data.split, self.skip).items():
-                for j, cap in enumerate(caps):
-                    self._add(f"{image_id}#{j}", ref, cap, perturb_all(cap, rng))
+            for image_id, group in karpathy_groups(path, root, data.split, self.skip).items():
+                for j, cap in enumerate(group.captions):
+                    self._add(f"{image_id}#{j}", group.image, cap, perturb_all(cap, rng))
             return
         doc = read_json(path, "ARO order")
         if not isinstance(doc, list):
@@ -285,19 +290,22 @@ class AroOrderTask(Task):
         if not negatives:
             self.skip(item_id, "no_distinct_shuffle", orig)
             return
-        self.items.append((item_id, ref, orig, negatives))
+        self.items.append(ShuffledCaption(item_id, ref, orig, negatives))
 
     def inputs(self) -> tuple[list[ImageRef], list[str]]:
-        return [it[1] for it in self.items], [t for it in self.items for t in (it[2], *it[3].values())]
+        return [it.image for it in self.items], [
+            t for it in self.items for t in (it.original, *it.shuffles.values())
+        ]
 
     def score(self, store: FeatureStore) -> TaskResult:
-        feats, ok = self.image_features(store, [it[1] for it in self.items], [it[0] for it in self.items])
+        feats, ok = self.image_features(store, [it.image for it in self.items], [it.id for it in self.items])
         all_correct: list[bool] = []
         per_kind: dict[str, list[bool]] = {}
-        for (_, _, orig, negs), feat, good in zip(self.items, feats, ok.tolist(), strict=True):
+        for it, feat, good in zip(self.items, feats, ok.tolist(), strict=True):
             if not good:
                 continue
-            texts = store.texts([orig, *negs.values()])
+            negs = it.shuffles
+            texts = store.texts([it.original, *negs.values()])
             s = texts @ feat
             wins = metrics.pairwise_correct(s[0].expand(len(negs)), s[1:]).tolist()
             all_correct.append(all(wins))

@@ -8,6 +8,10 @@ A task's life in a run:
     task.inputs()                 the images and texts it needs -> FeatureStore.prefetch
     task.score(store)             metrics from cached features -> TaskResult
 
+and, from the stored result alone (a report.json entry, no instance), its
+section of report.html: `report_section` renders the part every task shares
+and asks `report_figures`, which each task type overrides, for its plots.
+
 Skipped items are never silent: each carries the item's id and a short
 reason, the result counts them, and report.json lists them.
 """
@@ -15,45 +19,28 @@ reason, the result counts them, and report.json lists them.
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+import torch
+from pydantic import TypeAdapter
+from vlp.eval import plots
+from vlp.eval.features import FeatureStore
+from vlp.eval.images import ImageFailure, ImageRef
+from vlp.eval.markup import esc, img, table
+from vlp.eval.specs import SyntheticData, TaskSpec
+from vlp.eval.synthetic import materialise
 
-from data_tools.fetch import FetchOptions
-from eval.features import FeatureStore
-from eval.images import ImageFailure, ImageRef
-from vlp.errors import UserError
+from vlp.core.errors import UserError
+from vlp.core.fetch import FetchOptions
 
-# Training data uses small seeds (0, 1, ...); evaluation sets use this one, so no
-# synthetic eval image can coincide with a training image of the default runs.
-SYNTH_SEED = 10_000_019
 MAX_LISTED_SKIPS = 1000  # report.json lists at most this many skipped items per task (all are counted)
-
-
-class Spec(BaseModel):
-    """Suite YAML sections: unknown keys are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class SyntheticData(Spec):
-    """Generate the benchmark from data_tools.synth into the public format, cached by these parameters."""
-
-    format: Literal["synthetic"]
-    n: int = Field(gt=0, description="items (per class for zero-shot, per number for counting)")
-    seed: int = SYNTH_SEED
-    image_size: int = Field(64, ge=16, le=1024)
-
-
-class TaskSpec(Spec):
-    name: str = Field(
-        pattern=r"^[A-Za-z0-9_.\-]+$", description="unique within the suite; names the report section"
-    )
-    type: str
+SKIPS_IN_HTML = 20  # report.html lists the first ones; skipped.jsonl has every one
+MAX_GROUP_BARS = 40  # groups in the default accuracy plot (the largest ones)
 
 
 @dataclass(frozen=True)
@@ -105,7 +92,8 @@ class Context:
 
 
 class Task(ABC):
-    """Base class: subclasses set `type` and `Spec`, and implement load / inputs / score."""
+    """Base class: subclasses set `type` and `Spec`, implement load / inputs / score, and may override
+    `report_figures` (the default plots accuracy per group when the result's details have groups)."""
 
     type: ClassVar[str]
     Spec: ClassVar[type[TaskSpec]]
@@ -137,8 +125,6 @@ class Task(ABC):
         data = self.spec.dataset  # type: ignore[attr-defined]
         if not isinstance(data, SyntheticData):
             return data
-        from eval.synthetic import materialise
-
         self.materialised = materialise(self.type, data, self.ctx.cache_dir)
         return adapter.validate_python(self.materialised)
 
@@ -172,8 +158,6 @@ class Task(ABC):
 
     def image_features(self, store: FeatureStore, refs: list[ImageRef], ids: list[str]):
         """Features for refs; a failed image becomes a Skip of its item (by id). Returns (feats, ok mask)."""
-        import torch
-
         feats, failures = store.images(refs)
         ok = torch.ones(len(refs), dtype=torch.bool)
         for i, failure in failures.items():
@@ -183,6 +167,60 @@ class Task(ABC):
 
     def _skip_failure(self, item_id: str, ref: ImageRef, failure: ImageFailure) -> None:
         self.skip(item_id, failure.reason, failure.detail or ref.describe())
+
+    # ------------------------------------------------------------------ report.html, from report.json
+
+    @classmethod
+    def report_section(cls, name: str, result: dict[str, Any]) -> str:
+        """This task's section of report.html from its report.json entry: heading, data source, counts,
+        metrics table, skipped items, then the figures `report_figures` draws."""
+        metrics = table(["metric", "value"], [[k, v] for k, v in result["metrics"].items()])
+        ds = result["dataset"]
+        where = ds.get("path") or (ds.get("materialised") or {}).get("path", "")
+        source = f"{esc(ds.get('format'))}" + (f" <code>{esc(where)}</code>" if where else "")
+        if ds.get("format") == "synthetic":
+            written = esc((ds.get("materialised") or {}).get("path", ""))
+            seed, n = esc(ds.get("seed")), esc(ds.get("n"))
+            source += f" (seed {seed}, n {n}, written to <code>{written}</code>)"
+        counts = f"{result['n_scored']} scored, {result['n_skipped']} skipped, {result['seconds']:.1f} s"
+        figures = "".join(cls.report_figures(name, result))
+        return (
+            f'<h2 id="{esc(name)}">{esc(name)} <span class="muted">{esc(result["type"])}</span></h2>'
+            f'<p class="muted">data: {source}<br>{counts}</p>{metrics}{_skips_html(result)}'
+            f'<div class="plots">{figures}</div>'
+        )
+
+    @classmethod
+    def report_figures(cls, name: str, result: dict[str, Any]) -> list[str]:
+        """The section's figures as <img> elements. Default: accuracy per group (subset, relation,
+        perturbation...) from details["groups"], the largest groups if there are many; none without groups."""
+        details = result["details"]
+        groups = details.get("groups") or {}
+        if not groups:
+            return []
+        label = details.get("group_label", "group")
+        chosen = sorted(sorted(groups, key=lambda g: -int(groups[g]["n"]))[:MAX_GROUP_BARS])
+        counted = [g for g in chosen if groups[g].get("counted", True)]
+        title = f"{name}: accuracy per {label}" + (
+            f" (largest {MAX_GROUP_BARS} of {len(groups)})" if len(groups) > MAX_GROUP_BARS else ""
+        )
+        chance = details.get("group_chance", details.get("chance"))
+        chart = plots.bars(counted, [groups[g]["acc"] for g in counted], title, chance=chance)
+        return [img(chart, f"accuracy per {label}")]
+
+
+def _skips_html(result: dict[str, Any]) -> str:
+    """How many items were skipped and why, and the first few of them."""
+    if not result["n_skipped"]:
+        return ""
+    reasons = table(["reason", "items"], [[r, n] for r, n in result["skip_reasons"].items()])
+    listed = result["skipped"][:SKIPS_IN_HTML]
+    rows = table(
+        ["item", "reason", "detail"], [[s["id"], s["reason"], s["detail"]] for s in listed], numeric_from=9
+    )
+    more = result["n_skipped"] - len(listed)
+    tail = f'<p class="muted">... and {more} more (skipped.jsonl lists every one)</p>' if more > 0 else ""
+    return f'<p class="warn">Skipped {result["n_skipped"]} of {result["n_items"]} items.</p>{reasons}{rows}{tail}'
 
 
 # ---------------------------------------------------------------------- file helpers shared by adapters
@@ -209,8 +247,6 @@ def read_lines(path: Path, what: str) -> list[str]:
 
 def user_path(text: str) -> Path:
     """A path from the suite file: ~ and $VARS expanded, relative to the working directory."""
-    import os
-
     return Path(os.path.expandvars(text)).expanduser().resolve()
 
 

@@ -22,27 +22,21 @@ and is skipped (reason `number_word_not_in_caption`).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, TypeAdapter, model_validator
+from vlp.eval import metrics, plots
+from vlp.eval.features import FeatureStore
+from vlp.eval.images import ImageRef, resolve
+from vlp.eval.markup import img
+from vlp.eval.specs import Spec, SyntheticData, TaskSpec
+from vlp.eval.tasks.base import Task, TaskResult, read_json, require_keys, user_path
 
-from data_tools.fetch import FetchOptions
-from data_tools.synth import NUMBER_WORDS, number_word
-from eval import metrics
-from eval.features import FeatureStore
-from eval.images import ImageRef, resolve
-from eval.tasks.base import (
-    Spec,
-    SyntheticData,
-    Task,
-    TaskResult,
-    TaskSpec,
-    read_json,
-    require_keys,
-    user_path,
-)
-from vlp.errors import UserError
+from vlp.core.errors import UserError
+from vlp.core.fetch import FetchOptions
+from vlp.core.synth import NUMBER_WORDS, number_word
 
 DEFAULT_NUMBERS = (2, 10)  # CountBench's range
 
@@ -112,6 +106,17 @@ def substitute(caption: str, number: int, new: int) -> str | None:
     return pattern.sub(lambda m: _same_case(m.group(0), target), caption)
 
 
+@dataclass(frozen=True)
+class CountingItem:
+    """One item: an image, its true count, and its caption with each candidate count's word
+    (in the order of the task's `numbers`)."""
+
+    id: str
+    image: ImageRef
+    number: int
+    candidates: tuple[str, ...]
+
+
 class CountingTask(Task):
     type = "counting"
     Spec = CountingSpec
@@ -128,9 +133,7 @@ class CountingTask(Task):
         doc = read_json(path, "CountBench")
         if not isinstance(doc, list):
             raise UserError(f"task {self.name}: {path} must hold a list of {{image_url, text, number}}")
-        self.items: list[
-            tuple[str, ImageRef, int, list[str]]
-        ] = []  # id, image, true count, candidate captions
+        self.items: list[CountingItem] = []
         for i, item in enumerate(doc):
             problem = require_keys(item, ("image_url", "text", "number"))
             if problem:
@@ -145,25 +148,28 @@ class CountingTask(Task):
                 self.skip(i, "number_out_of_range", f"{number} not in {lo}..{hi}")
                 continue
             texts = [substitute(str(item["text"]), number, n) for n in self.numbers]
-            if any(t is None for t in texts):
+            candidates = tuple(t for t in texts if t is not None)
+            if len(candidates) != len(texts):
                 self.skip(i, "number_word_not_in_caption", f"{number_word(number)!r} not in {item['text']!r}")
                 continue
-            self.items.append((str(i), resolve(str(item["image_url"]), root), number, texts))  # type: ignore[arg-type]
+            self.items.append(CountingItem(str(i), resolve(str(item["image_url"]), root), number, candidates))
 
     def fetch_options(self) -> FetchOptions:
         return FetchOptions(timeout=self.spec.timeout, retries=self.spec.retries)
 
     def inputs(self) -> tuple[list[ImageRef], list[str]]:
-        return [r for _, r, _, _ in self.items], [t for *_, texts in self.items for t in texts]
+        return [it.image for it in self.items], [t for it in self.items for t in it.candidates]
 
     def score(self, store: FeatureStore) -> TaskResult:
-        feats, ok = self.image_features(store, [r for _, r, _, _ in self.items], [i for i, *_ in self.items])
+        feats, ok = self.image_features(store, [it.image for it in self.items], [it.id for it in self.items])
         n_cand = len(self.numbers)
         rows = [k for k in range(len(self.items)) if ok[k]]
         dim = store.encoder.dim
-        text_feats = store.texts([t for k in rows for t in self.items[k][3]]).reshape(len(rows), n_cand, dim)
+        text_feats = store.texts([t for k in rows for t in self.items[k].candidates]).reshape(
+            len(rows), n_cand, dim
+        )
         scores = torch.einsum("nd,ncd->nc", feats[rows], text_feats)
-        targets = torch.tensor([self.numbers.index(self.items[k][2]) for k in rows], dtype=torch.long)
+        targets = torch.tensor([self.numbers.index(self.items[k].number) for k in rows], dtype=torch.long)
         preds = metrics.predictions(scores, targets) if rows else targets
         true_n = [self.numbers[t] for t in targets.tolist()]
         pred_n = [self.numbers[p] for p in preds.tolist()]
@@ -186,3 +192,17 @@ class CountingTask(Task):
                 },
             },
         )
+
+    @classmethod
+    def report_figures(cls, name: str, result: dict[str, Any]) -> list[str]:
+        """The confusion matrix and accuracy per true count."""
+        details = result["details"]
+        if not details.get("confusion_matrix"):
+            return super().report_figures(name, result)
+        cm = details["confusion_matrix"]
+        per = details.get("per_number_acc", {})
+        confusion = plots.confusion(cm["labels"], cm["matrix"], f"{name}: counting confusion matrix")
+        per_number = plots.bars(
+            list(per), list(per.values()), f"{name}: accuracy per true count", chance=details.get("chance")
+        )
+        return [img(confusion, "confusion matrix"), img(per_number, "per number")]

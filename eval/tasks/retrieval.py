@@ -25,19 +25,22 @@ An image that cannot be loaded is skipped with its captions (one skip, its id).
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, TypeAdapter, field_validator
+from vlp.eval import metrics, plots
+from vlp.eval.features import FeatureStore
+from vlp.eval.images import ImageRef, resolve
+from vlp.eval.markup import img
+from vlp.eval.specs import Spec, SyntheticData, TaskSpec
+from vlp.eval.tasks.base import Task, TaskResult, read_json, read_lines, user_path
+from vlp.eval.wds import find_shards, read_samples
 
-from eval import metrics
-from eval.features import FeatureStore
-from eval.images import ImageRef, resolve
-from eval.tasks.base import Spec, SyntheticData, Task, TaskResult, TaskSpec, read_json, read_lines, user_path
-from eval.wds import find_shards, read_samples
-from vlp.errors import UserError
+from vlp.core.errors import UserError
 
 CURVE_MAX_K = 50
 
@@ -98,12 +101,39 @@ class RetrievalSpec(TaskSpec):
         return sorted(set(value))
 
 
+@dataclass(frozen=True)
+class CaptionedImage:
+    """An image and every caption the dataset gives it (before empty ones are dropped)."""
+
+    image: ImageRef
+    captions: tuple[str, ...]
+
+    def adding(self, captions: Iterable[str]) -> CaptionedImage:
+        return CaptionedImage(self.image, (*self.captions, *captions))
+
+
+@dataclass(frozen=True)
+class RetrievalImage:
+    """A gallery image, with the id skips and the report name it by."""
+
+    id: str
+    image: ImageRef
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A caption and the index of its image in the task's `images`."""
+
+    text: str
+    image: int
+
+
 def karpathy_groups(
     path: Path, root: Path, split: str | None, skip: Callable[[str, str, str], None]
-) -> dict[str, tuple[ImageRef, list[str]]]:
-    """Image id -> (image, captions) from either Karpathy JSON form; malformed entries go to `skip`."""
+) -> dict[str, CaptionedImage]:
+    """Image id -> its image and captions, from either Karpathy JSON form; malformed entries go to `skip`."""
     doc = read_json(path, "Karpathy")
-    groups: dict[str, tuple[ImageRef, list[str]]] = {}
+    groups: dict[str, CaptionedImage] = {}
     if isinstance(doc, dict) and isinstance(doc.get("images"), list):
         for i, entry in enumerate(doc["images"]):
             if not isinstance(entry, dict) or "filename" not in entry:
@@ -112,16 +142,16 @@ def karpathy_groups(
             if split is not None and entry.get("split", split) != split:
                 continue
             rel = str(Path(entry.get("filepath", "")) / entry["filename"])
-            caps = [str(s.get("raw", "")) for s in entry.get("sentences", []) if isinstance(s, dict)]
-            groups[rel] = (resolve(rel, root), caps)
+            caps = tuple(str(s.get("raw", "")) for s in entry.get("sentences", []) if isinstance(s, dict))
+            groups[rel] = CaptionedImage(resolve(rel, root), caps)
     elif isinstance(doc, list):
         for i, entry in enumerate(doc):
             if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
                 skip(f"[{i}]", "malformed_item", "needs 'image' and 'caption'")
                 continue
             caps = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
-            ref, known = groups.get(entry["image"], (resolve(entry["image"], root), []))
-            groups[entry["image"]] = (ref, known + [str(c) for c in caps])
+            known = groups.get(entry["image"]) or CaptionedImage(resolve(entry["image"], root), ())
+            groups[entry["image"]] = known.adding(str(c) for c in caps)
     else:
         raise UserError(f"{path} is neither Karpathy's {{'images': [...]}} nor a list of {{image, caption}}")
     return groups
@@ -134,7 +164,7 @@ class RetrievalTask(Task):
 
     def load(self) -> None:
         data = self.dataset(_DATA)
-        groups: dict[str, tuple[ImageRef, list[str]]] = {}  # image id -> (ref, captions)
+        groups: dict[str, CaptionedImage] = {}  # by image id
         if isinstance(data, KarpathyData):
             path = user_path(data.path)
             root = user_path(data.image_root) if data.image_root else path.parent
@@ -144,18 +174,20 @@ class RetrievalTask(Task):
         else:
             for s in read_samples(find_shards(user_path(data.path), data.split)):
                 if s.image is not None:
-                    groups[f"{s.shard}/{s.key}"] = (s.image, s.texts.get("txt", "").splitlines())
+                    groups[f"{s.shard}/{s.key}"] = CaptionedImage(
+                        s.image, tuple(s.texts.get("txt", "").splitlines())
+                    )
                 else:
                     self.skip(f"{s.shard}/{s.key}", "no_image_member")
-        self.images: list[tuple[str, ImageRef]] = []
-        self.captions: list[tuple[str, int]] = []  # (text, index into self.images)
-        for image_id, (ref, caps) in groups.items():
-            caps = [c.strip() for c in caps if c and c.strip()]
+        self.images: list[RetrievalImage] = []
+        self.captions: list[Caption] = []
+        for image_id, group in groups.items():
+            caps = [c.strip() for c in group.captions if c and c.strip()]
             if not caps:
                 self.skip(image_id, "no_captions")
                 continue
-            self.captions += [(c, len(self.images)) for c in caps]
-            self.images.append((image_id, ref))
+            self.captions += [Caption(c, len(self.images)) for c in caps]
+            self.images.append(RetrievalImage(image_id, group.image))
         if not self.images:
             raise UserError(f"task {self.name}: no image with a caption in the dataset")
         self.bank_texts: list[str] = []
@@ -168,7 +200,7 @@ class RetrievalTask(Task):
                 resolve(p, images_file.parent) for p in read_lines(images_file, "querybank images")
             ]
 
-    def _load_csv(self, data: CsvPairs, groups: dict[str, tuple[ImageRef, list[str]]]) -> None:
+    def _load_csv(self, data: CsvPairs, groups: dict[str, CaptionedImage]) -> None:
         path = user_path(data.path)
         if not path.is_file():
             raise UserError(f"task {self.name}: CSV file not found: {path}")
@@ -182,21 +214,24 @@ class RetrievalTask(Task):
                     )
             for row in reader:
                 image = row[data.image_column]
-                ref, caps = groups.get(image, (resolve(image, root), []))
-                groups[image] = (ref, caps + [row[data.caption_column] or ""])
+                known = groups.get(image) or CaptionedImage(resolve(image, root), ())
+                groups[image] = known.adding([row[data.caption_column] or ""])
 
     def inputs(self) -> tuple[list[ImageRef], list[str]]:
-        return [r for _, r in self.images] + self.bank_images, [c for c, _ in self.captions] + self.bank_texts
+        return (
+            [im.image for im in self.images] + self.bank_images,
+            [c.text for c in self.captions] + self.bank_texts,
+        )
 
     def score(self, store: FeatureStore) -> TaskResult:
-        ids = [i for i, _ in self.images]
-        image_feats, ok = self.image_features(store, [r for _, r in self.images], ids)
+        ids = [im.id for im in self.images]
+        image_feats, ok = self.image_features(store, [im.image for im in self.images], ids)
         kept = torch.nonzero(ok).flatten()
         new_index = torch.full((len(self.images),), -1, dtype=torch.long)
         new_index[kept] = torch.arange(len(kept))
-        captions = [(c, int(new_index[i])) for c, i in self.captions if ok[i]]
-        text_feats = store.texts([c for c, _ in captions])
-        text_image = torch.tensor([i for _, i in captions], dtype=torch.long)
+        captions = [Caption(c.text, int(new_index[c.image])) for c in self.captions if ok[c.image]]
+        text_feats = store.texts([c.text for c in captions])
+        text_image = torch.tensor([c.image for c in captions], dtype=torch.long)
         image_feats = image_feats[kept]
 
         t2i = text_feats @ image_feats.T
@@ -256,3 +291,11 @@ class RetrievalTask(Task):
         curves["k"] = list(range(1, top + 1))
         curves[f"image_retrieval{suffix}"] = [metrics.recall_at_k(text_ranks, k) for k in curves["k"]]
         curves[f"text_retrieval{suffix}"] = [metrics.recall_at_k(image_ranks, k) for k in curves["k"]]
+
+    @classmethod
+    def report_figures(cls, name: str, result: dict[str, Any]) -> list[str]:
+        """Recall@k curves, both directions (and QB-Norm's when present)."""
+        curves = result["details"].get("recall_curve", {})
+        if not curves.get("k"):
+            return super().report_figures(name, result)
+        return [img(plots.recall_curves(curves, f"{name}: recall@k"), "recall@k curves")]

@@ -9,31 +9,24 @@ add_obj, add_att, replace_obj, replace_att, replace_rel, swap_obj, swap_att
 (relation inverted) files in the same format.
 
 Correct iff score(positive) > score(negative); a tie is wrong (SugarCrepe's
-rule). Reported: `acc/<subset>` and `acc`, the mean over subsets (SugarCrepe's
-averages are per subset, so a big subset does not outweigh a small one).
+rule, and ARO's: both run eval.tasks.pairs.PairTask's protocol). Reported:
+`acc/<subset>` and `acc`, the mean over subsets (SugarCrepe's averages are per
+subset, so a big subset does not outweigh a small one).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, TypeAdapter
+from vlp.eval import metrics
+from vlp.eval.images import resolve
+from vlp.eval.specs import Spec, SyntheticData, TaskSpec
+from vlp.eval.tasks.base import read_json, require_keys, user_path
+from vlp.eval.tasks.pairs import CaptionPair, PairTask
 
-from eval import metrics
-from eval.features import FeatureStore
-from eval.images import ImageRef, resolve
-from eval.tasks.base import (
-    Spec,
-    SyntheticData,
-    Task,
-    TaskResult,
-    TaskSpec,
-    read_json,
-    require_keys,
-    user_path,
-)
-from vlp.errors import UserError
+from vlp.core.errors import UserError
 
 SUBSETS: tuple[str, ...] = (
     "add_obj",
@@ -69,12 +62,13 @@ class SugarCrepeSpec(TaskSpec):
     dataset: Data
 
 
-class SugarCrepeTask(Task):
+class SugarCrepeTask(PairTask):
     type = "sugarcrepe"
     Spec = SugarCrepeSpec
     spec: SugarCrepeSpec
+    main_metric = "acc"
 
-    def load(self) -> None:
+    def read_pairs(self) -> list[CaptionPair]:
         data = self.dataset(_DATA)
         folder, root = user_path(data.path), user_path(data.image_root)
         if not folder.is_dir():
@@ -84,7 +78,7 @@ class SugarCrepeTask(Task):
         missing = [s for s in self.subsets if s not in present]
         if missing or not self.subsets:
             raise UserError(f"task {self.name}: no {', '.join(missing) or 'subset'} .json file in {folder}")
-        self.items: list[tuple[str, ImageRef, str, str, str]] = []  # id, image, positive, negative, subset
+        pairs: list[CaptionPair] = []
         for subset in self.subsets:
             doc = read_json(folder / f"{subset}.json", "SugarCrepe")
             if not isinstance(doc, dict):
@@ -98,33 +92,22 @@ class SugarCrepeTask(Task):
                     self.skip(item_id, "identical_captions", item["caption"])
                 else:
                     ref = resolve(str(item["filename"]), root)
-                    self.items.append(
-                        (item_id, ref, str(item["caption"]), str(item["negative_caption"]), subset)
+                    pairs.append(
+                        CaptionPair(item_id, ref, str(item["caption"]), str(item["negative_caption"]), subset)
                     )
+        return pairs
 
-    def inputs(self) -> tuple[list[ImageRef], list[str]]:
-        return [it[1] for it in self.items], [t for it in self.items for t in it[2:4]]
-
-    def score(self, store: FeatureStore) -> TaskResult:
-        feats, ok = self.image_features(store, [it[1] for it in self.items], [it[0] for it in self.items])
-        kept = [it for it, good in zip(self.items, ok.tolist(), strict=True) if good]
-        img = feats[ok]
-        pos = (img * store.texts([it[2] for it in kept])).sum(-1)
-        neg = (img * store.texts([it[3] for it in kept])).sum(-1)
-        correct = metrics.pairwise_correct(pos, neg).tolist()
-        macro, groups = metrics.group_accuracy(correct, [it[4] for it in kept])
+    def summarise(
+        self, correct: list[bool], labels: list[str]
+    ) -> tuple[dict[str, float | None], dict[str, Any]]:
+        """`acc`: the mean over subsets; `acc/<subset>` for each subset asked for (None if none scored)."""
+        macro, groups = metrics.group_accuracy(correct, labels)
         out: dict[str, float | None] = {"acc": macro}
         for subset in self.subsets:
             out[f"acc/{subset}"] = groups[subset]["acc"] if subset in groups else None
-        return TaskResult(
-            metrics=out,
-            main_metric="acc",
-            n_scored=len(kept),
-            skipped=self.skipped,
-            details={
-                "chance": 0.5,
-                "groups": groups,
-                "group_label": "subset",
-                "micro_acc": metrics.mean(torch.tensor(correct)),
-            },
-        )
+        details = {
+            "groups": groups,
+            "group_label": "subset",
+            "micro_acc": metrics.mean(torch.tensor(correct)),
+        }
+        return out, details

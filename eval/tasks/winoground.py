@@ -19,26 +19,20 @@ wrong. Reported as `text_score`, `image_score`, `group_score`, and per tag
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, TypeAdapter
+from vlp.eval import metrics, plots
+from vlp.eval.features import FeatureStore
+from vlp.eval.images import ImageRef, resolve
+from vlp.eval.markup import img
+from vlp.eval.specs import Spec, SyntheticData, TaskSpec
+from vlp.eval.tasks.base import Task, TaskResult, read_json, require_keys, user_path
 
-from eval import metrics
-from eval.features import FeatureStore
-from eval.images import ImageRef, resolve
-from eval.tasks.base import (
-    Spec,
-    SyntheticData,
-    Task,
-    TaskResult,
-    TaskSpec,
-    read_json,
-    require_keys,
-    user_path,
-)
-from vlp.errors import UserError
+from vlp.core.errors import UserError
 
 
 class WinogroundData(Spec):
@@ -80,6 +74,16 @@ def _read_examples(path: Path) -> list:
     return out
 
 
+@dataclass(frozen=True)
+class WinogroundExample:
+    """One example: two images and two captions, caption_k true of image_k; `tag` groups it in the report."""
+
+    id: str
+    images: tuple[ImageRef, ImageRef]
+    captions: tuple[str, str]
+    tag: str
+
+
 class WinogroundTask(Task):
     type = "winoground"
     Spec = WinogroundSpec
@@ -89,41 +93,42 @@ class WinogroundTask(Task):
         data = self.dataset(_DATA)
         path = user_path(data.path)
         root = user_path(data.image_root) if data.image_root else path.parent / "images"
-        self.items: list[tuple[str, tuple[ImageRef, ImageRef], tuple[str, str], str]] = []
+        self.items: list[WinogroundExample] = []
         for n, item in enumerate(_read_examples(path)):
             item_id = str(item.get("id", n)) if isinstance(item, dict) else str(n)
             problem = require_keys(item, ("image_0", "image_1", "caption_0", "caption_1"))
             if problem:
                 self.skip(item_id, "malformed_item", problem)
                 continue
-            images = tuple(
+            image_0, image_1 = (
                 resolve(self._file(str(item[k]), data.image_ext), root) for k in ("image_0", "image_1")
             )
             tag = str(item.get("collapsed_tag") or item.get("tag") or "all")
-            self.items.append((item_id, images, (str(item["caption_0"]), str(item["caption_1"])), tag))  # type: ignore[arg-type]
+            captions = (str(item["caption_0"]), str(item["caption_1"]))
+            self.items.append(WinogroundExample(item_id, (image_0, image_1), captions, tag))
 
     @staticmethod
     def _file(name: str, ext: str) -> str:
         return name if Path(name).suffix else name + ext
 
     def inputs(self) -> tuple[list[ImageRef], list[str]]:
-        return [r for it in self.items for r in it[1]], [c for it in self.items for c in it[2]]
+        return [r for it in self.items for r in it.images], [c for it in self.items for c in it.captions]
 
     def score(self, store: FeatureStore) -> TaskResult:
-        refs = [r for it in self.items for r in it[1]]
-        ids = [it[0] for it in self.items for _ in range(2)]
+        refs = [r for it in self.items for r in it.images]
+        ids = [it.id for it in self.items for _ in range(2)]
         feats, ok = self.image_features(store, refs, ids)
         good = ok.reshape(-1, 2).all(dim=1)
         kept = [it for it, g in zip(self.items, good.tolist(), strict=True) if g]
         images = feats.reshape(-1, 2, feats.shape[-1])[good]  # (n, image, dim)
-        captions = store.texts([c for it in kept for c in it[2]]).reshape(
+        captions = store.texts([c for it in kept for c in it.captions]).reshape(
             len(kept), 2, store.encoder.dim
         )  # (n, caption, dim)
         scores = torch.einsum("ncd,nid->nci", captions, images)
         flags = metrics.winoground_scores(scores)
         out = {f"{k}_score": metrics.mean(v) for k, v in flags.items()}
         groups: dict[str, dict[str, float | int | None]] = {}
-        tags = [it[3] for it in kept]
+        tags = [it.tag for it in kept]
         for tag in sorted(set(tags)):
             mask = torch.tensor([t == tag for t in tags])
             groups[tag] = {f"{k}_score": metrics.mean(v[mask]) for k, v in flags.items()} | {
@@ -136,3 +141,24 @@ class WinogroundTask(Task):
             skipped=self.skipped,
             details={"chance": 1 / 6, "groups": groups, "group_label": "tag"},
         )
+
+    @classmethod
+    def report_figures(cls, name: str, result: dict[str, Any]) -> list[str]:
+        """The three scores against chance, and each per tag."""
+        groups = result["details"].get("groups") or {}
+        if not groups:
+            return []
+        label = result["details"].get("group_label", "group")
+        tags = list(groups)
+        series = {k: [groups[t].get(f"{k}_score") for t in tags] for k in ("text", "image", "group")}
+        overall = result["metrics"]
+        chart = plots.bars(
+            ["text", "image", "group"],
+            [overall.get("text_score"), overall.get("image_score"), overall.get("group_score")],
+            f"{name}: Winoground scores",
+            chance=1 / 6,
+        )
+        return [
+            img(chart, "scores"),
+            img(plots.grouped_bars(tags, series, f"{name}: scores per {label}", "score"), "per tag"),
+        ]

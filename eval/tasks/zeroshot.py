@@ -18,20 +18,25 @@ CLIP_benchmark says NaN) and `mean_per_class_recall` (balanced accuracy).
 from __future__ import annotations
 
 import csv
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, TypeAdapter, field_validator
+from vlp.eval import metrics, plots
+from vlp.eval.features import FeatureStore
+from vlp.eval.images import ImageRef, resolve
+from vlp.eval.markup import img
+from vlp.eval.specs import Spec, SyntheticData, TaskSpec
+from vlp.eval.tasks.base import Task, TaskResult, read_lines, user_path
+from vlp.eval.templates import check_template, class_embeddings, load_templates, prompts
+from vlp.eval.wds import find_shards, read_samples
 
-from eval import metrics
-from eval.features import FeatureStore
-from eval.images import IMAGE_EXTENSIONS, ImageRef, resolve
-from eval.tasks.base import Spec, SyntheticData, Task, TaskResult, TaskSpec, read_lines, user_path
-from eval.templates import check_template, class_embeddings, load_templates, prompts
-from eval.wds import find_shards, read_samples
-from vlp.errors import UserError
+from vlp.core.errors import UserError
+from vlp.core.images import IMAGE_SUFFIXES
 
 ClassNames = list[str] | str | None  # a list, or a text file with one name per line
+MAX_RECALL_BARS = 60  # more classes than this (ImageNet's 1000): no per-class plot
 
 
 class FolderData(Spec):
@@ -91,6 +96,15 @@ def _classnames(value: ClassNames, what: str) -> list[str] | None:
     return read_lines(user_path(value), f"{what} classnames")
 
 
+@dataclass(frozen=True)
+class LabelledImage:
+    """One item: an image and the index of its class in the task's `classnames`."""
+
+    id: str
+    image: ImageRef
+    label: int
+
+
 class ZeroShotTask(Task):
     type = "zeroshot_classification"
     Spec = ZeroShotSpec
@@ -98,7 +112,7 @@ class ZeroShotTask(Task):
 
     def load(self) -> None:
         self.data = data = self.dataset(_DATA)
-        self.items: list[tuple[str, ImageRef, int]] = []  # (id, image, class index)
+        self.items: list[LabelledImage] = []
         self.dataset_templates: list[str] | None = None
         if isinstance(data, FolderData):
             self._load_folder(data)
@@ -126,8 +140,10 @@ class ZeroShotTask(Task):
         self.classnames = names
         for label, folder in enumerate(folders):
             for path in sorted(folder.rglob("*")):
-                if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    self.items.append((str(path.relative_to(root)), ImageRef(str(path.resolve())), label))
+                if path.suffix.lower() in IMAGE_SUFFIXES:
+                    self.items.append(
+                        LabelledImage(str(path.relative_to(root)), ImageRef(str(path.resolve())), label)
+                    )
 
     def _load_csv(self, data: CsvData) -> None:
         path = user_path(data.path)
@@ -162,7 +178,7 @@ class ZeroShotTask(Task):
             if not image:
                 self.skip(item_id, "no_image", "empty image column")
                 continue
-            self.items.append((item_id, resolve(image, root), target))
+            self.items.append(LabelledImage(item_id, resolve(image, root), target))
 
     def _load_wds(self, data: WdsData) -> None:
         root = user_path(data.path)
@@ -182,18 +198,18 @@ class ZeroShotTask(Task):
             elif not label.isdigit() or int(label) >= len(names):
                 self.skip(item_id, "bad_label", f".cls {label!r} with {len(names)} classes")
             else:
-                self.items.append((item_id, s.image, int(label)))
+                self.items.append(LabelledImage(item_id, s.image, int(label)))
 
     def inputs(self) -> tuple[list[ImageRef], list[str]]:
-        return [ref for _, ref, _ in self.items], prompts(self.classnames, self.templates)
+        return [it.image for it in self.items], prompts(self.classnames, self.templates)
 
     def score(self, store: FeatureStore) -> TaskResult:
         weights = class_embeddings(
             store.texts(prompts(self.classnames, self.templates)), len(self.classnames)
         )
-        ids = [i for i, _, _ in self.items]
-        feats, ok = self.image_features(store, [r for _, r, _ in self.items], ids)
-        targets = torch.tensor([t for _, _, t in self.items], dtype=torch.long)[ok]
+        ids = [it.id for it in self.items]
+        feats, ok = self.image_features(store, [it.image for it in self.items], ids)
+        targets = torch.tensor([it.label for it in self.items], dtype=torch.long)[ok]
         logits = 100.0 * feats[ok] @ weights
         preds = metrics.predictions(logits, targets)
         recall = metrics.per_class_recall(targets, preds, len(self.classnames))
@@ -213,3 +229,17 @@ class ZeroShotTask(Task):
                 "per_class_recall": dict(zip(self.classnames, recall, strict=True)),
             },
         )
+
+    @classmethod
+    def report_figures(cls, name: str, result: dict[str, Any]) -> list[str]:
+        """Recall per class, when there are few enough classes to read."""
+        details = result["details"]
+        rec = details.get("per_class_recall")
+        if not rec:
+            return super().report_figures(name, result)
+        if len(rec) > MAX_RECALL_BARS:
+            return []
+        chart = plots.bars(
+            list(rec), list(rec.values()), f"{name}: recall per class", "recall", details.get("chance")
+        )
+        return [img(chart, "recall per class")]

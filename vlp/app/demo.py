@@ -22,7 +22,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlp.config import RunConfig
+from vlp.core.config import DataSource, DemoRunConfig, EvalConfig, RunConfig, ShardsBuildConfig, cpu_cores
+from vlp.core.errors import UserError
+from vlp.core.ownership import claim, owner
+from vlp.core.weights import complete_checkpoints
+from vlp.data_tools.build import build_shards, fingerprint
+from vlp.data_tools.synth import generate
+from vlp.eval.runner import run
+from vlp.train import train
+
+DEMO = "vlp demo"
 
 # (task, metric, target): what the demo's model should reach on held-out synthetic sets
 TARGETS = [
@@ -49,9 +58,7 @@ def _metric(report: dict, task: str, metric: str) -> float | None:
     return report.get("tasks", {}).get(task, {}).get("metrics", {}).get(metric)
 
 
-def _synth(cfg: RunConfig) -> Path:
-    from data_tools.synth import generate
-
+def _synth(cfg: DemoRunConfig) -> Path:
     demo = cfg.demo
     folder = Path(demo.data_dir) / "synth"
     params = {"pairs": demo.pairs, "seed": demo.seed, "image_size": demo.image_size}
@@ -59,53 +66,40 @@ def _synth(cfg: RunConfig) -> Path:
     csv_path = folder / "pairs.csv"
     if csv_path.exists() and marker.exists() and json.loads(marker.read_text()) == params:
         return csv_path
-    shutil.rmtree(folder, ignore_errors=True)
-    csv_path = generate(folder, n=demo.pairs, seed=demo.seed, image_size=demo.image_size, workers=_cores())
-    marker.write_text(json.dumps(params))
-    return csv_path
+    if folder.exists():
+        shutil.rmtree(folder)  # a previous demo's set (checked by _check_folders)
+    folder.mkdir(parents=True)
+    marker.write_text(json.dumps(params))  # first: this folder is the demo's; pairs.csv, written last, completes it
+    return generate(folder, n=demo.pairs, seed=demo.seed, image_size=demo.image_size, workers=cpu_cores())
 
 
-def _shards(cfg: RunConfig, csv_path: Path) -> Path:
-    from data_tools.build import BuildOptions, build_shards
-    from data_tools.images import ImageOptions
-
+def _shards(cfg: DemoRunConfig, csv_path: Path) -> Path:
     out = Path(cfg.demo.data_dir) / "shards"
-    opts = BuildOptions(
-        image=ImageOptions(image_size=cfg.demo.image_size, resize_mode="border"),
-        keep_cols=("kind", "hard_negatives"),
-        shard_size=cfg.demo.shard_size,
-        workers=_cores(),
+    opts = ShardsBuildConfig(
+        inputs=[str(csv_path)], output=str(out), image_size=cfg.demo.image_size, resize_mode="border",
+        keep_cols=["kind", "hard_negatives"], shard_size=cfg.demo.shard_size, workers=cpu_cores(),
     )
     state = out / ".build.json"
     # a rerun resumes (and finds nothing to do); changed parameters start over
-    overwrite = state.exists() and json.loads(state.read_text()).get("options") != opts.fingerprint()
-    build_shards([str(csv_path)], str(out), opts, overwrite=overwrite)
+    overwrite = state.exists() and json.loads(state.read_text()).get("options") != fingerprint(opts)
+    build_shards(opts.model_copy(update={"overwrite": overwrite}))
     return out
 
 
-def _train(cfg: RunConfig, shards: Path) -> Path:
-    from vlp.checkpoint import complete_checkpoints
-    from vlp.config import DataSource
-    from vlp.train import train
+def _train(cfg: DemoRunConfig, shards: Path) -> Path:
+    run = RunConfig.model_validate(cfg.model_dump(exclude={"demo"}))  # what `vlp train` would see
+    run.data.sources = [DataSource(shards=str(shards))]
+    out = Path(run.train.output_dir)
+    if out.exists():
+        shutil.rmtree(out)  # the previous demo run (checked by _check_folders): the demo's run starts fresh
+    claim(out, "run", DEMO, "choose a new train.output_dir")
+    train(run)
+    return complete_checkpoints(Path(run.train.output_dir) / "checkpoints")[-1]
 
-    cfg = cfg.model_copy(deep=True)
-    cfg.data.sources = [DataSource(shards=str(shards))]
-    shutil.rmtree(cfg.train.output_dir, ignore_errors=True)  # the demo's run starts fresh
-    train(cfg)
-    return complete_checkpoints(Path(cfg.train.output_dir) / "checkpoints")[-1]
 
-
-def _eval(cfg: RunConfig, checkpoint: Path) -> dict:
-    from eval.runner import RunOptions, run
-
+def _eval(cfg: DemoRunConfig, checkpoint: Path) -> dict:
     out = Path(cfg.train.output_dir) / "eval"
-    return run(RunOptions(model=str(checkpoint), suite=cfg.demo.eval_suite, out=out))
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return run(EvalConfig(model=str(checkpoint), suite=cfg.demo.eval_suite, out=str(out)))
 
 
 def summary(result: DemoResult) -> str:
@@ -122,7 +116,20 @@ def summary(result: DemoResult) -> str:
     return "\n".join(lines)
 
 
-def run_demo(cfg: RunConfig) -> DemoResult:
+def _check_folders(cfg: DemoRunConfig) -> None:
+    """Before any stage: the demo deletes only what an earlier demo made."""
+    out = Path(cfg.train.output_dir)
+    mark = owner(out) if out.is_dir() else None
+    if out.exists() and (mark or {}).get("command") != DEMO and any(out.iterdir()):
+        raise UserError(f"train.output_dir {out} exists and is not a vlp demo run: the demo starts its run "
+                        "fresh and deletes only its own runs; choose a new train.output_dir")
+    synth = Path(cfg.demo.data_dir) / "synth"
+    if synth.exists() and not (synth / "demo.json").is_file() and any(synth.iterdir()):
+        raise UserError(f"{synth} exists and was not made by vlp demo; choose a new demo.data_dir")
+
+
+def run_demo(cfg: DemoRunConfig) -> DemoResult:
+    _check_folders(cfg)
     seconds: dict[str, float] = {}
 
     def stage(name, fn, *args):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shlex
 
-from vlp.config import LaunchConfig, RunConfig
+from vlp.core.config import LaunchConfig, RunConfig
 
 
 def _train_args(config_path: str | None, overrides: list[str]) -> list[str]:

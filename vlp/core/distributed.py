@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from open_clip import loss as open_clip_loss
 
 _ENV_SCHEMES = (
     # (name, rank, world size, local rank)
@@ -103,7 +104,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> Dis
     """Join the process group the launcher set up (no-op for a single process).
 
     Sets the CUDA device to the local rank, and registers `destroy_distributed` at exit:
-    NOTES saw a rare SIGABRT at interpreter shutdown without it.
+    without it a rare SIGABRT was seen at interpreter shutdown.
     """
     env = detect_env()
     if env.world_size > 1 and not dist.is_initialized():
@@ -138,6 +139,11 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes ((0, 1) without a process group)."""
+    return get_rank(), get_world_size()
 
 
 def find_free_port() -> int:
@@ -201,57 +207,11 @@ def all_gather_replicated(x: torch.Tensor) -> torch.Tensor:
 
 def neighbour_exchange_with_grad(from_rank: int, to_rank: int, x: torch.Tensor) -> torch.Tensor:
     """Send x to `to_rank`, receive from `from_rank`; gradients travel back (open_clip's primitive)."""
-    from open_clip.loss import neighbour_exchange_with_grad as _exchange
-
-    return _exchange(from_rank, to_rank, x)
+    return open_clip_loss.neighbour_exchange_with_grad(from_rank, to_rank, x)
 
 
 def neighbour_exchange_bidir_with_grad(
     left: int, right: int, to_left: torch.Tensor, to_right: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exchange with both neighbours at once; returns (from_right, from_left)."""
-    from open_clip.loss import neighbour_exchange_bidir_with_grad as _exchange
-
-    return _exchange(left, right, to_left, to_right)
-
-
-def reduce_mean(value: float | torch.Tensor) -> float:
-    """Mean of a per-rank scalar over all ranks (for logging per-rank loss terms)."""
-    t = torch.as_tensor(value, dtype=torch.float64).detach().cpu().reshape(())
-    if is_distributed() and dist.get_backend() != "nccl":
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    elif is_distributed():
-        t = t.cuda()
-        dist.all_reduce(t)
-        t = t.cpu() / dist.get_world_size()
-    return float(t)
-
-
-def _local_rank_main(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
-    """Child-process entry of `run_local_ranks`: launcher-like env, process group, fn, teardown."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
-    torch.set_num_threads(1)  # ranks share the machine's cores
-    init_distributed(backend="gloo")
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        destroy_distributed()
-
-
-def run_local_ranks(fn, world_size: int, *args) -> None:
-    """Run fn(rank, world_size, *args) in `world_size` fresh processes joined by a gloo group.
-
-    For tests and single-node CPU experiments: fn must be importable (module level). An
-    exception in any rank is re-raised here with its traceback.
-    """
-    import torch.multiprocessing as mp
-
-    mp.spawn(_local_rank_main, args=(world_size, find_free_port(), fn, args), nprocs=world_size, join=True)
+    return open_clip_loss.neighbour_exchange_bidir_with_grad(left, right, to_left, to_right)

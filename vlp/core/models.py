@@ -2,12 +2,12 @@
 
 We never rewrite encoders: every model is built by `open_clip.create_model_and_transforms`
 from one of its own configs (ViT-B-32, RN50, convnext_base_w, ...) or from the small
-configs shipped in `vlp/model_configs/` (registered with `open_clip.add_model_config`):
+configs shipped in `vlp/core/model_configs/` (registered with `open_clip.add_model_config`):
 
 - `vlp-tiny`: 4-layer width-128 ViT at 64 px with patch 8 (64 patches), 4-layer width-128
-  text tower, context 32, default 49408-token vocabulary. This is the configuration the
-  calibration run in NOTES measured to learn colour, shape, counting and binding on 2 CPU
-  cores in 10-20 minutes. Patch 8, not 16: the synthetic scenes hold 1-6 small shapes in
+  text tower, context 32, default 49408-token vocabulary. This configuration learned colour,
+  shape, counting and binding on the synthetic set in 10-20 minutes on 2 CPU cores (a
+  calibration run made before this project's demo preset). Patch 8, not 16: the synthetic scenes hold 1-6 small shapes in
   64 px, and counting / spatial relations need patches smaller than an object; a 4x4 grid
   of 16 px patches puts several objects in one token.
 - `vlp-tiny-p16`: the same with patch 16 (16 patches): the vision tower, ~70% of the step,
@@ -35,13 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import open_clip
 import torch
 from torch import nn
 
-from vlp.config import LossConfig, ModelConfig
-from vlp.errors import UserError
+from vlp.core.config import LossConfig, ModelConfig
+from vlp.core.errors import UserError
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"  # our small configs for CPU runs
 SOFTMAX_INIT_LOGIT_SCALE = math.log(1 / 0.07)
 SIGMOID_INIT_LOGIT_SCALE = math.log(10.0)
 SIGMOID_INIT_LOGIT_BIAS = -10.0
@@ -52,18 +53,20 @@ _registered = False
 def register_model_configs() -> list[str]:
     """Make our JSON configs known to open_clip (idempotent); returns their names."""
     global _registered
-    import open_clip
-
     if not _registered:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
         _registered = True
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
 
 
+def model_config(name: str) -> dict | None:
+    """open_clip's config for `name` (ours included), or None if it knows no such model."""
+    register_model_configs()
+    return open_clip.get_model_config(name)
+
+
 def list_models() -> list[str]:
     """Every model name `create_model` accepts (open_clip's and ours)."""
-    import open_clip
-
     register_model_configs()
     return open_clip.list_models()
 
@@ -74,8 +77,6 @@ def _logit_init(name: str, loss_cfg: LossConfig | None) -> dict[str, float]:
     Softmax: t = log(1/0.07) unless the model config or loss config says otherwise.
     Sigmoid: t' = log 10 and b = -10 (SigLIP), and the model must have a bias.
     """
-    import open_clip
-
     if loss_cfg is None:
         return {}
     base = open_clip.get_model_config(name) or {}
@@ -117,11 +118,9 @@ def create_model(
     safetensors or `torch.load(weights_only=True)` by open_clip (no arbitrary unpickling),
     and 0-dim or (1,)-shaped logit params both load.
     """
-    import open_clip
-
     register_model_configs()
     if open_clip.get_model_config(cfg.name) is None:
-        raise UserError(f"config key 'model.name': unknown model {cfg.name!r} (see vlp.models.list_models())")
+        raise UserError(f"config key 'model.name': unknown model {cfg.name!r} (see vlp.core.models.list_models())")
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         cfg.name,
         pretrained=_check_pretrained(cfg.pretrained),
@@ -186,6 +185,20 @@ def unwrap(model: Any) -> nn.Module:
     return model
 
 
+def image_normalization(model: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std) the model's image tower expects its input normalised with.
+
+    The one place they are decided: open_clip records them on the vision tower
+    (`visual.image_mean` / `image_std`, from the model's preprocess config); a model
+    without them gets open_clip's default, the OpenAI CLIP statistics. `model` may be
+    wrapped (DDP, DeepSpeed engine).
+    """
+    visual = unwrap(model).visual
+    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return tuple(mean), tuple(std)
+
+
 def to_open_clip_state_dict(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict stock open_clip loads: CPU fp32 copies, 0-dim logit scale/bias, no wrapper prefix.
 
@@ -203,23 +216,3 @@ def to_open_clip_state_dict(model: nn.Module | Mapping[str, torch.Tensor]) -> di
             value = value.reshape(())
         out[key] = value
     return out
-
-
-def save_open_clip_weights(model: nn.Module | Mapping[str, torch.Tensor], path: str | Path) -> Path:
-    """Write `to_open_clip_state_dict(model)` as .safetensors (or torch.save for other suffixes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = to_open_clip_state_dict(model)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, str(path))
-    else:
-        torch.save(state, path)
-    return path
-
-
-def logit_parameters(model: Any) -> list[nn.Parameter]:
-    """The temperature (and bias) parameters: callers usually exclude them from weight decay."""
-    m = unwrap(model)
-    return [p for p in (getattr(m, "logit_scale", None), getattr(m, "logit_bias", None)) if p is not None]

@@ -3,7 +3,11 @@
 Every way a fetch can go wrong maps to one short reason string (the
 `reason` of `FetchError`), so failures.jsonl can be grouped and counted:
 missing_file, empty_file, unreadable_file, too_large, http_<status>,
-timeout, connection_refused, connection_error.
+timeout, connection_refused, connection_error, bad_redirect.
+
+`--timeout` bounds a request as a whole: connecting, the headers and every
+byte of the body, so a server that drips bytes cannot hold a row forever.
+Redirects are followed to http(s) URLs only.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from data_tools.failure import RowFailure
+from vlp.core.errors import RowFailure
 
 USER_AGENT = "vlp-shards/0.1 (image-text dataset builder)"
 
@@ -72,6 +76,8 @@ def _is_timeout(err: BaseException) -> bool:
 
 def _classify(err: BaseException) -> FetchError:
     """Map an exception from urllib into one reason."""
+    if isinstance(err, urllib.error.HTTPError) and 300 <= err.code < 400:  # urllib refused the redirect
+        return FetchError("bad_redirect", f"http_{err.code}: {err.reason}")
     if isinstance(err, urllib.error.HTTPError):
         return FetchError(f"http_{err.code}", str(err.reason))
     inner = err.reason if isinstance(err, urllib.error.URLError) else err
@@ -90,20 +96,49 @@ def _transient(err: FetchError) -> bool:
     return err.reason in ("timeout", "connection_error", "connection_refused")
 
 
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only: never to file://, ftp:// or any other scheme."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urlparse(newurl).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise FetchError("bad_redirect", f"redirect to a {scheme or 'relative'}:// URL refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the whole request took longer than its timeout")
+    return left
+
+
 def _read_http(url: str, opts: FetchOptions) -> bytes:
+    """GET url within `opts.timeout` seconds in all (connect, headers and body), at most max_bytes."""
+    deadline = time.monotonic() + opts.timeout
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    with urllib.request.urlopen(request, timeout=opts.timeout) as resp:
+    with _OPENER.open(request, timeout=opts.timeout) as resp:
         declared = resp.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > opts.max_bytes:
             raise FetchError("too_large", f"{declared} bytes > {opts.max_bytes}")
-        # Read in pieces: http.client's read(n) allocates n bytes up front, and
-        # n = max_bytes (50 MB) per image would dominate the fetch.
+        sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+        # read1 returns what has arrived (read(n) would wait for all n bytes), so a
+        # server dripping a byte at a time cannot hold the row past the deadline.
         parts, size = [], 0
-        while piece := resp.read(1 << 20):
+        while True:
+            if sock is not None:
+                sock.settimeout(_remaining(deadline))
+            piece = resp.read1(1 << 20)
+            if not piece:
+                break
             parts.append(piece)
             size += len(piece)
             if size > opts.max_bytes:
                 raise FetchError("too_large", f"more than {opts.max_bytes} bytes")
+            _remaining(deadline)
         data = b"".join(parts)
     if not data:
         raise FetchError("empty_file", "empty response body")

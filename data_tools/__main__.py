@@ -1,5 +1,0 @@
-import sys
-
-from data_tools.cli import main
-
-sys.exit(main())

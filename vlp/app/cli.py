@@ -1,0 +1,291 @@
+"""The `vlp` command: the one entry point, one subcommand per job, one handler for user errors.
+
+Flags and help come from the config schemas (vlp.core.config, through
+vlp.app.flags), so each default exists once. Every command takes
+`--config FILE.yaml` and `key=value` overrides (dotted for nested keys).
+Command modules are imported only when their command runs, so `vlp --help`
+and `vlp shards ...` never load torch or DeepSpeed, and a config error is
+reported before any heavy import happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+import yaml
+
+from vlp import __version__
+from vlp.app.flags import add_flags, describe_text, given, split_overrides
+from vlp.core.config import (
+    COMMAND_SCHEMAS,
+    CompareConfig,
+    ConfigError,
+    DemoRunConfig,
+    EvalConfig,
+    InspectConfig,
+    LaunchRunConfig,
+    RunConfig,
+    ShardsBuildConfig,
+    SynthConfig,
+    VerifyConfig,
+    dump_config,
+    load,
+)
+from vlp.core.errors import UserError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _config(args: argparse.Namespace, schema, positional: str | None = None):
+    """The command's config: defaults <- --config YAML <- key=value overrides <- flags."""
+    words = list(getattr(args, positional, []) or []) if positional else list(getattr(args, "overrides", []))
+    overrides, rest = split_overrides(words, schema)
+    overrides += getattr(args, "set", None) or []
+    flags = given(args, schema)
+    if positional and rest:
+        many = schema.model_fields[positional].annotation is not str
+        flags[positional] = rest if many or len(rest) > 1 else rest[0]
+    elif rest:
+        raise UserError(f"not a key=value override: {rest[0]!r} (see `vlp config show --describe`)")
+    try:
+        return load(schema, args.config, overrides, flags)
+    except ConfigError as err:  # name the flag the user typed, when it was one
+        message = str(err)
+        for name in flags:
+            message = message.replace(f"key '{name}'", f"key '{name}' (--{name.replace('_', '-')})", 1)
+        raise ConfigError(message) from None
+
+
+# ------------------------------------------------------------------ handlers
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = _config(args, RunConfig)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    from vlp.app.evalhook import periodic_eval
+    from vlp.train import train
+
+    train(cfg, periodic_eval(cfg))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    cfg = _config(args, DemoRunConfig)
+    from vlp.app.demo import run_demo, summary
+
+    print(summary(run_demo(cfg)))
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    cfg = _config(args, LaunchRunConfig)
+    if not args.dry_run:
+        raise UserError("only --dry-run is supported: vlp launch prints the commands, it does not run them")
+    from vlp.app.launch import describe
+
+    print(describe(cfg, args.config, args.overrides))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from vlp.export import export
+
+    out, name = export(args.checkpoint, args.out)
+    print(f"wrote {out} (open_clip model {name!r})")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    cfg = _config(args, ShardsBuildConfig, positional="inputs")
+    from vlp.data_tools.build import build_shards
+
+    print(build_shards(cfg, progress=not cfg.quiet).line())
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    cfg = _config(args, InspectConfig, positional="dir")
+    from vlp.data_tools.inspection import inspect_shards
+
+    print(inspect_shards(_one(cfg.dir, "a shard folder"), samples=cfg.samples))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    cfg = _config(args, VerifyConfig, positional="dir")
+    from vlp.data_tools.verify import verify_shards
+
+    result = verify_shards(_one(cfg.dir, "a shard folder"), progress=not cfg.quiet)
+    print(result.line())
+    return 0 if result.ok else 1
+
+
+def _synth(args: argparse.Namespace) -> int:
+    cfg = _config(args, SynthConfig)
+    if not cfg.out:
+        raise UserError("vlp shards synth: --out DIR is required")
+    from vlp.data_tools.synth import generate
+
+    csv_path = generate(cfg.out, n=cfg.n, seed=cfg.seed, image_size=cfg.image_size, workers=cfg.workers)
+    print(f"wrote {cfg.n} synthetic pairs: {csv_path}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    cfg = _config(args, EvalConfig)
+    from vlp.core.distributed import get_rank
+    from vlp.eval.runner import run
+
+    report = run(cfg)
+    if get_rank() == 0:
+        for name, s in report["summary"].items():
+            value = "n/a" if s["value"] is None else f"{s['value']:.4f}"
+            print(f"{name:<28} {s['metric']:<28} {value}")
+        print(f"wrote {os.path.join(cfg.out, 'report.json')} and {os.path.join(cfg.out, 'report.html')}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    cfg = _config(args, CompareConfig, positional="reports")
+    from vlp.eval.compare import compare
+
+    text, html_path = compare(cfg.reports[0], cfg.reports[1], cfg.out)
+    print(text)
+    print(f"wrote {html_path}")
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    schema = COMMAND_SCHEMAS[args.name]
+    if args.describe:
+        print(f"{args.name}: {schema.__doc__.strip().splitlines()[0]}\n")
+        print(describe_text(schema))
+    else:
+        print(yaml.safe_dump(schema().model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _one(value: str, what: str) -> str:
+    if not value:
+        raise UserError(f"give {what}")
+    return value
+
+
+# ------------------------------------------------------------------ parsers
+
+
+def _command(sub, name: str, func: Handler, schema, help: str, examples: list[str], *, flags: bool,
+             overrides: bool = True) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with the schema's keys (or flags) and examples."""
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
+    if not flags:
+        epilog = f"config keys (key=value overrides, dotted):\n{describe_text(schema)}\n\n{epilog}"
+    p = sub.add_parser(name, help=help, description=(schema.__doc__ or help).strip(), epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config file (keys as in `vlp config show`)")
+    if flags:
+        add_flags(p, schema)
+        p.add_argument("--set", action="append", metavar="key=value", help="override a key (repeatable)")
+    elif overrides:
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.set_defaults(func=func)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlp", description="CLIP-style image-text pretraining")
+    parser.add_argument("--version", action="version", version=f"vlp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    shards = sub.add_parser("shards", help="build, inspect and verify webdataset shards")
+    ssub = shards.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
+    _command(ssub, "build", _build, ShardsBuildConfig, "raw image/text pairs -> webdataset shards", [
+        "vlp shards build pairs.csv --output shards/ --image-size 256",
+        "vlp shards build a.parquet b.jsonl.gz photos/ --output shards/ --keep-cols license,width",
+        "vlp shards build --config build.yaml shard_size=5000"], flags=True)
+    _command(ssub, "inspect", _inspect, InspectConfig, "counts, histograms and sample captions of a shard folder",
+             ["vlp shards inspect shards/"], flags=True)
+    _command(ssub, "verify", _verify, VerifyConfig, "read every sample back and check it against manifest.json",
+             ["vlp shards verify shards/"], flags=True)
+    _command(ssub, "synth", _synth, SynthConfig, "synthetic shape/caption pairs (the embedded default)",
+             ["vlp shards synth --out data/synth --n 10000 --seed 0"], flags=True)
+
+    ev = _command(sub, "eval", _eval, EvalConfig, "evaluate a model on a suite: report.json + report.html", [
+        "vlp eval --model runs/demo --suite default --out reports/demo",
+        "vlp eval --model ViT-B-32 --weights weights.bin --suite eval/suites/public.yaml --out reports/b32",
+        "vlp eval compare reports/untrained reports/demo"], flags=True)
+    esub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
+    _command(esub, "compare", _compare, CompareConfig, "two reports side by side with deltas; writes compare.html",
+             ["vlp eval compare reports/a reports/b --out reports/"], flags=True)
+
+    p = _command(sub, "train", _train, RunConfig, "pretrain a dual encoder under DeepSpeed", [
+        "vlp train --config configs/default.yaml",
+        "vlp train --config configs/demo.yaml train.samples=200000 optim.lr=1e-3",
+        "torchrun --nproc_per_node 8 -m vlp train --config configs/vit-b-16-gpu.yaml"], flags=False)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    p = _command(sub, "demo", _demo, DemoRunConfig, "synthetic data -> shards -> trained tiny model -> report", [
+        "vlp demo", "vlp demo train.micro_batch_size=64", "vlp demo --config configs/demo.yaml demo.pairs=20000"],
+        flags=False)
+    p.set_defaults(config="configs/demo.yaml")
+
+    p = _command(sub, "launch", _launch, LaunchRunConfig, "print the per-node launch commands for the config's cluster", [
+        "vlp launch --config configs/vit-b-16-gpu.yaml launch.launcher=torchrun launch.nodes=2 --dry-run"],
+        flags=False)
+    p.add_argument("--dry-run", action="store_true", help="print the commands (the only mode)")
+
+    p = sub.add_parser("export", help="write a checkpoint's weights as an open_clip safetensors file",
+                       epilog="examples:\n  vlp export runs/demo --out model.safetensors",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint folder, a run folder (newest checkpoint) or a .safetensors")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("config", help="print a command's config keys (with types, defaults, descriptions)")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    show = csub.add_parser("show", help="the defaults as YAML, or every key described",
+                           epilog="examples:\n  vlp config show train --describe\n  vlp config show shards > build.yaml",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    show.add_argument("name", choices=sorted(COMMAND_SCHEMAS), help="which command's schema")
+    show.add_argument("--describe", action="store_true", help="one line per key: type = default, description")
+    show.set_defaults(func=_config_show)
+    return parser
+
+
+def _take_local_rank(argv: list[str]) -> list[str]:
+    """The DeepSpeed launcher inserts --local_rank=N before our subcommand; honour it via LOCAL_RANK."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(_take_local_rank(list(sys.argv[1:] if argv is None else argv)))
+    func: Handler = args.func
+    try:
+        return func(args) or 0
+    except UserError as err:
+        print(f"vlp: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""The config schema family: one pydantic schema per command, side by side, and how they load.
+
+    vlp train   RunConfig          sections data, model, loss, optim, train
+    vlp demo    DemoRunConfig      RunConfig + demo
+    vlp launch  LaunchRunConfig    RunConfig + launch
+    vlp shards  ShardsBuildConfig, SynthConfig, InspectConfig, VerifyConfig (flat)
+    vlp eval    EvalConfig, CompareConfig (flat)
+
+Every default and description exists once, here: the CLI generates each
+command's flags and help from these schemas (vlp.app.flags), and
+`vlp config show NAME --describe` prints them. Values come from the
+defaults, then a YAML file (`--config`), then `key=value` overrides (dotted
+for nested sections), then explicit flags, and are validated before any
+work starts: a bad key or value is a one-line `ConfigError` that names the
+key, so a typo fails in a second instead of an hour into a job.
+
+One YAML run file may hold the sections of several commands (a preset for
+`vlp demo` also carries `demo:`, a cluster file `launch:`); each command
+validates the sibling sections it does not use and ignores them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from vlp.core.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config problem, phrased as one line that names the key."""
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def cpu_cores() -> int:
+    """Cores this process may use (the default worker count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Section(BaseModel):
+    # extra="forbid": an unknown key is an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _split_commas(value: Any) -> Any:
+    """'a,b' -> ['a', 'b'] (the CLI's form of a list); lists pass through."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], BeforeValidator(_split_commas)]
+
+
+def positional(description: str) -> dict:
+    """Field(**positional(...)): the CLI takes this field as positional arguments."""
+    return {"description": description, "json_schema_extra": {"positional": True}}
+
+
+class DataSource(Section):
+    """One stream of shards; several sources are mixed by weight."""
+
+    shards: str = Field(description="brace spec, local path, http URL or 'pipe:' command")
+    weight: float = Field(1.0, gt=0)
+    manifest: str | None = Field(None, description="manifest.json with per-shard sample counts")
+
+
+class AugmentConfig(Section):
+    scale_min: float = Field(0.9, gt=0, le=1)
+    scale_max: float = Field(1.0, gt=0, le=1)
+    ratio_min: float = Field(3 / 4, gt=0)
+    ratio_max: float = Field(4 / 3, gt=0)
+    color_jitter: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AugmentConfig:
+        if self.scale_min > self.scale_max:
+            raise ValueError("scale_min must be <= scale_max")
+        if self.ratio_min > self.ratio_max:
+            raise ValueError("ratio_min must be <= ratio_max")
+        return self
+
+
+class DataConfig(Section):
+    sources: list[DataSource] = Field(
+        default_factory=lambda: [DataSource(shards="data/shards", manifest=None)]
+    )
+    split: Literal["exact", "resampled"] = "exact"
+    samples_per_epoch: int | None = Field(None, gt=0, description="required for split=resampled")
+    shuffle_buffer: int = Field(1000, ge=0)
+    workers: int = Field(2, ge=0)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    hard_negatives: int = Field(0, ge=0, description="extra negative captions per image")
+    hard_negatives_from_step: int = Field(
+        0, ge=0, description="first step whose batches carry hard negatives (learn the easy facts first)"
+    )
+
+
+class ModelConfig(Section):
+    name: str = "vlp-tiny"
+    pretrained: str | None = Field(None, description="local weights file for the model")
+    lock_image: bool = False
+    lock_text: bool = False
+    grad_checkpointing: bool = False
+    patch_dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class LossConfig(Section):
+    kind: Literal["softmax", "sigmoid"] = "softmax"
+    gather_with_grad: bool = True
+    local_loss: bool = False
+    sigmoid_chunked: bool = True
+    init_logit_scale: float | None = Field(None, description="default: log(1/0.07) softmax, log(10) sigmoid")
+    init_logit_bias: float | None = Field(None, description="default: -10 (sigmoid only)")
+    max_logit_scale: float = Field(100.0, gt=0)
+    decoupled: bool = Field(False, description="drop the positive from the softmax denominator (DCL)")
+    align_uniform: float = Field(0.0, ge=0, description="weight of the alignment + uniformity term")
+    hard_negative_weight: float = Field(1.0, ge=0)
+    hard_negative_mode: Literal["denominator", "pairwise"] = Field(
+        "denominator",
+        description="denominator: extra columns of the image->text softmax; pairwise: a separate term "
+        "-log(e^pos / (e^pos + sum e^neg)) per image, times hard_negative_weight (Paiss et al. 2023)",
+    )
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.98, ge=0, lt=1)
+    eps: float = Field(1e-6, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(50, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(128, gt=0, description="contrastive batch per rank")
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="chunk for gradient caching; None = the whole batch at once"
+    )
+    samples: int | None = Field(20_000, gt=0, description="length in samples seen (global)")
+    steps: int | None = Field(None, gt=0, description="length in optimizer steps (overrides samples)")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    deepspeed_config: str | None = Field(
+        None, description="DeepSpeed JSON merged over the generated config (launch/ds_zero*.json)"
+    )
+    seed: int = 0
+    output_dir: str = "runs/default"
+    checkpoint_every: int = Field(200, gt=0, description="steps between checkpoints")
+    keep_last: int = Field(2, gt=0)
+    resume: str | None = Field(None, description="'auto', a checkpoint path, or None")
+    eval_every: int | None = Field(None, gt=0, description="steps between zero-shot evals")
+    eval_suite: str | None = None
+    log_keys: bool = Field(False, description="write every step's sample keys to metrics.jsonl")
+
+    @model_validator(mode="after")
+    def _chunks_divide(self) -> TrainConfig:
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) must divide batch_size ({self.batch_size})"
+            )
+        if self.samples is None and self.steps is None:
+            raise ValueError("set samples or steps")
+        return self
+
+
+class LaunchConfig(Section):
+    """The cluster `vlp launch --dry-run` prints commands for."""
+
+    launcher: Literal["torchrun", "deepspeed", "slurm", "accelerate"] = "torchrun"
+    nodes: int = Field(1, gt=0)
+    procs_per_node: int = Field(1, gt=0)
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(29500, gt=0, lt=65536)
+    hostfile: str | None = None
+
+
+class DemoConfig(Section):
+    """What `vlp demo` generates and evaluates around the training run."""
+
+    pairs: int = Field(50_000, gt=0, description="synthetic training pairs")
+    seed: int = 0
+    image_size: int = Field(64, ge=16)
+    shard_size: int = Field(2000, gt=0)
+    data_dir: str = "data/demo"
+    eval_suite: str = "default"
+
+
+class RunConfig(Section):
+    """`vlp train`: everything one training run uses."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class DemoRunConfig(RunConfig):
+    """`vlp demo`: a training run plus the data it makes and the suite it evaluates on."""
+
+    demo: DemoConfig = Field(default_factory=DemoConfig)
+
+
+class LaunchRunConfig(RunConfig):
+    """`vlp launch`: a training run plus the cluster it runs on."""
+
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+
+# Sections a run file may carry for a sibling command (validated, then ignored).
+SIBLING_SECTIONS: dict[str, type[Section]] = {"demo": DemoConfig, "launch": LaunchConfig}
+
+
+class ShardsBuildConfig(Section):
+    """`vlp shards build`: raw image/text pairs -> webdataset shards (flags follow img2dataset's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inputs: list[str] = Field(default_factory=list, **positional(
+        "CSV/TSV/Parquet/JSONL files (optionally .gz) or image folders"))
+    output: str = Field("", description="output folder for the shards (required)")
+    url_col: str = Field("url", description="column holding the image path or URL")
+    caption_col: str = Field("caption", description="column holding the caption")
+    keep_cols: CommaList = Field(default_factory=list, description="extra columns copied into each sample's json (a,b)")
+    image_size: int = Field(256, gt=0, description="target side in pixels")
+    resize_mode: Literal["no", "border", "keep_ratio", "center_crop"] = Field(
+        "border", description="border: pad to a square; keep_ratio: shorter side; center_crop; no")
+    resize_only_if_bigger: bool = Field(False, description="never upscale")
+    encode_format: Literal["jpg", "webp", "png"] = Field("jpg", description="image format in the tar")
+    encode_quality: int = Field(95, ge=1, le=100, description="jpg/webp quality")
+    min_image_size: int = Field(0, ge=0, description="reject images whose smaller side is below this")
+    max_aspect_ratio: float = Field(float("inf"), ge=1, description="reject images with longer/shorter above this")
+    max_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb limit (width x height)")
+    caption_max_chars: int = Field(512, gt=0, description="captions are cut (at a word) to this length")
+    caption_reject_chars: int = Field(10_000, gt=0, description="captions longer than this are rejected")
+    dedup: bool = Field(True, description="write exact duplicate images (same sha256) once")
+    shard_size: int = Field(10_000, gt=0, description="input rows per shard")
+    workers: int = Field(default_factory=cpu_cores, ge=0, description="worker processes (0: in-process; default: all cores)")
+    threads: int = Field(16, ge=1, description="concurrent fetches per worker")
+    timeout: float = Field(10.0, gt=0, description="per-request timeout, seconds")
+    retries: int = Field(2, ge=0, description="retries for transient http errors")
+    max_bytes: int = Field(50_000_000, gt=0, description="largest image file accepted, bytes")
+    overwrite: bool = Field(False, description="delete an existing build in the output folder and start over")
+    quiet: bool = Field(False, description="no progress bar")
+
+    @model_validator(mode="after")
+    def _caption_limits(self) -> ShardsBuildConfig:
+        if self.caption_reject_chars < self.caption_max_chars:
+            raise ValueError("caption_reject_chars must be >= caption_max_chars")
+        return self
+
+
+class SynthConfig(Section):
+    """`vlp shards synth`: synthetic shape/caption pairs (the embedded default's data)."""
+
+    out: str = Field("", description="output folder for pairs.csv and images/ (required)")
+    n: int = Field(10_000, ge=0, description="number of pairs")
+    seed: int = Field(0, description="data set seed (each item has its own RNG from (seed, index))")
+    image_size: int = Field(64, ge=16, description="image side in pixels")
+    workers: int = Field(default_factory=cpu_cores, ge=0, description="worker processes (default: all cores)")
+
+
+class InspectConfig(Section):
+    """`vlp shards inspect`: counts, failure reasons, histograms and sample captions of a shard folder."""
+
+    dir: str = Field("", **positional("a shard folder (with manifest.json)"))
+    samples: int = Field(5, ge=0, description="sample captions to show")
+
+
+class VerifyConfig(Section):
+    """`vlp shards verify`: read every sample back with webdataset and check it against the manifest."""
+
+    dir: str = Field("", **positional("a shard folder (with manifest.json)"))
+    quiet: bool = Field(False, description="no progress bar")
+
+
+class EvalConfig(Section):
+    """`vlp eval`: one model on a suite -> report.json + report.html."""
+
+    model: str = Field("", description="open_clip model name, exported .safetensors, checkpoint or run folder (required)")
+    weights: str | None = Field(None, description="local weights file for a model given by name")
+    random_init: bool = Field(False, description="allow a model given by name to run untrained")
+    suite: str = Field("default", description="suite YAML, or a shipped suite name")
+    out: str = Field("", description="output folder for report.json, report.html, skipped.jsonl (required)")
+    cache_dir: str | None = Field(None, description="where synthetic sets are written (default: $VLP_CACHE_DIR or ~/.cache/vlp/eval)")
+    only: CommaList | None = Field(None, description="task names to run from the suite (a,b)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on a GPU")
+    batch_size: int = Field(256, gt=0, description="images or texts encoded at once")
+    workers: int = Field(4, ge=1, description="threads loading and preprocessing images")
+    seed: int = Field(0, description="seed for --random-init")
+    quiet: bool = Field(False, description="no progress bars")
+
+
+class CompareConfig(Section):
+    """`vlp eval compare`: two reports side by side with deltas -> compare.html."""
+
+    reports: list[str] = Field(default_factory=list, **positional("two report.json files (or folders holding one)"))
+    out: str | None = Field(None, description="folder for compare.html (default: the working directory)")
+
+    @model_validator(mode="after")
+    def _two(self) -> CompareConfig:
+        if len(self.reports) != 2:
+            raise ValueError(f"give exactly two reports, got {len(self.reports)}")
+        return self
+
+
+# What `vlp config show NAME` prints.
+COMMAND_SCHEMAS: dict[str, type[Section]] = {
+    "train": RunConfig,
+    "demo": DemoRunConfig,
+    "launch": LaunchRunConfig,
+    "shards": ShardsBuildConfig,
+    "synth": SynthConfig,
+    "eval": EvalConfig,
+}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'optim.lr=1e-3' -> (['optim', 'lr'], 0.001). Values are read as YAML scalars."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    # PyYAML (YAML 1.1) reads '1e-3' as a string; pydantic turns it into a float
+    # where a float is wanted, so strings are left for validation to coerce.
+    return key.split("."), value
+
+
+def _set_dotted(tree: dict, path: list[str], value: Any, text: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{'.'.join(path[: i + 1])}' is not a section (override {text!r})")
+        node = child
+    node[path[-1]] = value
+
+
+def _key_name(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the section that holds loc[-1], for 'unknown key' errors."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        if inner:  # list[DataSource] and the like
+            ann = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def _format_error(err: ValidationError, model: type[BaseModel]) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    key = _key_name(loc) or "<top level>"
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, loc)
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"unknown config key '{key}'{hint}"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) or first["type"] == "value_error" else f" (got {got!r})"
+    more = len(err.errors()) - 1
+    tail = f"; and {more} more problem(s)" if more > 0 else ""
+    return f"config key '{key}': {msg}{shown}{tail}"
+
+
+def validate_tree(tree: dict, model: type[S]) -> S:
+    """`tree` validated against `model`; sibling run-file sections are checked, then dropped."""
+    if issubclass(model, RunConfig):
+        tree = dict(tree)
+        for name, section in SIBLING_SECTIONS.items():
+            if name in tree and name not in model.model_fields:
+                _validate(section, tree.pop(name) or {}, prefix=name)
+    return _validate(model, tree)
+
+
+def _validate(model: type[S], tree: Any, prefix: str = "") -> S:
+    try:
+        return model.model_validate(tree)
+    except ValidationError as err:
+        message = _format_error(err, model)
+        if prefix:
+            message = message.replace("key '", f"key '{prefix}.", 1)
+        if model is RunConfig or issubclass(model, RunConfig):
+            extra = sorted(set(model.model_fields) | set(SIBLING_SECTIONS))
+            message = re.sub(r"unknown config key '([^'.]+)' \(allowed: [^)]*\)",
+                             lambda m: f"unknown config key '{m.group(1)}' (allowed: {', '.join(extra)})", message)
+        raise ConfigError(message) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A config file's top-level mapping ({} for an empty file), or a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: not valid YAML") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of keys")
+    return loaded or {}
+
+
+def load(
+    model: type[S], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+    flags: dict[str, Any] | None = None,
+) -> S:
+    """Defaults <- YAML file <- `key=value` overrides <- explicit flags, validated (one-line ConfigError)."""
+    tree = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_dotted(tree, keys, value, text)
+    for key, value in (flags or {}).items():
+        _set_dotted(tree, key.split("."), value, key)
+    return validate_tree(tree, model)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), model: type[S] = RunConfig
+) -> S:
+    """A run file (`vlp train`'s schema unless another is named): defaults <- YAML <- overrides."""
+    return load(model, path, overrides)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML (stored in checkpoints and run folders)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,117 @@
+"""The one image-decoding policy: every image vlp reads becomes RGB pixels here.
+
+The shard builder, the training loader and the eval package all decode
+through `open_image` + `to_rgb_pixels`, so a picture means the same pixels
+in training and in evaluation:
+
+- the pixel count is checked from the header, before any pixel is decoded
+  (a decompression bomb is refused, with our own limit: PIL's global one may
+  be switched off by other code in the process);
+- EXIF orientation is applied;
+- transparency (RGBA, LA, PA, P with a transparent colour) is composited on
+  white: a transparent logo read as black-on-black would be unreadable, and
+  `convert("RGB")` keeps whatever colour the transparent pixels store;
+- CMYK, 16-bit and float images are brought to 8-bit RGB.
+
+Failures raise `ImageError` with a short reason (not_an_image,
+unsupported_format, decompression_bomb, truncated_image, decode_error,
+corrupt_image) that callers count or report.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlp.core.errors import RowFailure
+
+MAX_PIXELS = 89_478_485  # PIL's default decompression-bomb limit
+ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+# File suffixes we read as images, and the member extensions an image has in a tar shard.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+EXIF_ORIENTATION = 0x0112
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+# We check the pixel count ourselves, against a limit the caller chooses.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(RowFailure):
+    """An image that cannot be used; `reason` is one of the codes in the module docstring."""
+
+
+def open_image(data: bytes, suffix: str = "", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Parse the header of `data` (no pixels decoded yet) and refuse what we will not decode."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        if suffix and suffix.lower() not in IMAGE_SUFFIXES:
+            raise ImageError("unsupported_format", f"not an image format we read ({suffix})") from None
+        raise ImageError("not_an_image", "bytes are not a recognised image") from None
+    except Exception as err:  # a known format whose header is broken can raise nearly anything
+        reason = "truncated_image" if "runcated" in str(err) else "corrupt_image"
+        raise ImageError(reason, f"{type(err).__name__}: {err}") from None
+    if img.format not in ACCEPTED_FORMATS:
+        raise ImageError("unsupported_format", str(img.format))
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError("decompression_bomb", f"{w}x{h} exceeds {max_pixels} pixels")
+    return img
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 when absent or unreadable)."""
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # a broken EXIF block is not worth losing the image over
+        return 1
+
+
+def draft(img: Image.Image, scale: float) -> None:
+    """Let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 size when the caller shrinks it by `scale` anyway."""
+    if img.format in ("JPEG", "MPO") and scale < 0.5:
+        w, h = img.size
+        img.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
+
+
+def _load(img: Image.Image) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+        return ImageOps.exif_transpose(img)
+    except OSError as err:
+        if "truncated" in str(err) or "broken data stream" in str(err):
+            raise ImageError("truncated_image", str(err)) from None
+        raise ImageError("decode_error", str(err)) from None
+    except Exception as err:
+        raise ImageError("decode_error", f"{type(err).__name__}: {err}") from None
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info or img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def to_rgb_pixels(img: Image.Image) -> Image.Image:
+    """Decode an opened image fully: EXIF orientation applied, 8-bit RGB, transparency on white."""
+    return _rgb(_load(img))
+
+
+def decode_rgb(data: bytes, suffix: str = "", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Bytes -> RGB image under the policy above, or ImageError."""
+    return to_rgb_pixels(open_image(data, suffix, max_pixels))

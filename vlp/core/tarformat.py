@@ -1,0 +1,31 @@
+"""How tar members group into webdataset samples: the rule every reader of shards shares.
+
+A member's sample key is its name up to the first dot of its basename, and its
+extension everything after (webdataset's own `base_plus_ext`, used here so
+vlp's readers and the webdataset library can never disagree); the members of
+one sample are contiguous. A dot in a key therefore splits a sample, which is
+why the shard builder writes digit-only keys.
+"""
+
+from __future__ import annotations
+
+import tarfile
+
+from webdataset.tariterators import base_plus_ext
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """'dir/000012.jpg' -> ('dir/000012', 'jpg'); None for a name without an extension."""
+    key, ext = base_plus_ext(name)
+    return None if key is None else (key, ext)
+
+
+def count_tar_samples(path: str) -> int:
+    """Samples in a local tar: its distinct keys."""
+    keys = set()
+    with tarfile.open(path) as tar:
+        for member in tar:
+            parts = split_member(member.name) if member.isfile() else None
+            if parts:
+                keys.add(parts[0])
+    return len(keys)
