@@ -39,7 +39,7 @@ from PIL import Image
 
 from vlp.core.errors import UserError
 from vlp.core.models import register_model_configs
-from vlp.core.weights import META_CONFIG, META_NAME, find_weights, read_metadata
+from vlp.core.weights import META_CONFIG, META_NAME, checked_model_name, find_weights, read_metadata
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -88,6 +88,7 @@ def _from_export(path: Path, source: str) -> ModelSpec:
         raise UserError(
             f"{path} has no '{META_NAME}' metadata; pass the architecture: --model NAME --weights {path}"
         )
+    name = checked_model_name(name, path)
     register_model_configs()
     if META_CONFIG in meta:
         name = _register_config(name, meta[META_CONFIG], path)

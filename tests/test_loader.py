@@ -186,9 +186,13 @@ def test_brace_spec_without_manifest_uses_stats_counts(shards):
     assert sum(s.samples for s in loader.sources[0]) == 223
 
 
-def test_pipe_and_http_shards_with_a_manifest(shards):
+def test_pipe_and_http_shards_with_a_manifest(shards, monkeypatch):
     manifest = str(shards / "manifest.json")
-    pipe = _loader([DataSource(shards=f"pipe:cat {shards}/{{00000..00004}}.tar", manifest=manifest)])
+    spec = f"pipe:cat {shards}/{{00000..00004}}.tar"
+    with pytest.raises(UserError, match="runs a shell command.*VLP_ALLOW_PIPE=1"):
+        _loader([DataSource(shards=spec, manifest=manifest)])  # a config alone cannot run commands
+    monkeypatch.setenv("VLP_ALLOW_PIPE", "1")
+    pipe = _loader([DataSource(shards=spec, manifest=manifest)])
     local = _loader(str(shards))
     assert [b.keys for b in pipe.epoch(0)] == [b.keys for b in local.epoch(0)]
     with serve(shards) as (base, hits):
@@ -197,7 +201,8 @@ def test_pipe_and_http_shards_with_a_manifest(shards):
         assert sum(hits.values()) >= 5
 
 
-def test_remote_shards_without_counts_are_a_config_error(shards):
+def test_remote_shards_without_counts_are_a_config_error(shards, monkeypatch):
+    monkeypatch.setenv("VLP_ALLOW_PIPE", "1")
     with pytest.raises(UserError, match="sample count of pipe:cat .* unknown"):
         _loader(f"pipe:cat {shards}/00000.tar")
 

@@ -13,13 +13,18 @@ A checkpoint is written into `.staging/` and renamed into place by rank 0
 once every rank has written its part, then `vlp_state.json` marks it
 complete. A crash at any moment leaves either the previous checkpoints
 untouched or a staging folder that is ignored and cleared by the next save.
-Loading never unpickles arbitrary objects: RNG files are read with
-`torch.load(weights_only=True)`, the model with safetensors, and DeepSpeed
-reads its own files.
+Every file of a checkpoint is fsynced before the mark, which records each
+file's size and sha256; `train.resume=auto` takes the newest checkpoint that
+verifies and says which it skipped and why. Loading never unpickles
+arbitrary objects: RNG files and DeepSpeed's own files (whose loader is
+replaced on the engine, `use_safe_loading`) go through
+vlp.core.safeload.safe_torch_load, the model through safetensors.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
@@ -30,9 +35,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vlp.core.atomic import fsync_dir, write_json
+from vlp.core.atomic import fsync_dir, write_atomic, write_json
 from vlp.core.errors import UserError
 from vlp.core.ownership import LOCK, FolderLock, claim, owner
+from vlp.core.safeload import safe_torch_load
 from vlp.core.weights import STATE_FILE, WEIGHTS_FILE, complete_checkpoints, write_weights
 
 STAGING = ".staging"
@@ -74,17 +80,79 @@ def claim_run_folder(out: Path) -> FolderLock:
     return FolderLock(out).__enter__()
 
 
-def resolve_resume(resume: str | None, root: Path) -> Path | None:
-    """'auto' -> newest complete checkpoint (or None for a fresh start); a path -> that checkpoint."""
+def _file_record(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _seal(folder: Path) -> dict[str, dict]:
+    """fsync every file of a finished checkpoint and the folder; return their sizes and hashes."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+            files[path.name] = _file_record(path)
+    fsync_dir(folder)
+    return files
+
+
+def _drop_partial(partial: Path, root: Path, step: int, err: BaseException) -> None:
+    """A save failed: remove its partial folder (older checkpoints stay) and say why in one line if we can."""
+    stat = os.statvfs(root)  # before the partial files are removed and free their space
+    full = getattr(err, "errno", None) == errno.ENOSPC or stat.f_bavail * stat.f_frsize < (1 << 20)
+    shutil.rmtree(partial, ignore_errors=True)
+    if full:
+        raise UserError(f"no space left on the device while saving checkpoint step {step} in {root}; "
+                        "the partial checkpoint was removed, older checkpoints are intact") from None
+    raise err
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted, or None if its mark and every file it lists check out."""
+    try:
+        mark = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        return f"completion mark {STATE_FILE} unreadable ({type(err).__name__})"
+    files = mark.get("files") if isinstance(mark, dict) else None
+    if not isinstance(files, dict) or not files:
+        return f"completion mark {STATE_FILE} lists no files"
+    for name, want in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != want.get("size"):
+            return f"{name} has {file.stat().st_size} bytes, the mark says {want.get('size')}"
+        if _file_record(file)["sha256"] != want.get("sha256"):
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def resolve_resume(resume: str | None, root: Path, say=print) -> Path | None:
+    """'auto' -> the newest checkpoint that verifies (or None for a fresh start); a path -> that checkpoint.
+
+    A checkpoint that does not verify (a torn or truncated file, a missing one)
+    is skipped with a line saying why, and the next older one is tried.
+    """
     if resume is None:
         return None
-    if resume == "auto":
-        done = complete_checkpoints(root)
-        return done[-1] if done else None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"config key 'train.resume': {resume} is not a complete vlp checkpoint")
-    return path
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise UserError(f"config key 'train.resume': {resume} is not a complete vlp checkpoint")
+        problem = verify_checkpoint(path)
+        if problem:
+            raise UserError(f"config key 'train.resume': checkpoint {path} does not verify: {problem}")
+        return path
+    for path in reversed(complete_checkpoints(root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        say(f"skipping checkpoint {path}: {problem}")
+    return None
 
 
 def rng_state() -> dict[str, Any]:
@@ -121,19 +189,26 @@ def save_checkpoint(
         shutil.rmtree(staging / tag, ignore_errors=True)
         staging.mkdir(parents=True, exist_ok=True)
     _barrier()
-    engine.save_checkpoint(str(staging), tag=tag, client_state={"vlp": state}, save_latest=False)
-    torch.save(rng_state(), staging / tag / f"rng_rank{rank}.pt")
+    try:
+        engine.save_checkpoint(str(staging), tag=tag, client_state={"vlp": state}, save_latest=False)
+        torch.save(rng_state(), staging / tag / f"rng_rank{rank}.pt")
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
+        _drop_partial(staging / tag, root, step, err)
     weights = model_weights()
     _barrier()
     if rank == 0:
-        if weights is not None:
-            write_weights(weights[0], staging / tag / WEIGHTS_FILE, weights[1])
-        (staging / tag / "config.yaml").write_text(config_yaml)
-        final = root / tag
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging / tag, final)
-        fsync_dir(root)
-        write_json(final / STATE_FILE, state)  # the completion mark, last (fsyncs root)
+        try:
+            if weights is not None:
+                write_weights(weights[0], staging / tag / WEIGHTS_FILE, weights[1])
+            write_atomic(staging / tag / "config.yaml", config_yaml)
+            files = _seal(staging / tag)  # every byte on disk before the mark can say so
+            final = root / tag
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging / tag, final)
+            fsync_dir(root)
+            write_json(final / STATE_FILE, {**state, "files": files})  # the completion mark, last
+        except (OSError, RuntimeError) as err:
+            _drop_partial(staging / tag, root, step, err)
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -149,5 +224,22 @@ def load_checkpoint(engine, path: Path, rank: int) -> dict:
         raise UserError(f"DeepSpeed could not load the checkpoint in {path}")
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((path / STATE_FILE).read_text())
+        set_rng_state(safe_torch_load(rng_file))
+    state = json.loads((path / STATE_FILE).read_text())
+    state.pop("files", None)
+    return state
+
+
+def _deepspeed_checkpoint_types() -> list:
+    """The plain data types DeepSpeed's optimizer files hold besides tensors: the allowlist."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def use_safe_loading(engine) -> None:
+    """Make the engine read its checkpoint files through safe_torch_load (never arbitrary unpickling)."""
+    allowed = _deepspeed_checkpoint_types()
+    engine.checkpoint_engine.load = lambda path, map_location=None: safe_torch_load(path, map_location, allowed)

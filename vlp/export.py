@@ -20,7 +20,14 @@ from safetensors.torch import load_file
 from vlp.core.atomic import write_atomic
 from vlp.core.errors import UserError
 from vlp.core.models import MODEL_CONFIG_DIR, register_model_configs
-from vlp.core.weights import META_CONFIG, META_NAME, find_weights, read_metadata, write_weights
+from vlp.core.weights import (
+    META_CONFIG,
+    META_NAME,
+    checked_model_name,
+    find_weights,
+    read_metadata,
+    write_weights,
+)
 
 
 def export(source: str | Path, out: str | Path) -> tuple[Path, str]:
@@ -30,6 +37,7 @@ def export(source: str | Path, out: str | Path) -> tuple[Path, str]:
     name = meta.get(META_NAME)
     if not name:
         raise UserError(f"{src}: not written by vlp (no {META_NAME} in its metadata)")
+    name = checked_model_name(name, src)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_weights(load_file(str(src)), out, name, metadata=meta)

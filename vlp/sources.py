@@ -12,6 +12,7 @@ tar headers. Remote shards without a manifest are a config error.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import braceexpand
 from vlp.core.config import DataSource
 from vlp.core.errors import UserError
 from vlp.core.tarformat import count_tar_samples
+
+ALLOW_PIPE = "VLP_ALLOW_PIPE"
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,17 @@ def resolve_source(source: DataSource, index: int) -> list[Shard]:
     return shards
 
 
+def check_pipes_allowed(sources: list[DataSource]) -> None:
+    """`pipe:` specs run shell commands (webdataset's design): only when the user opted in, outside the config."""
+    for i, source in enumerate(sources):
+        if "pipe:" in source.shards and os.environ.get(ALLOW_PIPE) != "1":
+            raise UserError(f"data.sources.{i}: {source.shards[:60]!r} runs a shell command; a config may come "
+                            f"from elsewhere, so vlp runs pipe: sources only with {ALLOW_PIPE}=1 in the environment")
+
+
 def resolve_sources(sources: list[DataSource]) -> list[list[Shard]]:
     """Every source's shards with counts; fails before training on a missing or empty source."""
+    check_pipes_allowed(sources)
     resolved = [resolve_source(s, i) for i, s in enumerate(sources)]
     for i, shards in enumerate(resolved):
         if sum(s.samples for s in shards) == 0:

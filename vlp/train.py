@@ -39,6 +39,7 @@ from vlp.checkpoint import (
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
+    use_safe_loading,
 )
 from vlp.core import distributed as vdist
 from vlp.core.atomic import write_atomic
@@ -215,6 +216,7 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=params, config=self.ds_config
         )
+        use_safe_loading(self.engine)  # resuming never unpickles more than tensors and plain data
         self.device = self.engine.device
         size = self.engine.module.visual.image_size
         self.image_size = size[0] if isinstance(size, tuple | list) else size
@@ -247,7 +249,8 @@ class Trainer:
         )
 
     def restore(self) -> Position:
-        path = resolve_resume(self.cfg.train.resume, self.out / "checkpoints")
+        say = (lambda line: print(line, file=sys.stderr)) if self.is_main else (lambda line: None)
+        path = resolve_resume(self.cfg.train.resume, self.out / "checkpoints", say)
         if path is None:
             return Position()
         state = load_checkpoint(self.engine, path, self.env.rank)

@@ -11,6 +11,7 @@ checkpoint is complete once its `vlp_state.json` exists (written last).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +27,8 @@ META_NAME = "vlp_model_name"
 META_CONFIG = "vlp_model_config"
 STATE_FILE = "vlp_state.json"  # a checkpoint's completion mark
 WEIGHTS_FILE = "model.safetensors"
+# A model name read from a file is a name, never a path: it names files (`<name>.json`) later.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -56,6 +59,14 @@ def read_metadata(path: Path) -> dict[str, str]:
             return dict(fh.metadata() or {})
     except Exception as err:  # safetensors raises its own error types for a bad header
         raise UserError(f"cannot read safetensors file {path}: {err}") from None
+
+
+def checked_model_name(name: str, path: Path) -> str:
+    """`name` (read from `path`'s metadata) if it is a plain model name; a one-line UserError otherwise."""
+    if not MODEL_NAME.match(name) or ".." in name:
+        raise UserError(f"{path}: metadata {META_NAME} {name[:80]!r} is not a model name "
+                        "(letters, digits, '.', '_', '+', '-'); the file is not usable as is")
+    return name
 
 
 def write_weights(
