@@ -25,6 +25,7 @@ from vlp.core.config import (
     ConfigError,
     DemoRunConfig,
     EvalConfig,
+    ExportConfig,
     InspectConfig,
     LaunchRunConfig,
     RunConfig,
@@ -93,9 +94,12 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    cfg = _config(args, ExportConfig, positional="checkpoint")
+    if not cfg.out:
+        raise UserError("vlp export: --out FILE.safetensors is required")
     from vlp.export import export
 
-    out, name = export(args.checkpoint, args.out)
+    out, name = export(_one(cfg.checkpoint, "a checkpoint, run folder or .safetensors"), cfg.out)
     print(f"wrote {out} (open_clip model {name!r})")
     return 0
 
@@ -239,12 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         flags=False)
     p.add_argument("--dry-run", action="store_true", help="print the commands (the only mode)")
 
-    p = sub.add_parser("export", help="write a checkpoint's weights as an open_clip safetensors file",
-                       epilog="examples:\n  vlp export runs/demo --out model.safetensors",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint folder, a run folder (newest checkpoint) or a .safetensors")
-    p.add_argument("--out", required=True, help="output .safetensors path")
-    p.set_defaults(func=_export)
+    _command(sub, "export", _export, ExportConfig, "write a checkpoint's weights as an open_clip safetensors file", [
+        "vlp export runs/demo --out model.safetensors",
+        "vlp export runs/demo/checkpoints/step_00000750 --out step750.safetensors"], flags=True)
 
     p = sub.add_parser("config", help="print a command's config keys (with types, defaults, descriptions)")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")

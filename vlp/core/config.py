@@ -320,6 +320,13 @@ class CompareConfig(Section):
         return self
 
 
+class ExportConfig(Section):
+    """`vlp export`: a run's trained weights as an open_clip state dict in safetensors."""
+
+    checkpoint: str = Field("", **positional("a checkpoint folder, a run folder (its newest checkpoint) or a .safetensors"))
+    out: str = Field("", description="output .safetensors path (required)")
+
+
 # What `vlp config show NAME` prints.
 COMMAND_SCHEMAS: dict[str, type[Section]] = {
     "train": RunConfig,
@@ -328,6 +335,7 @@ COMMAND_SCHEMAS: dict[str, type[Section]] = {
     "shards": ShardsBuildConfig,
     "synth": SynthConfig,
     "eval": EvalConfig,
+    "export": ExportConfig,
 }
 
 
