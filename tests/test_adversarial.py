@@ -188,3 +188,47 @@ def test_folder_lock_names_the_holder(tmp_path):
         holder.wait()
     with FolderLock(tmp_path):
         assert (tmp_path / LOCK).read_text().startswith("pid ")
+
+
+# ------------------------------------------------------------------ fail early, in one line
+
+
+@pytest.fixture
+def small_shards(tmp_path, image_dir):
+    csv_path = write_csv(tmp_path / "p.csv", [{"url": "files/a.png", "caption": "a"},
+                                              {"url": "files/b.png", "caption": "b"}])
+    build([csv_path], tmp_path / "shards")
+    return tmp_path / "shards"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.name=vlp-tinny", "unknown model 'vlp-tinny'"),
+    ("model.pretrained=/nonexistent/w.safetensors", "weights file not found"),
+    ("train.deepspeed_config=/nonexistent/ds.json", "train.deepspeed_config"),
+    ("train.resume=/nonexistent/step_1", "is not a complete vlp checkpoint"),
+    ("optim.min_lr=0.1", "min_lr (0.1) must be <= lr"),
+    ("optim.lr=.inf", "optim.lr"),
+    ("train.eval_every=1", "nosuch-suite"),
+])
+def test_train_fails_before_setup_and_before_any_folder(tmp_path, small_shards, capsys, override, needle):
+    out = tmp_path / "run"
+    args = ["train", "model.name=vlp-micro", f"data.sources=[{{shards: '{small_shards}'}}]", "train.steps=1",
+            f"train.output_dir={out}", "train.eval_suite=nosuch-suite", override]
+    err = _one_line_error(capsys, args)
+    assert needle in err, err
+    assert not out.exists()
+
+
+def test_missing_shards_fail_before_any_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    err = _one_line_error(capsys, _train_args(out))
+    assert "data.sources" in err and not out.exists()
+
+
+def test_an_empty_config_file_is_warned_about(tmp_path, capsys):
+    from vlp.core.config import RunConfig, load
+
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load(RunConfig, path) == RunConfig()
+    assert f"config file {path} is empty" in capsys.readouterr().err

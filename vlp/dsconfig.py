@@ -55,6 +55,12 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def check_deepspeed_config(cfg: RunConfig) -> None:
+    """The DeepSpeed JSON the config names exists and parses (before any setup)."""
+    if cfg.train.deepspeed_config:
+        _from_file(cfg.train.deepspeed_config)
+
+
 def _from_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():

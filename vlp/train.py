@@ -44,12 +44,13 @@ from vlp.checkpoint import (
 from vlp.core import distributed as vdist
 from vlp.core.atomic import write_atomic
 from vlp.core.config import RunConfig, dump_config
-from vlp.core.models import create_model, image_normalization
+from vlp.core.models import check_model, create_model, image_normalization
 from vlp.data import Batch, ShardLoader, normalize
-from vlp.dsconfig import deepspeed_config, precision_of, zero_stage_of
+from vlp.dsconfig import check_deepspeed_config, deepspeed_config, precision_of, zero_stage_of
 from vlp.gradcache import GradCache
 from vlp.losses import ContrastiveLoss
 from vlp.schedule import lr_at, make_optimizer, param_groups, set_lr
+from vlp.sources import resolve_sources
 
 
 @dataclass
@@ -177,6 +178,17 @@ def _single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(vdist.find_free_port()))
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Fail in a second, in one line, on what would otherwise fail after setup: the output folder,
+    the shards, the model, its weights, the DeepSpeed JSON, the resume checkpoint."""
+    check_run_folder(Path(cfg.train.output_dir), cfg.train.resume)
+    resolve_sources(cfg.data.sources)
+    check_model(cfg.model)
+    check_deepspeed_config(cfg)
+    if cfg.train.resume not in (None, "auto"):
+        resolve_resume(cfg.train.resume, Path(cfg.train.output_dir) / "checkpoints")
+
+
 class Trainer:
     """Holds what one run needs; `run()` trains until the length in the config."""
 
@@ -185,7 +197,7 @@ class Trainer:
         self.cfg = cfg
         self.evaluate = evaluate
         self.out = Path(cfg.train.output_dir)
-        check_run_folder(self.out, cfg.train.resume)  # before anything is written
+        preflight(cfg)  # everything checkable, before DeepSpeed and before any folder is made
         self.env = vdist.init_distributed()
         if self.env.world_size == 1:
             _single_process_env()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -134,15 +135,21 @@ class LossConfig(Section):
 
 
 class OptimConfig(Section):
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.98, ge=0, lt=1)
     eps: float = Field(1e-6, gt=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(50, ge=0)
-    min_lr: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
+    min_lr: float = Field(0.0, ge=0, allow_inf_nan=False)
+    grad_clip: float | None = Field(1.0, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _min_below_peak(self) -> OptimConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        return self
 
 
 class TrainConfig(Section):
@@ -450,6 +457,8 @@ def load(
 ) -> S:
     """Defaults <- YAML file <- `key=value` overrides <- explicit flags, validated (one-line ConfigError)."""
     tree = read_yaml(path) if path is not None else {}
+    if path is not None and not tree:
+        print(f"vlp: warning: config file {path} is empty; using the defaults", file=sys.stderr)
     for text in overrides:
         keys, value = parse_override(text)
         _set_dotted(tree, keys, value, text)

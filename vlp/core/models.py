@@ -92,6 +92,14 @@ def _logit_init(name: str, loss_cfg: LossConfig | None) -> dict[str, float]:
     return kwargs
 
 
+def check_model(cfg: ModelConfig) -> None:
+    """What can be checked without building the model: the name is known, the weights file exists."""
+    if model_config(cfg.name) is None:
+        raise UserError(f"config key 'model.name': unknown model {cfg.name!r} (open_clip's names or ours: "
+                        f"{', '.join(register_model_configs())})")
+    _check_pretrained(cfg.pretrained)
+
+
 def _check_pretrained(path: str | None) -> str | None:
     """Only local files: open_clip would treat other strings as hub tags and try a download."""
     if path is None:
