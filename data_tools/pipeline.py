@@ -7,7 +7,11 @@ row can never take a build down.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import multiprocessing
+import os
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,6 +21,8 @@ from vlp.data_tools.readers import Row
 
 from vlp.core.errors import RowFailure
 from vlp.core.fetch import FetchOptions, fetch, suffix_of
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,19 @@ _OPTS: RowOptions | None = None
 def init_worker(opts: RowOptions) -> None:
     global _OPTS
     _OPTS = opts
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """A worker never outlives its build: if the parent is killed (even kill -9), the kernel kills it too."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: workers still exit when their queue breaks
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def process_chunk(rows: list[Row], opts: RowOptions | None = None) -> list[RowResult]:

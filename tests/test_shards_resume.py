@@ -97,3 +97,18 @@ def test_a_killed_worker_does_not_lose_rows(slow_input):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr.decode()
     assert tree_bytes(out) == _reference(csv_path, root / "reference")
+
+
+def test_workers_die_with_a_killed_build(tmp_path):
+    """kill -9 of the builder leaves no orphan worker fetching on (the kernel kills them with it)."""
+    www = tmp_path / "www"
+    save(noise_image(48, 40), www / "a.jpg", quality=90)
+    with serve(www) as (base, _):
+        rows = [{"url": f"{base}/slow/30/a.jpg", "caption": f"image {i}"} for i in range(8)]
+        proc = _start(write_csv(tmp_path / "pairs.csv", rows), tmp_path / "out")
+        _wait_for(lambda: len(_worker_pids(proc.pid)) >= 1)
+        workers = _worker_pids(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)  # the builder alone, not its process group
+        proc.wait()
+        # well before the server answers (30 s), the workers are gone
+        _wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=10.0)
