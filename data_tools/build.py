@@ -48,6 +48,7 @@ from vlp.core.config import ShardsBuildConfig
 from vlp.core.errors import UserError
 from vlp.core.fetch import FetchOptions
 from vlp.core.ownership import FolderLock, claim
+from vlp.core.processes import die_with_parent
 
 STATE_FILE = ".build.json"
 OWN_FILE = re.compile(
@@ -189,7 +190,7 @@ def _crash_results(rows: list[Row], opts: RowOptions) -> list[RowResult]:
     """A chunk that killed its worker twice: retry each row alone to find the culprit."""
     results = []
     for row in rows:
-        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as solo:
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=die_with_parent) as solo:
             try:
                 results.extend(solo.submit(process_chunk, [row], opts).result())
             except BrokenProcessPool:

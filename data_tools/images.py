@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from vlp.core.images import ImageError, draft, open_image, orientation, to_rgb_pixels
+from vlp.core.images import ImageError, decoding, draft, open_image, orientation, to_rgb_pixels
 
 ENCODERS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 
@@ -96,9 +96,11 @@ def process_image(data: bytes, suffix: str, opts: ImageOptions) -> EncodedImage:
     img = open_image(data, suffix, opts.max_pixels)
     _check_size(img, opts)
     original = img.size
-    if orientation(img) in (5, 6, 7, 8):
-        original = original[::-1]  # a quarter turn: the displayed image has its sides swapped
     draft(img, _scale(*img.size, opts))
-    img = to_rgb_pixels(img)
-    img = _resize(img, opts)
+    # Full-size pixels exist only inside: the worker's threads share one decode budget.
+    # (Reading a PNG's EXIF decodes it, so the orientation is read inside too.)
+    with decoding(img):
+        if orientation(img) in (5, 6, 7, 8):
+            original = original[::-1]  # a quarter turn: the displayed image has its sides swapped
+        img = _resize(to_rgb_pixels(img), opts)
     return EncodedImage(_encode(img, opts), opts.encode_format, img.width, img.height, *original)

@@ -30,21 +30,36 @@ def text_histogram(values: list[float], bins: int = 8, width: int = 40) -> list[
     ]
 
 
+RECORD_COLUMNS = ("status", "key", "caption", "width", "height", "original_width", "original_height")
+
+
+def _written_records(tar: Path, unreadable: list[str]) -> list[dict]:
+    """The success records of a shard's parquet; a missing or damaged one is named in the report instead."""
+    path = tar.with_suffix(".parquet")
+    try:
+        records = pq.read_table(path, columns=list(RECORD_COLUMNS)).to_pylist()
+    except Exception as err:  # missing file, not parquet, columns missing: reported, not fatal
+        unreadable.append(f"{path.name}: unreadable records ({type(err).__name__}: {str(err)[:120]})")
+        return []
+    return [r for r in records if r["status"] == "success" and None not in r.values()]
+
+
 def inspect_shards(folder: str | Path, samples: int = 5, seed: int = 0) -> str:
     folder = Path(folder)
     manifest = load_manifest(folder)
-    tables = [pq.read_table(folder / (s["name"].removesuffix(".tar") + ".parquet")) for s in manifest["shards"]]
-    written = [r for t in tables for r in t.to_pylist() if r["status"] == "success"]
+    unreadable: list[str] = []
+    written = [r for s in manifest.shards for r in _written_records(folder / s.name, unreadable)]
     lines = [
-        f"{folder}: {len(manifest['shards'])} shards",
-        f"rows={manifest['rows']} written={manifest['written']} failed={manifest['failed']} "
-        f"duplicates={manifest['duplicates']}",
+        f"{folder}: {len(manifest.shards)} shards",
+        f"rows={manifest.rows} written={manifest.written} failed={manifest.failed} "
+        f"duplicates={manifest.duplicates}",
     ]
-    if manifest["failure_reasons"]:
+    lines += unreadable
+    if manifest.failure_reasons:
         lines.append("failure reasons:")
         lines += [f"  {reason:<24} {n}" for reason, n in
-                  sorted(manifest["failure_reasons"].items(), key=lambda kv: -kv[1])]
-    sizes = [s["samples"] for s in manifest["shards"]]
+                  sorted(manifest.failure_reasons.items(), key=lambda kv: -kv[1])]
+    sizes = [s.samples for s in manifest.shards]
     if sizes:
         lines.append(f"samples per shard: min {min(sizes)}, max {max(sizes)}, mean {np.mean(sizes):.1f}")
     lines.append("image width (px):")

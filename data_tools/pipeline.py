@@ -7,11 +7,7 @@ row can never take a build down.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import multiprocessing
-import os
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,8 +17,8 @@ from vlp.data_tools.readers import Row
 
 from vlp.core.errors import RowFailure
 from vlp.core.fetch import FetchOptions, fetch, suffix_of
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+from vlp.core.images import return_freed_pixels
+from vlp.core.processes import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -73,19 +69,7 @@ _OPTS: RowOptions | None = None
 def init_worker(opts: RowOptions) -> None:
     global _OPTS
     _OPTS = opts
-    _die_with_parent()
-
-
-def _die_with_parent() -> None:
-    """A worker never outlives its build: if the parent is killed (even kill -9), the kernel kills it too."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: workers still exit when their queue breaks
-        return
-    parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # the parent died before prctl took effect
-        os._exit(1)
+    die_with_parent()
 
 
 def process_chunk(rows: list[Row], opts: RowOptions | None = None) -> list[RowResult]:
@@ -96,5 +80,6 @@ def process_chunk(rows: list[Row], opts: RowOptions | None = None) -> list[RowRe
     if len(rows) == 1 or opts.threads <= 1:
         return [process_row(r, opts) for r in rows]
     if _THREADS is None:
+        return_freed_pixels()  # the threads decode concurrently
         _THREADS = ThreadPoolExecutor(opts.threads, thread_name_prefix="fetch")
     return list(_THREADS.map(lambda r: process_row(r, opts), rows))

@@ -7,7 +7,9 @@ JSONL line that is not an object) still becomes a Row, carrying the reason in
 
 Problems with an input as a whole (missing file, unknown format, missing
 column) are found by `open_inputs` before any work starts and raised as a
-one-line `UserError`.
+one-line `UserError`. An input that breaks part way (a truncated .gz, a
+damaged Parquet row group) cannot take the build down either: its readable
+rows are kept and one `unreadable_input` row stands for the rest of it.
 """
 
 from __future__ import annotations
@@ -235,6 +237,20 @@ def iter_rows(
             reader = _parquet_rows if inp.kind == "parquet" else _jsonl_rows if inp.kind == "jsonl" else _table_rows
             records = reader(inp, url_col, caption_col, keep_cols)
             base = inp.path.parent
-        for line, ref, caption, extra, error, detail in records:
+        for line, ref, caption, extra, error, detail in _until_unreadable(records, inp):
             yield Row(index, str(inp.path), line, ref, str(base), caption, extra, error, detail)
             index += 1
+
+
+def _until_unreadable(records: Iterator[tuple], inp: InputFile) -> Iterator[tuple]:
+    """The reader's records; if the file breaks part way, one failure record for the rest of it."""
+    line = 0
+    try:
+        for record in records:
+            line = record[0]
+            yield record
+    except UserError:
+        raise
+    except Exception as err:  # truncated gzip, damaged parquet pages, a file gone mid-build
+        detail = f"{inp.path} could not be read after record {line}: {type(err).__name__}: {err}"
+        yield line + 1, None, None, {}, "unreadable_input", detail[:500]

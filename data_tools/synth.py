@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from vlp.core.atomic import atomic_file
 from vlp.core.errors import UserError
+from vlp.core.processes import die_with_parent
 from vlp.core.synth.language import caption, counterfactuals, describe
 from vlp.core.synth.render import render
 from vlp.core.synth.world import Scene, item_rng, sample_scene
@@ -94,5 +95,5 @@ def _run(jobs: list[tuple[str, int, int, int, int]], workers: int) -> Iterable[l
         return
     # spawn, not fork: callers (vlp demo) may have torch's threads running, which fork can deadlock.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, len(jobs))) as pool:
+    with ctx.Pool(min(workers, len(jobs)), initializer=die_with_parent) as pool:
         yield from pool.imap(_write_chunk, jobs)  # imap keeps job order

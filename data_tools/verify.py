@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from vlp.core.errors import UserError
 from vlp.core.images import SHARD_IMAGE_EXTS, decode_rgb
+from vlp.core.manifest import MANIFEST, Manifest, read_manifest
 
 
 @dataclass
@@ -40,14 +41,11 @@ class VerifyResult:
         return f"verify: FAILED: {len(self.problems)} problem(s): {shown}{more}"
 
 
-def load_manifest(folder: Path) -> dict:
-    path = folder / "manifest.json"
+def load_manifest(folder: Path) -> Manifest:
+    path = folder / MANIFEST
     if not path.is_file():
-        raise UserError(f"{folder}: no manifest.json (not a finished vlp shard build)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg})") from None
+        raise UserError(f"{folder}: no {MANIFEST} (not a finished vlp shard build)")
+    return read_manifest(path)
 
 
 def _check_sample(sample: dict, problems: list[str], where: str) -> None:
@@ -91,21 +89,21 @@ def _check_shard(path: Path, expected: int, seen_keys: set[str], problems: list[
 def verify_shards(folder: str | Path, progress: bool = True) -> VerifyResult:
     folder = Path(folder)
     manifest = load_manifest(folder)
-    result = VerifyResult(shards=len(manifest["shards"]))
+    result = VerifyResult(shards=len(manifest.shards))
     problems = result.problems
-    if manifest["rows"] != manifest["written"] + manifest["failed"] + manifest["duplicates"]:
+    if manifest.rows != manifest.written + manifest.failed + manifest.duplicates:
         problems.append("manifest: rows != written + failed + duplicates")
     keys: set[str] = set()
-    for shard in tqdm(manifest["shards"], desc="verify", unit="shard", disable=not progress):
-        path = folder / shard["name"]
+    for shard in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
+        path = folder / shard.name
         if not path.is_file():
-            problems.append(f"{shard['name']}: missing")
+            problems.append(f"{shard.name}: missing")
             continue
-        result.samples += _check_shard(path, shard["samples"], keys, problems)
-    if result.samples != manifest["written"]:
-        problems.append(f"{result.samples} samples in shards, manifest says written={manifest['written']}")
+        result.samples += _check_shard(path, shard.samples, keys, problems)
+    if result.samples != manifest.written:
+        problems.append(f"{result.samples} samples in shards, manifest says written={manifest.written}")
     failures = folder / "failures.jsonl"
-    not_written = manifest["failed"] + manifest["duplicates"]
+    not_written = manifest.failed + manifest.duplicates
     lines = len(failures.read_text().splitlines()) if failures.is_file() else 0
     if lines != not_written:
         problems.append(f"failures.jsonl has {lines} lines, expected failed + duplicates = {not_written}")

@@ -25,6 +25,7 @@ from vlp.eval.parallel import run_sharded
 
 from vlp.core.distributed import rank_and_world
 from vlp.core.fetch import FetchOptions
+from vlp.core.images import return_freed_pixels
 
 
 @dataclass
@@ -92,17 +93,21 @@ class FeatureStore:
     ) -> None:
         batch = self.encoder.batch_size
 
+        return_freed_pixels()  # several threads decode at once
+
         def encode(mine: list[ImageRef]) -> tuple[torch.Tensor, list[tuple[int, ImageFailure]]]:
             out = torch.zeros(len(mine), self.encoder.dim)
             failures: list[tuple[int, ImageFailure]] = []
             with ThreadPoolExecutor(self.workers) as pool:
                 for start in range(0, len(mine), batch):
                     chunk = mine[start : start + batch]
-                    loaded = list(pool.map(lambda r: load_image(r, fetch_opts), chunk))
+                    # Each thread decodes and preprocesses one image under the process's decode budget:
+                    # a batch holds model-sized tensors, never a batch of full-size images.
+                    loaded = list(pool.map(lambda r: load_image(r, fetch_opts, self.encoder.prepare), chunk))
                     ok = [i for i, x in enumerate(loaded) if not isinstance(x, ImageFailure)]
                     failures += [(start + i, x) for i, x in enumerate(loaded) if isinstance(x, ImageFailure)]
                     if ok:
-                        out[[start + i for i in ok]] = self.encoder.encode_images([loaded[i] for i in ok])
+                        out[[start + i for i in ok]] = self.encoder.encode_prepared([loaded[i] for i in ok])
                     bar.update(len(chunk) * world)
             return out, failures
 

@@ -16,15 +16,18 @@ builder's `data_tools.fetch`, so both tools classify failures the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
 from vlp.core.fetch import FetchError, FetchOptions, fetch, is_url
-from vlp.core.images import ImageError, decode_rgb
+from vlp.core.images import ImageError, decoding, open_image, to_rgb_pixels
 
+T = TypeVar("T")
 Box = tuple[float, float, float, float]  # x, y, width, height in pixels (ARO's bbox_x/y/w/h)
 
 
@@ -62,8 +65,8 @@ class ImageFailure:
 
 def resolve(ref: str, root: str | Path) -> ImageRef:
     """An ImageRef for a path relative to `root`, an absolute path, a file:// URL or an http(s) URL."""
-    if is_url(ref) or ("://" in ref and not ref.startswith("file://")):
-        return ImageRef(ref)  # another scheme is kept as is: loading reports it as unsupported
+    if is_url(ref) or ("://" in ref and not ref.startswith("file://")) or "\x00" in ref:
+        return ImageRef(ref)  # another scheme (or no possible path) is kept as is: loading reports it
     if ref.startswith("file://"):
         return ImageRef(str(Path(unquote(urlparse(ref).path)).resolve()))
     path = Path(ref).expanduser()
@@ -83,29 +86,38 @@ def _read_bytes(ref: ImageRef, fetch_opts: FetchOptions) -> bytes:
         raise FetchError("missing_file", ref.source) from None
     except OSError as err:
         raise FetchError("unreadable_file", f"{ref.source}: {err.strerror}") from None
+    except ValueError:  # a NUL byte: no file can have this name
+        raise FetchError("unreadable_file", f"{ref.source!r}: not a possible file name") from None
     if len(data) != ref.size:
         raise FetchError("truncated_tar", f"{ref.source}: member at {ref.offset} is cut short")
     return data
 
 
-def load_image(ref: ImageRef, fetch_opts: FetchOptions | None = None) -> Image.Image | ImageFailure:
-    """The RGB image behind `ref` (cropped if asked), or the reason it cannot be had."""
+def load_image(ref: ImageRef, fetch_opts: FetchOptions | None = None,
+               prepare: Callable[[Image.Image], T] | None = None) -> Image.Image | T | ImageFailure:
+    """The RGB image behind `ref` (cropped if asked), or the reason it cannot be had.
+
+    With `prepare` (the model's preprocessing), the result is `prepare(image)`, made while
+    this process's decode budget is held, so full-size pixels never outlive the call.
+    """
     opts = fetch_opts or FetchOptions(timeout=10.0, retries=1)
     try:
         data = _read_bytes(ref, opts)
     except FetchError as err:
         return ImageFailure(err.reason, err.detail or ref.describe())
+    if ref.crop is not None and (ref.crop[2] <= 0 or ref.crop[3] <= 0):
+        return ImageFailure("empty_crop", f"{ref.describe()}: box {ref.crop}")
     try:
-        image = decode_rgb(data)  # the same pixels training saw (vlp.core.images)
+        opened = open_image(data)
+        with decoding(opened):
+            image = to_rgb_pixels(opened)
+            if ref.crop is not None:
+                x, y, w, h = ref.crop
+                # PIL pads a box that reaches past the edge with black, as ARO's own loader does.
+                image = image.crop((x, y, x + w, y + h))
+            return prepare(image) if prepare else image
     except ImageError as err:
         reason = "image_too_large" if err.reason == "decompression_bomb" else "undecodable_image"
         return ImageFailure(reason, f"{ref.describe()}: {err.reason}: {err.detail}")
     except Exception as err:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError, ...)
         return ImageFailure("undecodable_image", f"{ref.describe()}: {type(err).__name__}: {err}")
-    if ref.crop is None:
-        return image
-    x, y, w, h = ref.crop
-    if w <= 0 or h <= 0:
-        return ImageFailure("empty_crop", f"{ref.describe()}: box {ref.crop}")
-    # PIL pads a box that reaches past the edge with black, as ARO's own loader does.
-    return image.crop((x, y, x + w, y + h))

@@ -183,7 +183,8 @@ class Encoder:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def _prepare(self, image: Image.Image | str | Path) -> torch.Tensor:
+    def prepare(self, image: Image.Image | str | Path) -> torch.Tensor:
+        """The model's preprocessing of one image: the tensor `encode_prepared` takes."""
         if not isinstance(image, Image.Image):
             with Image.open(image) as fh:
                 image = fh.convert("RGB")
@@ -195,11 +196,15 @@ class Encoder:
         out = []
         with ThreadPoolExecutor(self.workers) as pool:
             for start in range(0, len(images), self.batch_size):
-                batch = torch.stack(list(pool.map(self._prepare, images[start : start + self.batch_size])))
-                with self._autocast():
-                    feats = self.model.encode_image(batch.to(self.device))
-                out.append(F.normalize(feats.float(), dim=-1).cpu())
+                out.append(self.encode_prepared(list(pool.map(self.prepare, images[start : start + self.batch_size]))))
         return torch.cat(out) if out else torch.empty(0, getattr(self, "dim", 0))
+
+    @torch.no_grad()
+    def encode_prepared(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(n, dim) normalised features of images already through `prepare` (at most a batch)."""
+        with self._autocast():
+            feats = self.model.encode_image(torch.stack(list(tensors)).to(self.device))
+        return F.normalize(feats.float(), dim=-1).cpu()
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:

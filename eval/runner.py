@@ -32,6 +32,7 @@ from vlp.core.atomic import write_atomic
 from vlp.core.config import EvalConfig
 from vlp.core.distributed import init_distributed, rank_and_world
 from vlp.core.errors import UserError
+from vlp.core.ownership import claim
 
 SCHEMA_VERSION = 1
 SKIPS_SHOWN = 5  # per task on stderr; skipped.jsonl has them all, report.json up to MAX_LISTED_SKIPS
@@ -57,14 +58,24 @@ def _device(choice: str, local_rank: int) -> str:
     return "cpu"
 
 
-def _prepare_out(out: Path) -> None:
-    """Create the output folder now, so a bad --out fails before the model loads."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--out {out}: cannot create the folder ({err.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"--out {out}: folder is not writable")
+def _prepare_out(out: Path, rank: int) -> None:
+    """Claim the output folder (rank 0) before the model loads; every rank stops on its failure.
+
+    Like every vlp output folder it is owned: a new or empty one is marked as an eval report,
+    one vlp made for a report is reused, anything else is refused (report.json of someone
+    else's folder is never overwritten).
+    """
+    problem = None
+    if rank == 0:
+        try:
+            claim(out, "eval", "vlp eval", "choose a new --out folder")
+            if not os.access(out, os.W_OK):
+                raise UserError(f"--out {out}: folder is not writable")
+        except UserError as err:
+            problem = str(err)
+    problem = broadcast_from_main(problem)
+    if problem:
+        raise UserError(problem)
 
 
 def _load_tasks(tasks: list[Task], rank: int) -> None:
@@ -116,11 +127,11 @@ def run(opts: EvalConfig) -> dict[str, Any]:
     env = init_distributed()
     rank, world = rank_and_world()
     device = _device(opts.device, env.local_rank)
-    _prepare_out(out)  # every rank: a failure here must stop them all
     cache_dir = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
     tasks = [TASKS[s.type](s, Context(cache_dir=cache_dir)) for s in suite.tasks]
     started = time.perf_counter()
-    _load_tasks(tasks, rank)
+    _load_tasks(tasks, rank)  # every benchmark file read before the output folder is made
+    _prepare_out(out, rank)
 
     encoder, model_info = load_encoder(
         spec,

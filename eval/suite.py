@@ -105,7 +105,7 @@ def parse_suite(data: Any, source: str) -> Suite:
         if not isinstance(raw, dict):
             raise UserError(f"suite {source}: {label} must be a mapping with 'name', 'type' and 'dataset'")
         kind = raw.get("type")
-        if kind not in TASKS:
+        if not isinstance(kind, str) or kind not in TASKS:
             known = ", ".join(TASKS)
             shown = "no 'type'" if kind is None else f"unknown task type {kind!r}"
             raise UserError(f"suite {source}: {label}: {shown} (known: {known})")

@@ -6,17 +6,23 @@ vlp's is mocked. (Crafted checkpoints and power loss are in their own tests.)
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from http_server import serve
-from shard_helpers import build, failures, noise_image, read_back, save, write_csv
+from shard_helpers import bomb_png, build, failures, noise_image, options, read_back, save, write_csv
 
 from vlp.app.cli import main as vlp_main
 from vlp.core.atomic import TMP_PREFIX
 from vlp.core.errors import UserError
+from vlp.core.images import PixelBudget
 from vlp.core.ownership import LOCK, MARKER
 
 HOLD_LOCK = """
@@ -232,3 +238,180 @@ def test_an_empty_config_file_is_warned_about(tmp_path, capsys):
     path.write_text("")
     assert load(RunConfig, path) == RunConfig()
     assert f"config file {path} is empty" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ hostile files read as inputs
+
+
+def test_a_huge_image_from_a_server_is_refused_before_decoding(image_dir, tmp_path):
+    (image_dir / "bomb.png").write_bytes(bomb_png())
+    with serve(image_dir) as (base, _):
+        rows = [{"url": f"{base}/bomb.png", "caption": "bomb"}, {"url": f"{base}/a.png", "caption": "ok"}]
+        summary = build([write_csv(tmp_path / "p.csv", rows)], tmp_path / "out")
+    assert (summary.written, summary.failed) == (1, 1)
+    assert [f["reason"] for f in failures(tmp_path / "out")] == ["decompression_bomb"]
+
+
+def test_an_input_that_breaks_part_way_keeps_its_rows_and_accounts_for_the_rest(tmp_path, image_dir):
+    rows = [{"url": f"files/{'ab'[i % 2]}.png", "caption": f"row {i} " + "x" * 200} for i in range(400)]
+    packed = gzip.compress(write_csv(tmp_path / "p.csv", rows).read_bytes())
+    (tmp_path / "p.csv.gz").write_bytes(packed[: len(packed) // 2])  # a download cut short
+    summary = build([tmp_path / "p.csv.gz"], tmp_path / "out")
+    broken = [f for f in failures(tmp_path / "out") if f["reason"] == "unreadable_input"]
+    assert len(broken) == 1 and "p.csv.gz could not be read after record" in broken[0]["detail"]
+    assert 0 < summary.written < 400 and summary.rows == summary.written + summary.failed + summary.duplicates
+
+
+@pytest.mark.parametrize("content", [b"not a tar at all", b"truncated"])
+def test_a_shard_that_is_not_a_readable_tar_is_one_line(tmp_path, small_shards, capsys, content):
+    folder = tmp_path / "loose"
+    folder.mkdir()
+    tar = (small_shards / "00000.tar").read_bytes()
+    (folder / "00000.tar").write_bytes(content if content != b"truncated" else tar[: len(tar) // 2 + 7])
+    err = _one_line_error(capsys, ["train", "model.name=vlp-micro", f"data.sources=[{{shards: '{folder}'}}]",
+                                   f"train.output_dir={tmp_path / 'run'}"])
+    assert "00000.tar: not a readable tar shard" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("manifest, needle", [
+    ({"shards": [{"name": "../../outside.tar", "samples": 1}]}, "not a plain .tar file name"),
+    ({"shards": [{"name": "00000.tar", "samples": -3}]}, "greater than or equal to 0"),
+    ({"shards": "all of them"}, "shards"),
+    ([1, 2, 3], "a JSON object"),
+])
+def test_a_hostile_manifest_is_one_line_for_every_reader(tmp_path, small_shards, capsys, manifest, needle):
+    counts = {"rows": 2, "written": 2, "failed": 0, "duplicates": 0}
+    (small_shards / "manifest.json").write_text(json.dumps({**counts, **manifest} if isinstance(manifest, dict)
+                                                           else manifest))
+    for argv in (["shards", "verify", str(small_shards)], ["shards", "inspect", str(small_shards)],
+                 ["train", "model.name=vlp-micro", f"data.sources=[{{shards: '{small_shards}'}}]",
+                  f"train.output_dir={tmp_path / 'run'}"]):
+        err = _one_line_error(capsys, argv)
+        assert "manifest.json" in err and needle in err, (argv, err)
+
+
+def test_an_eval_suite_cannot_run_a_shell_command(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(json.dumps({"name": "s", "tasks": [{
+        "name": "t", "type": "zeroshot_classification",
+        "dataset": {"format": "wds", "path": f"pipe:touch {marker}"}}]}))
+    err = _one_line_error(capsys, ["eval", "--model", "vlp-micro", "--random-init", "--suite", str(suite),
+                                   "--out", str(tmp_path / "report")])
+    assert "pipe:touch" in err and not marker.exists() and not (tmp_path / "report").exists()
+
+
+def test_eval_never_writes_its_report_into_a_folder_it_did_not_make(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.json").write_text("my own report")
+    err = _one_line_error(capsys, ["eval", "--model", "vlp-micro", "--random-init", "--out", str(out)])
+    assert "not empty and was not made by vlp" in err and (out / "report.json").read_text() == "my own report"
+
+
+# One user error per command and kind of input: each must be one line, never a traceback.
+ONE_LINE_ERRORS = [
+    (["shards", "build", "{tmp}/nonexistent.csv", "--output", "{tmp}/o"], "no such file"),
+    (["shards", "build", "--config", "{tmp}/latin1.yaml"], "not UTF-8"),
+    (["shards", "build", "{tmp}/latin1.yaml", "--output", "{tmp}/o"], "unknown format"),
+    (["shards", "build", "{tmp}/p.csv", "--output", "{tmp}/o", "--workers", "-1"], "workers"),
+    (["shards", "verify", "{tmp}"], "no manifest.json"),
+    (["shards", "inspect", "{tmp}/nonexistent"], "no manifest.json"),
+    (["train", "--config", "{tmp}/latin1.yaml"], "not UTF-8"),
+    (["train", "train.output_dir={tmp}/p.csv"], "is a file"),
+    (["train", "optim.lr=inf"], "optim.lr"),
+    (["eval", "--model", "vlp-micro", "--batch-size", "0"], "batch_size"),
+    (["eval", "--model", "vlp-micro", "--batch-size", "-5"], "batch_size"),
+    (["eval", "--model", "{tmp}/nonexistent", "--out", "{tmp}/r"], "unknown model"),
+    (["eval", "--model", "vlp-micro", "--random-init", "--suite", "{tmp}/latin1.yaml", "--out", "{tmp}/r"],
+     "latin1.yaml"),
+    (["export", "{tmp}/nonexistent", "--out", "{tmp}/x.safetensors"], "no model.safetensors"),
+    (["export", "{tmp}/p.csv", "--out", "{tmp}/x.safetensors"], "safetensors"),
+    (["demo", "--config", "{tmp}/latin1.yaml"], "not UTF-8"),
+    (["demo", "train.output_dir={tmp}/p.csv"], "p.csv"),
+    (["launch", "--dry-run", "launch.nodes=0"], "launch.nodes"),
+    (["launch", "--dry-run", "launch.launcher=mpi"], "launch.launcher"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", ONE_LINE_ERRORS, ids=lambda v: " ".join(v[:2]) if isinstance(v, list) else "")
+def test_user_errors_are_one_line_in_every_command(tmp_path, capsys, argv, needle):
+    (tmp_path / "latin1.yaml").write_bytes("caption: café\n".encode("latin-1"))
+    write_csv(tmp_path / "p.csv", [{"url": "a.png", "caption": "a"}])
+    err = _one_line_error(capsys, [a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert err.startswith("vlp") and needle in err, err
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------ bounded decode memory
+
+
+class RecordingBudget(PixelBudget):
+    """The real budget, remembering the most pixels it ever let through at once."""
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.peak = 0
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int):
+        with super().hold(pixels):
+            self.peak = max(self.peak, self.in_use)
+            time.sleep(0.01)  # keep the pixels a moment, so concurrent decodes would overlap
+            yield
+
+
+def test_a_decode_larger_than_the_budget_waits_to_be_alone():
+    budget = PixelBudget(100)
+    events: list[str] = []
+    big_in, release = threading.Event(), threading.Event()
+
+    def big():
+        with budget.hold(80):
+            events.append("big in")
+            big_in.set()
+            release.wait(10)
+        events.append("big out")
+
+    def small():
+        big_in.wait(10)
+        with budget.hold(30):
+            events.append("small in")
+
+    threads = [threading.Thread(target=big), threading.Thread(target=small)]
+    for t in threads:
+        t.start()
+    big_in.wait(10)
+    time.sleep(0.2)
+    assert events == ["big in"]  # 80 + 30 > 100: the small decode waits
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert events == ["big in", "big out", "small in"]
+    with budget.hold(10**9):  # larger than the whole budget: runs once nothing else does
+        assert budget.in_use == 100
+    assert budget.in_use == 0
+
+
+def test_builder_loader_and_eval_decode_under_the_budget(monkeypatch, tmp_path):
+    """Eight threads, images of 10k pixels, a budget of 15k: never two full-size images at once."""
+    from vlp.data_tools.build import row_options
+    from vlp.data_tools.pipeline import process_row
+    from vlp.data_tools.readers import Row
+    from vlp.eval.images import ImageRef, load_image
+
+    import vlp.core.images as core_images
+    from vlp.data import TrainTransform
+
+    paths = [save(noise_image(100, 100, seed=i), tmp_path / f"{i}.png") for i in range(8)]
+    for name, work in [
+        ("builder", lambda p: process_row(Row(0, "t", 1, str(p), str(p.parent), "a caption"), row_options(options()))),
+        ("loader", lambda p: TrainTransform(image_size=32)(p.read_bytes(), 0)),
+        ("eval", lambda p: load_image(ImageRef(str(p)))),
+    ]:
+        budget = RecordingBudget(15_000)
+        monkeypatch.setattr(core_images, "_BUDGET", budget)
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(work, paths))
+        assert len(results) == 8 and budget.peak == 10_000, name
+        assert not any(getattr(r, "reason", None) for r in results), name

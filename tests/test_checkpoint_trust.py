@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -154,3 +157,40 @@ def test_a_model_name_from_metadata_is_never_a_path(run, tmp_path, name):
         assert proc.returncode == 2 and "is not a model name" in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "report").exists()
     assert not Path("/tmp/evil").exists()
+
+
+# ------------------------------------------------------------------ two writers, killed parents
+
+
+def test_a_second_train_into_a_running_run_stops_naming_it_and_a_killed_run_leaves_no_worker(shards, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "vlp", *_train_args(shards, out, "train.steps=100000", "train.checkpoint_every=100000",
+                                                   "data.workers=2")],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lock = out / ".vlp-lock"
+        _wait_for(lambda: lock.is_file() and lock.read_text().startswith(f"pid {first.pid} "), first)
+        second = _vlp(*_train_args(shards, out, "train.steps=1", "train.resume=auto"), check=False)
+        assert second.returncode == 2
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert f"pid {first.pid} " in second.stderr and "another vlp process" in second.stderr
+        # The running one trains on, its loader workers up; kill -9 of it (no cleanup runs) takes them along.
+        _wait_for(lambda: len(psutil.Process(first.pid).children()) >= 2, first)
+        workers = psutil.Process(first.pid).children()
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.1)

@@ -112,3 +112,20 @@ def test_workers_die_with_a_killed_build(tmp_path):
         proc.wait()
         # well before the server answers (30 s), the workers are gone
         _wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=10.0)
+
+
+def test_synth_workers_die_with_a_killed_parent(tmp_path):
+    """The same for `vlp shards synth`'s pool (the demo's first stage)."""
+    proc = subprocess.Popen([sys.executable, "-m", "vlp", "shards", "synth", "--out", str(tmp_path / "synth"),
+                             "--n", "200000", "--workers", "2", "--image-size", "1024"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: len(_worker_pids(proc.pid)) >= 2)
+        workers = _worker_pids(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=10.0)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

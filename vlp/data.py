@@ -42,7 +42,8 @@ from webdataset import tariterators
 
 from vlp.core.config import DataConfig
 from vlp.core.errors import UserError
-from vlp.core.images import SHARD_IMAGE_EXTS, draft, open_image, to_rgb_pixels
+from vlp.core.images import SHARD_IMAGE_EXTS, decoding, draft, open_image, to_rgb_pixels
+from vlp.core.processes import die_with_parent
 from vlp.plan import (
     PlanSpec,
     Segment,
@@ -130,13 +131,17 @@ class TrainTransform:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     color_jitter: float = 0.0
 
-    def decode(self, data: bytes) -> Image.Image:
-        """The sample's RGB pixels (vlp.core.images's policy), at reduced size when the crop allows."""
+    def open(self, data: bytes) -> Image.Image:
+        """The sample's image, opened (header only), set to decode no larger than the crop needs."""
         img = open_image(data)
         # The crop keeps at least sqrt(scale_min) of the shorter side; decode no larger than needed.
         need = math.ceil(self.image_size / math.sqrt(self.scale[0]))
         draft(img, need / min(img.size))
-        return to_rgb_pixels(img)
+        return img
+
+    def decode(self, data: bytes) -> Image.Image:
+        """The sample's RGB pixels (vlp.core.images's policy), at reduced size when the crop allows."""
+        return to_rgb_pixels(self.open(data))
 
     def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         """torchvision's RandomResizedCrop.get_params, drawn from a per-sample Python RNG.
@@ -167,10 +172,12 @@ class TrainTransform:
         return left, top, left + w, top + h
 
     def __call__(self, data: bytes, seed: int) -> torch.Tensor:
-        img = self.decode(data)
+        img = self.open(data)
         rng = random.Random(seed)
         size = (self.image_size, self.image_size)
-        img = img.resize(size, Image.Resampling.BICUBIC, box=self.crop_box(*img.size, rng))
+        with decoding(img):
+            img = to_rgb_pixels(img)
+            img = img.resize(size, Image.Resampling.BICUBIC, box=self.crop_box(*img.size, rng))
         if self.color_jitter > 0:
             from torchvision.transforms import ColorJitter
 
@@ -407,6 +414,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()  # ignoring SIGTERM must not make an orphan: a killed trainer takes its workers along
 
 
 class ShardLoader:

@@ -20,6 +20,7 @@ import braceexpand
 
 from vlp.core.config import DataSource
 from vlp.core.errors import UserError
+from vlp.core.manifest import MANIFEST, read_manifest
 from vlp.core.tarformat import count_tar_samples
 
 ALLOW_PIPE = "VLP_ALLOW_PIPE"
@@ -37,19 +38,19 @@ def _is_remote(url: str) -> bool:
 
 
 def _manifest_counts(manifest: Path, base: str) -> dict[str, int]:
-    try:
-        data = json.loads(manifest.read_text())
-        return {f"{base}/{s['name']}": int(s["samples"]) for s in data["shards"]}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"manifest {manifest}: unreadable ({type(err).__name__}: {err})") from None
+    return {f"{base}/{s.name}": s.samples for s in read_manifest(manifest).shards}
 
 
 def _stats_count(url: str) -> int | None:
+    """The sample count in a shard's `_stats.json` (ours and img2dataset's), if it has a usable one."""
     stats = Path(url[: -len(".tar")] + "_stats.json") if url.endswith(".tar") else None
     if stats is None or not stats.is_file():
         return None
-    data = json.loads(stats.read_text())
-    return int(data["successes"])
+    try:
+        count = json.loads(stats.read_bytes())["successes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unusable: the tar headers are counted instead
+    return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
 
 
 def _expand(spec: str) -> list[str]:
@@ -58,7 +59,7 @@ def _expand(spec: str) -> list[str]:
         part = part.strip()
         path = Path(part)
         if not _is_remote(part) and path.is_dir():
-            manifest = path / "manifest.json"
+            manifest = path / MANIFEST
             if manifest.is_file():
                 urls += list(_manifest_counts(manifest, str(path)))
             else:
@@ -81,8 +82,8 @@ def resolve_source(source: DataSource, index: int) -> list[Shard]:
         known = {u: by_name[u.rsplit("/", 1)[-1]] for u in urls if u.rsplit("/", 1)[-1] in by_name}
     for spec_part in source.shards.split("::"):
         path = Path(spec_part.strip())
-        if path.is_dir() and (path / "manifest.json").is_file():
-            known.update(_manifest_counts(path / "manifest.json", str(path)))
+        if path.is_dir() and (path / MANIFEST).is_file():
+            known.update(_manifest_counts(path / MANIFEST, str(path)))
     shards = []
     for url in urls:
         count = known.get(url)

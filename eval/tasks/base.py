@@ -18,6 +18,8 @@ reason, the result counts them, and report.json lists them.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from abc import ABC, abstractmethod
@@ -226,23 +228,45 @@ def _skips_html(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- file helpers shared by adapters
 
 
-def read_json(path: Path, what: str) -> Any:
-    """Parse a benchmark JSON file, or a one-line UserError naming it."""
+def read_text(path: Path, what: str) -> str:
+    """A benchmark text file's contents, or a one-line UserError naming it."""
     if not path.is_file():
         raise UserError(f"{what} file not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} file {path} is not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise UserError(f"{what} file {path} cannot be read ({err.strerror})") from None
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parse a benchmark JSON file, or a one-line UserError naming it."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{what} file {path} is not valid JSON (line {err.lineno}: {err.msg})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{what} file {path} is not UTF-8 text") from None
+    except RecursionError:
+        raise UserError(f"{what} file {path} is nested too deeply") from None
 
 
 def read_lines(path: Path, what: str) -> list[str]:
     """Non-empty stripped lines of a text file (class names, templates, captions)."""
-    if not path.is_file():
-        raise UserError(f"{what} file not found: {path}")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path, what).splitlines() if line.strip()]
+
+
+def read_csv(path: Path, what: str, columns: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of a CSV/TSV benchmark file that has `columns`; missing cells read as ''."""
+    reader = csv.DictReader(io.StringIO(read_text(path, what), newline=""), restval="",
+                            delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    try:
+        for col in columns:
+            if col not in (reader.fieldnames or []):
+                raise UserError(f"{what}: {path} has no column {col!r} (has {reader.fieldnames})")
+        return [(reader.line_num, row) for row in reader]
+    except csv.Error as err:
+        raise UserError(f"{what}: {path} line {reader.line_num}: {err}") from None
 
 
 def user_path(text: str) -> Path:

@@ -24,7 +24,6 @@ An image that cannot be loaded is skipped with its captions (one skip, its id).
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from vlp.eval.features import FeatureStore
 from vlp.eval.images import ImageRef, resolve
 from vlp.eval.markup import img
 from vlp.eval.specs import Spec, SyntheticData, TaskSpec
-from vlp.eval.tasks.base import Task, TaskResult, read_json, read_lines, user_path
+from vlp.eval.tasks.base import Task, TaskResult, read_csv, read_json, read_lines, user_path
 from vlp.eval.wds import find_shards, read_samples
 
 from vlp.core.errors import UserError
@@ -205,17 +204,10 @@ class RetrievalTask(Task):
         if not path.is_file():
             raise UserError(f"task {self.name}: CSV file not found: {path}")
         root = user_path(data.image_root) if data.image_root else path.parent
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            for col in (data.image_column, data.caption_column):
-                if col not in (reader.fieldnames or []):
-                    raise UserError(
-                        f"task {self.name}: {path} has no column {col!r} (has {reader.fieldnames})"
-                    )
-            for row in reader:
-                image = row[data.image_column]
-                known = groups.get(image) or CaptionedImage(resolve(image, root), ())
-                groups[image] = known.adding([row[data.caption_column] or ""])
+        for _line, row in read_csv(path, f"task {self.name}", (data.image_column, data.caption_column)):
+            image = row[data.image_column]
+            known = groups.get(image) or CaptionedImage(resolve(image, root), ())
+            groups[image] = known.adding([row[data.caption_column]])
 
     def inputs(self) -> tuple[list[ImageRef], list[str]]:
         return (

@@ -30,7 +30,7 @@ from vlp.eval.features import FeatureStore
 from vlp.eval.images import ImageRef, resolve
 from vlp.eval.markup import img
 from vlp.eval.specs import Spec, SyntheticData, TaskSpec
-from vlp.eval.tasks.base import Task, TaskResult, read_json, require_keys, user_path
+from vlp.eval.tasks.base import Task, TaskResult, read_json, read_text, require_keys, user_path
 
 from vlp.core.errors import UserError
 
@@ -62,10 +62,8 @@ def _read_examples(path: Path) -> list:
         if not isinstance(doc, list):
             raise UserError(f"{path} must hold a list of examples")
         return doc
-    if not path.is_file():
-        raise UserError(f"Winoground file not found: {path}")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path, "Winoground").splitlines(), 1):
         if line.strip():
             try:
                 out.append(json.loads(line))

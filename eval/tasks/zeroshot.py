@@ -17,7 +17,6 @@ CLIP_benchmark says NaN) and `mean_per_class_recall` (balanced accuracy).
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -28,7 +27,7 @@ from vlp.eval.features import FeatureStore
 from vlp.eval.images import ImageRef, resolve
 from vlp.eval.markup import img
 from vlp.eval.specs import Spec, SyntheticData, TaskSpec
-from vlp.eval.tasks.base import Task, TaskResult, read_lines, user_path
+from vlp.eval.tasks.base import Task, TaskResult, read_csv, read_lines, user_path
 from vlp.eval.templates import check_template, class_embeddings, load_templates, prompts
 from vlp.eval.wds import find_shards, read_samples
 
@@ -150,19 +149,10 @@ class ZeroShotTask(Task):
         if not path.is_file():
             raise UserError(f"task {self.name}: CSV file not found: {path}")
         root = user_path(data.image_root) if data.image_root else path.parent
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh, delimiter=delimiter)
-            missing = [
-                c for c in (data.image_column, data.label_column) if c not in (reader.fieldnames or [])
-            ]
-            if missing:
-                raise UserError(
-                    f"task {self.name}: {path} has no column {missing[0]!r} (has {reader.fieldnames})"
-                )
-            rows = [
-                (reader.line_num, r[data.image_column], (r[data.label_column] or "").strip()) for r in reader
-            ]
+        rows = [
+            (line, r[data.image_column], r[data.label_column].strip())
+            for line, r in read_csv(path, f"task {self.name}", (data.image_column, data.label_column))
+        ]
         names = _classnames(data.classnames, self.name)
         self.classnames = names or sorted({label for _, _, label in rows if label})
         index = {c: i for i, c in enumerate(self.classnames)}

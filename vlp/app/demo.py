@@ -119,12 +119,15 @@ def summary(result: DemoResult) -> str:
 def _check_folders(cfg: DemoRunConfig) -> None:
     """Before any stage: the demo deletes only what an earlier demo made."""
     out = Path(cfg.train.output_dir)
+    for folder, key in [(out, "train.output_dir"), (Path(cfg.demo.data_dir), "demo.data_dir")]:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{key} {folder} is a file, not a folder; choose a new {key}")
     mark = owner(out) if out.is_dir() else None
     if out.exists() and (mark or {}).get("command") != DEMO and any(out.iterdir()):
         raise UserError(f"train.output_dir {out} exists and is not a vlp demo run: the demo starts its run "
                         "fresh and deletes only its own runs; choose a new train.output_dir")
     synth = Path(cfg.demo.data_dir) / "synth"
-    if synth.exists() and not (synth / "demo.json").is_file() and any(synth.iterdir()):
+    if synth.exists() and not (synth / "demo.json").is_file() and (not synth.is_dir() or any(synth.iterdir())):
         raise UserError(f"{synth} exists and was not made by vlp demo; choose a new demo.data_dir")
 
 

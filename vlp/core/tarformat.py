@@ -13,6 +13,8 @@ import tarfile
 
 from webdataset.tariterators import base_plus_ext
 
+from vlp.core.errors import UserError
+
 
 def split_member(name: str) -> tuple[str, str] | None:
     """'dir/000012.jpg' -> ('dir/000012', 'jpg'); None for a name without an extension."""
@@ -23,9 +25,12 @@ def split_member(name: str) -> tuple[str, str] | None:
 def count_tar_samples(path: str) -> int:
     """Samples in a local tar: its distinct keys."""
     keys = set()
-    with tarfile.open(path) as tar:
-        for member in tar:
-            parts = split_member(member.name) if member.isfile() else None
-            if parts:
-                keys.add(parts[0])
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                parts = split_member(member.name) if member.isfile() else None
+                if parts:
+                    keys.add(parts[0])
+    except (tarfile.TarError, OSError, EOFError) as err:  # not a tar, truncated, unreadable
+        raise UserError(f"{path}: not a readable tar shard ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     return len(keys)
