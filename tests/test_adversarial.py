@@ -331,6 +331,14 @@ ONE_LINE_ERRORS = [
     (["demo", "train.output_dir={tmp}/p.csv"], "p.csv"),
     (["launch", "--dry-run", "launch.nodes=0"], "launch.nodes"),
     (["launch", "--dry-run", "launch.launcher=mpi"], "launch.launcher"),
+    (["launch", "launch.nodes=2", "launch.node_rank=2"], "launch.node_rank (2) must be < launch.nodes (2)"),
+    (["launch", "launch.launcher=deepspeed", "launch.nodes=2", "launch.hostfile={tmp}/none"],
+     "no such file (DeepSpeed would silently train on this machine alone)"),
+    (["launch", "--dry-run", "launch.launcher=deepspeed", "launch.nodes=2", "launch.procs_per_node=2",
+      "launch.hostfile={tmp}/hostfile"],
+     "lists 1 host(s), launch.nodes is 2"),
+    (["launch", "launch.launcher=deepspeed", "launch.procs_per_node=8", "launch.hostfile={tmp}/hostfile"],
+     "gpu1 has slots=2, launch.procs_per_node is 8"),
 ]
 
 
@@ -338,6 +346,7 @@ ONE_LINE_ERRORS = [
 def test_user_errors_are_one_line_in_every_command(tmp_path, capsys, argv, needle):
     (tmp_path / "latin1.yaml").write_bytes("caption: café\n".encode("latin-1"))
     write_csv(tmp_path / "p.csv", [{"url": "a.png", "caption": "a"}])
+    (tmp_path / "hostfile").write_text("gpu1 slots=2\n")
     err = _one_line_error(capsys, [a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert err.startswith("vlp") and needle in err, err
     assert "Traceback" not in err

@@ -301,9 +301,7 @@ def test_detect_env(env, want):
     assert vdist.detect_env(env) == want
 
 
-def test_slurm_master_host_and_backend():
-    assert vdist.first_slurm_host("gpu[003-005,9],cpu1") == "gpu003"
-    assert vdist.first_slurm_host("node7") == "node7"
+def test_backend():
     assert vdist.pick_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
     assert vdist.get_world_size() == 1 and vdist.get_rank() == 0
     x = torch.randn(3, 2, requires_grad=True)

@@ -52,7 +52,8 @@ def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # BIN first on PATH: `vlp launch` starts torchrun / deepspeed by name, as a user's shell would.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PATH=f"{BIN}:{os.environ['PATH']}")
     env.pop("RANK", None)
     return env
 
@@ -95,14 +96,13 @@ def test_torchrun_two_ranks_zero1_loss_falls(shards, tmp_path):
 
 
 def test_two_nodes_static_rendezvous_zero2(shards, tmp_path):
-    """torchrun --nnodes 2 on localhost: two launcher processes, one rank each."""
+    """`vlp launch` on each of two "nodes" on localhost: two torchrun processes, one rank each."""
     out = tmp_path / "run"
-    port = find_free_port()
-    base = [str(BIN / "torchrun"), "--nnodes=2", "--nproc_per_node=1", "--master_addr=127.0.0.1",
-            f"--master_port={port}"]
-    args = ["-m", "vlp", "train", *_overrides(shards, out, "train.zero_stage=2")]
-    nodes = [subprocess.Popen([*base, f"--node_rank={r}", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=_env()) for r in range(2)]
+    launch = ["launch.launcher=torchrun", "launch.nodes=2", "launch.procs_per_node=1", "launch.master_addr=127.0.0.1",
+              f"launch.master_port={find_free_port()}"]
+    args = _overrides(shards, out, "train.zero_stage=2")
+    nodes = [subprocess.Popen([str(BIN / "vlp"), "launch", *launch, f"launch.node_rank={r}", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()) for r in range(2)]
     for node in nodes:
         stdout, stderr = node.communicate(timeout=600)
         assert node.returncode == 0, stderr[-5000:]
@@ -113,8 +113,9 @@ def test_deepspeed_launcher_no_ssh(shards, tmp_path):
     out = tmp_path / "run"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    _run([str(BIN / "deepspeed"), f"--hostfile={hostfile}", "--no_ssh", "--node_rank=0",
-          "--master_addr=127.0.0.1", f"--master_port={find_free_port()}", "--module", "vlp", "train",
+    # through `vlp launch`, which checks the hostfile against the config before DeepSpeed starts
+    _run([str(BIN / "vlp"), "launch", "launch.launcher=deepspeed", f"launch.hostfile={hostfile}",
+          "launch.procs_per_node=2", f"launch.master_port={find_free_port()}",
           *_overrides(shards, out, "train.zero_stage=2")])
     _assert_trained(out, world=2)
 

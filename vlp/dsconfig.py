@@ -42,6 +42,16 @@ def base_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    """Whether a (merged) DeepSpeed config puts optimizer states off the accelerator (ZeRO-Offload).
+
+    Then DeepSpeed insists on its own CPU Adam, configured by name in the JSON, instead of a
+    client optimizer - whichever way the offload was asked for (train.offload_optimizer, a
+    shipped JSON, accelerate's plugin)."""
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return isinstance(offload, dict) and offload.get("device", "none") not in ("none", None)
+
+
 def _merge(base: dict, over: dict) -> dict:
     """Deep-merge `over` into a copy of `base`; "auto" keeps the base value."""
     out = dict(base)

@@ -46,7 +46,13 @@ from vlp.core.atomic import write_atomic
 from vlp.core.config import RunConfig, dump_config
 from vlp.core.models import check_model, create_model, image_normalization
 from vlp.data import Batch, ShardLoader, normalize
-from vlp.dsconfig import check_deepspeed_config, deepspeed_config, precision_of, zero_stage_of
+from vlp.dsconfig import (
+    check_deepspeed_config,
+    deepspeed_config,
+    offloads_optimizer,
+    precision_of,
+    zero_stage_of,
+)
 from vlp.gradcache import GradCache
 from vlp.losses import ContrastiveLoss
 from vlp.schedule import lr_at, make_optimizer, param_groups, set_lr
@@ -75,19 +81,35 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
+STOP_FILE_ENV = "VLP_STOP_FILE"
+
+
 class _StopFlag:
-    """SIGTERM/SIGINT ask for a clean stop after the current step; a second SIGINT interrupts."""
+    """A clean stop after the current step is asked for by SIGTERM/SIGINT (a second SIGINT interrupts),
+    or by the file named in $VLP_STOP_FILE appearing.
+
+    The file is how a batch script stops a run it did not start directly: torchrun puts
+    its workers in sessions of their own and answers SIGTERM by exiting 1 (and SIGKILLs
+    workers still alive 30 s later), so launch/slurm*.sbatch trap SLURM's warning signal
+    and touch the file instead; the trainer checkpoints, exits 0, and the script requeues.
+    Any rank seeing it is enough: the step's all-reduce tells every rank.
+    """
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signalled = False
+        self.stop_file = os.environ.get(STOP_FILE_ENV) or None
         self._previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in self._previous:
             signal.signal(s, self._handle)
 
+    @property
+    def requested(self) -> bool:
+        return self.signalled or (self.stop_file is not None and os.path.exists(self.stop_file))
+
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if self.signalled and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signalled = True
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
@@ -218,7 +240,7 @@ class Trainer:
         model, _, _, tokenizer = create_model(cfg.model, cfg.loss)
         self.ds_config = deepspeed_config(cfg, env.world_size)
         self.precision = precision_of(self.ds_config)
-        optimizer = None if cfg.train.offload_optimizer else make_optimizer(model, cfg.optim)
+        optimizer = None if offloads_optimizer(self.ds_config) else make_optimizer(model, cfg.optim)
         if optimizer is None:  # ZeRO-Offload wants DeepSpeed's CPU Adam, configured by name
             self.ds_config["optimizer"] = {"type": "AdamW", "params": {
                 "lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": cfg.optim.eps}}
@@ -337,7 +359,8 @@ class Trainer:
                 if stop:
                     result.stopped_by_signal = True
                     if self.is_main:
-                        print(f"stopped by signal at step {pos.step}; checkpoint saved", file=sys.stderr)
+                        why = "signal" if self.stop.signalled else f"stop file {self.stop.stop_file}"
+                        print(f"stopped by {why} at step {pos.step}; checkpoint saved", file=sys.stderr)
                     break
             if last_saved != pos.step:
                 self.save(pos)

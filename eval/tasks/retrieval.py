@@ -135,8 +135,11 @@ def karpathy_groups(
     groups: dict[str, CaptionedImage] = {}
     if isinstance(doc, dict) and isinstance(doc.get("images"), list):
         for i, entry in enumerate(doc["images"]):
-            if not isinstance(entry, dict) or "filename" not in entry:
-                skip(f"images[{i}]", "malformed_item", "no 'filename'")
+            if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str) or not entry["filename"]:
+                skip(f"images[{i}]", "malformed_item", "no 'filename' string")
+                continue
+            if not isinstance(entry.get("filepath", ""), str) or not isinstance(entry.get("sentences", []), list):
+                skip(f"images[{i}]", "malformed_item", "'filepath' must be a string and 'sentences' a list")
                 continue
             if split is not None and entry.get("split", split) != split:
                 continue
@@ -145,8 +148,8 @@ def karpathy_groups(
             groups[rel] = CaptionedImage(resolve(rel, root), caps)
     elif isinstance(doc, list):
         for i, entry in enumerate(doc):
-            if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
-                skip(f"[{i}]", "malformed_item", "needs 'image' and 'caption'")
+            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or "caption" not in entry:
+                skip(f"[{i}]", "malformed_item", "needs an 'image' string and a 'caption'")
                 continue
             caps = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
             known = groups.get(entry["image"]) or CaptionedImage(resolve(entry["image"], root), ())

@@ -85,11 +85,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     cfg = _config(args, LaunchRunConfig)
-    if not args.dry_run:
-        raise UserError("only --dry-run is supported: vlp launch prints the commands, it does not run them")
-    from vlp.app.launch import describe
+    from vlp.app.launch import describe, run_this_node
 
-    print(describe(cfg, args.config, args.overrides))
+    if args.dry_run:
+        print(describe(cfg, args.config, args.overrides))
+        return 0
+    run_this_node(cfg, args.config, args.overrides)  # replaces this process
     return 0
 
 
@@ -238,10 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         flags=False)
     p.set_defaults(config="configs/demo.yaml")
 
-    p = _command(sub, "launch", _launch, LaunchRunConfig, "print the per-node launch commands for the config's cluster", [
-        "vlp launch --config configs/vit-b-16-gpu.yaml launch.launcher=torchrun launch.nodes=2 --dry-run"],
+    p = _command(sub, "launch", _launch, LaunchRunConfig, "start this machine's part of a run on the config's cluster", [
+        "vlp launch --config configs/vit-b-16-gpu.yaml launch.launcher=torchrun launch.nodes=2 --dry-run",
+        "vlp launch --config configs/vit-b-16-gpu.yaml launch.launcher=torchrun launch.nodes=2 launch.node_rank=1 "
+        "launch.master_addr=10.0.0.1",
+        "vlp launch --config configs/vit-b-16-gpu.yaml launch.launcher=slurm launch.nodes=4 launch.procs_per_node=8"],
         flags=False)
-    p.add_argument("--dry-run", action="store_true", help="print the commands (the only mode)")
+    p.add_argument("--dry-run", action="store_true", help="print every node's command instead of running this one's")
 
     _command(sub, "export", _export, ExportConfig, "write a checkpoint's weights as an open_clip safetensors file", [
         "vlp export runs/demo --out model.safetensors",

@@ -1,17 +1,30 @@
-"""`vlp launch --dry-run`: the exact command each node runs, for the cluster in the config.
+"""`vlp launch`: start this machine's part of a run on the config's cluster (`--dry-run`: print every node's).
 
 Every launcher ends up running the same `vlp train --config X [overrides]`
 (as `python -m vlp train ...`) in every process; they differ only in how
 processes are started and how they find each other. The files in launch/
-are the ready-made versions of these commands; this prints them filled in
-for a config's `launch` section so there is nothing to get wrong by hand.
+are the ready-made versions of these commands; this fills them in for a
+config's `launch` section so there is nothing to get wrong by hand.
+
+What can be checked before anything starts is: a DeepSpeed hostfile must list
+`launch.nodes` hosts with `launch.procs_per_node` slots each (else DeepSpeed's
+launcher, given a missing hostfile, trains on the local machine alone). For
+SLURM, `logs/` (the script's --output folder) is made before `sbatch`.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
+import shutil
+from pathlib import Path
 
 from vlp.core.config import LaunchConfig, RunConfig
+from vlp.core.errors import UserError
+
+LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"  # the checkout's launch/ files
+HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")
 
 
 def _train_args(config_path: str | None, overrides: list[str]) -> list[str]:
@@ -49,7 +62,7 @@ def node_commands(cfg: RunConfig, config_path: str | None, overrides: list[str])
     train = _train_args(config_path, overrides)
     if launch.launcher == "slurm":
         line = ["sbatch", f"--nodes={launch.nodes}", f"--gpus-per-node={launch.procs_per_node}",
-                "launch/slurm.sbatch", *train[3:]]
+                str(LAUNCH_DIR / "slurm.sbatch"), *train[3:]]
         return [shlex.join(line)]
     build = {"torchrun": _torchrun, "deepspeed": _deepspeed, "accelerate": _accelerate}[launch.launcher]
     return [shlex.join(build(launch, node, train)) for node in range(launch.nodes)]
@@ -62,11 +75,52 @@ def describe(cfg: RunConfig, config_path: str | None, overrides: list[str]) -> s
             f"contrastive batch {cfg.train.batch_size} per rank = {cfg.train.batch_size * world} global")
     lines = [head]
     commands = node_commands(cfg, config_path, overrides)
+    if launch.launcher == "deepspeed":
+        lines.append(f"# hostfile: {', '.join(check_hostfile(launch))}")
     if launch.launcher == "slurm":
-        lines.append("# submit once; each node then runs one torchrun (see launch/slurm.sbatch):")
+        lines.append("# submit once (after mkdir -p logs); each node then runs one torchrun (see launch/slurm.sbatch):")
         lines += commands
     else:
         for node, command in enumerate(commands):
             lines.append(f"# node {node}{' (master: ' + launch.master_addr + ')' if node == 0 else ''}:")
             lines.append(command)
     return "\n".join(lines)
+
+
+def check_hostfile(launch: LaunchConfig) -> list[str]:
+    """The hosts of a DeepSpeed hostfile that matches the config, or a one-line UserError."""
+    path = Path(launch.hostfile or "launch/hostfile")
+    if not path.is_file():
+        raise UserError(f"launch.hostfile {path}: no such file (DeepSpeed would silently train on this machine "
+                        f"alone); write one 'host slots={launch.procs_per_node}' line per node")
+    hosts = []
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = HOSTFILE_LINE.match(line)
+        if not m:
+            raise UserError(f"launch.hostfile {path} line {n}: expected 'host slots=N', got {line[:60]!r}")
+        if int(m.group(2)) != launch.procs_per_node:
+            raise UserError(f"launch.hostfile {path} line {n}: {m.group(1)} has slots={m.group(2)}, "
+                            f"launch.procs_per_node is {launch.procs_per_node}")
+        hosts.append(m.group(1))
+    if len(hosts) != launch.nodes:
+        raise UserError(f"launch.hostfile {path} lists {len(hosts)} host(s), launch.nodes is {launch.nodes}")
+    return hosts
+
+
+def run_this_node(cfg: RunConfig, config_path: str | None, overrides: list[str]) -> None:
+    """Replace this process with this machine's launch command (for SLURM: the submission)."""
+    launch = cfg.launch
+    if launch.launcher == "deepspeed":
+        check_hostfile(launch)
+    if launch.launcher == "slurm":
+        Path("logs").mkdir(exist_ok=True)  # sbatch's --output=logs/%x-%j.out needs it before the job starts
+        argv = shlex.split(node_commands(cfg, config_path, overrides)[0])
+    else:
+        argv = shlex.split(node_commands(cfg, config_path, overrides)[launch.node_rank])
+    if shutil.which(argv[0]) is None:
+        raise UserError(f"{argv[0]} not found on PATH (launch.launcher={launch.launcher})")
+    print(f"# {shlex.join(argv)}", flush=True)
+    os.execvp(argv[0], argv)

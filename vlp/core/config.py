@@ -186,14 +186,22 @@ class TrainConfig(Section):
 
 
 class LaunchConfig(Section):
-    """The cluster `vlp launch --dry-run` prints commands for."""
+    """The cluster `vlp launch` starts this machine's part of (or, with --dry-run, prints every node's command for)."""
 
     launcher: Literal["torchrun", "deepspeed", "slurm", "accelerate"] = "torchrun"
     nodes: int = Field(1, gt=0)
     procs_per_node: int = Field(1, gt=0)
+    node_rank: int = Field(0, ge=0, description="this machine's node number, 0 on the master (not for slurm)")
     master_addr: str = "127.0.0.1"
     master_port: int = Field(29500, gt=0, lt=65536)
-    hostfile: str | None = None
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile ('host slots=N' per line), checked against "
+                                                  "nodes and procs_per_node before anything starts")
+
+    @model_validator(mode="after")
+    def _node_in_cluster(self) -> LaunchConfig:
+        if self.node_rank >= self.nodes:
+            raise ValueError(f"launch.node_rank ({self.node_rank}) must be < launch.nodes ({self.nodes})")
+        return self
 
 
 class DemoConfig(Section):

@@ -27,13 +27,15 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
-import re
 import socket
+import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from open_clip import loss as open_clip_loss
+
+from vlp.core.errors import UserError
 
 _ENV_SCHEMES = (
     # (name, rank, world size, local rank)
@@ -66,22 +68,29 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
-def first_slurm_host(nodelist: str) -> str:
-    """'gpu[003-005,9],cpu1' -> 'gpu003': the master address SLURM jobs conventionally use."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        return nodelist
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """SLURM's own expansion of a node list (`scontrol show hostnames`), in order.
+
+    'rack1-[1-2]n[01-04]' is eight hosts; a pattern of our own would get such lists
+    wrong, so the one program that defines the syntax expands it.
+    """
+    try:
+        done = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                              timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise UserError(f"SLURM_JOB_NODELIST is set but scontrol cannot run ({err}); set MASTER_ADDR") from None
+    hosts = done.stdout.split()
+    if done.returncode != 0 or not hosts:
+        why = (done.stderr.strip().splitlines() or ["no hosts"])[-1]
+        raise UserError(f"scontrol show hostnames {nodelist!r} failed ({why}); set MASTER_ADDR")
+    return hosts
 
 
 def _set_rendezvous_defaults(env: DistEnv) -> None:
     """env:// rendezvous needs MASTER_ADDR/PORT; SLURM and MPI do not set them."""
     if "MASTER_ADDR" not in os.environ:
         nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-        os.environ["MASTER_ADDR"] = first_slurm_host(nodelist) if nodelist else "127.0.0.1"
+        os.environ["MASTER_ADDR"] = slurm_hostnames(nodelist)[0] if nodelist else "127.0.0.1"
     os.environ.setdefault("MASTER_PORT", "29500")
     # DeepSpeed and accelerate read these even when another launcher started us.
     os.environ.setdefault("RANK", str(env.rank))
