@@ -56,6 +56,17 @@ def build(inputs, out: Path, **kw):
     return build_shards(options(inputs=[str(p) for p in inputs], output=str(out), **kw), progress=False)
 
 
+def tiny_shards(root: Path, n: int = 48) -> Path:
+    """n noise images of 32 px with numbered captions, built into shards under root/shards (for training tests)."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        save(noise_image(32, 32, seed=i), root / "img" / f"{i}.png")
+        rows.append({"url": f"img/{i}.png", "caption": f"picture number {i}"})
+    build([write_csv(root / "p.csv", rows)], root / "shards")
+    return root / "shards"
+
+
 def read_back(out: Path) -> dict[str, dict]:
     """Every sample in the build, read with the webdataset library: key -> sample dict."""
     manifest = json.loads((out / "manifest.json").read_text())

@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-BRIDGE = "vlpslbr0"
-SUBNET = "10.99.0"
-NODES = ("node1", "node2")
-NETNS = {"node1": "vlpsn1", "node2": "vlpsn2"}
-ADDR = {"node1": f"{SUBNET}.11", "node2": f"{SUBNET}.12"}
+from netns_hosts import Hosts
+from netns_hosts import missing as netns_missing
+
+HOSTS = Hosts(names=("node1", "node2"), subnet="10.99.0", bridge="vlpslbr0", prefix="vlpsn")
+NODES = HOSTS.names
 CPUS_PER_NODE = 2
 
 CONF = """\
@@ -64,9 +64,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 def missing() -> str | None:
     """Why a cluster cannot be started here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, slurmd)"
-    for tool in ("slurmctld", "slurmd", "sbatch", "munged", "ip", "nsenter", "unshare"):
+    if netns_missing():
+        return netns_missing()
+    for tool in ("slurmctld", "slurmd", "sbatch", "munged", "unshare"):
         if shutil.which(tool) is None:
             return f"{tool} not installed (apt-get install slurmctld slurmd slurm-client munge iproute2)"
     return None
@@ -100,27 +100,6 @@ class Cluster:
         raise AssertionError(f"SLURM nodes not idle: {self.run('sinfo', '-N', check=False).stdout}")
 
 
-def _network_up() -> None:
-    _network_down()
-    _sh("ip", "link", "add", BRIDGE, "type", "bridge")
-    _sh("ip", "addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE)
-    _sh("ip", "link", "set", BRIDGE, "up")
-    for i, node in enumerate(NODES, 1):
-        ns, veth = NETNS[node], f"vlpslv{i}"
-        _sh("ip", "netns", "add", ns)
-        _sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        _sh("ip", "link", "set", veth, "master", BRIDGE, "up")
-        _sh("ip", "-n", ns, "addr", "add", f"{ADDR[node]}/24", "dev", "eth0")
-        _sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        _sh("ip", "-n", ns, "link", "set", "lo", "up")
-
-
-def _network_down() -> None:
-    for node in NODES:
-        _sh("ip", "netns", "del", NETNS[node], check=False)
-    _sh("ip", "link", "del", BRIDGE, check=False)
-
-
 def _munge_up(root: Path) -> int | None:
     """Start munged unless one runs already; its pid if we started it."""
     if _sh("munge", "-n", check=False).returncode == 0:
@@ -139,11 +118,11 @@ def _munge_up(root: Path) -> int | None:
 def start(root: Path) -> Cluster:
     for sub in ("state", "log", "spool/node1", "spool/node2"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    nodes = "\n".join(f"NodeName={n} NodeAddr={ADDR[n]} CPUs={CPUS_PER_NODE} RealMemory=1000" for n in NODES)
-    (root / "slurm.conf").write_text(CONF.format(ctl=f"{SUBNET}.1", d=root, nodes=nodes))
+    nodes = "\n".join(f"NodeName={n} NodeAddr={HOSTS.addr(n)} CPUs={CPUS_PER_NODE} RealMemory=1000" for n in NODES)
+    (root / "slurm.conf").write_text(CONF.format(ctl=f"{HOSTS.subnet}.1", d=root, nodes=nodes))
     env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
     pids: list[int] = []
-    _network_up()
+    HOSTS.up()
     munged = _munge_up(root)
     if munged:
         pids.append(munged)
@@ -151,8 +130,8 @@ def start(root: Path) -> Cluster:
     try:
         subprocess.run(["slurmctld"], env=env, check=True)
         for node in NODES:
-            subprocess.run(["nsenter", f"--net=/run/netns/{NETNS[node]}", "unshare", "--uts", "sh", "-c",
-                            f"hostname {node}; exec slurmd -N {node}"], env=env, check=True)
+            subprocess.run(HOSTS.enter(node, ["unshare", "--uts", "sh", "-c", f"hostname {node}; exec slurmd -N {node}"]),
+                           env=env, check=True)
         for name in ("slurmctld", "slurmd-node1", "slurmd-node2"):
             pidfile = root / f"{name}.pid"
             for _ in range(100):
@@ -183,4 +162,4 @@ def stop(cluster: Cluster) -> None:
             time.sleep(0.1)
         else:
             os.kill(pid, signal.SIGKILL)
-    _network_down()
+    HOSTS.down()

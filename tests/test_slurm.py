@@ -119,7 +119,7 @@ def test_time_limit_requeues_and_resumes_exactly(cluster, shards, tmp_path):
 
 
 def test_hostnames_come_from_slurms_own_expansion(cluster, monkeypatch):
-    from vlp.core.distributed import slurm_hostnames
+    from vlp.core.hosts import slurm_hostnames
 
     monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
     assert slurm_hostnames("rack1-[1-2]n[01-02],gpu[003-004,9]") == [

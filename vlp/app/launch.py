@@ -20,10 +20,13 @@ import shlex
 import shutil
 from pathlib import Path
 
+from vlp.core.atomic import write_atomic
 from vlp.core.config import LaunchConfig, RunConfig
 from vlp.core.errors import UserError
+from vlp.core.hosts import slurm_hostnames
 
 LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"  # the checkout's launch/ files
+WRITTEN_HOSTFILE = "logs/hostfile"  # where vlp writes one from launch.hosts or SLURM's allocation
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")
 
 
@@ -42,7 +45,7 @@ def _torchrun(launch: LaunchConfig, node: int, train: list[str]) -> list[str]:
 
 
 def _deepspeed(launch: LaunchConfig, node: int, train: list[str]) -> list[str]:
-    hostfile = launch.hostfile or "launch/hostfile"
+    hostfile = launch.hostfile or WRITTEN_HOSTFILE
     # --no_ssh: each node starts its own share (no passwordless ssh / pdsh needed).
     return ["deepspeed", f"--hostfile={hostfile}", "--no_ssh", f"--node_rank={node}",
             f"--master_addr={launch.master_addr}", f"--master_port={launch.master_port}",
@@ -50,7 +53,7 @@ def _deepspeed(launch: LaunchConfig, node: int, train: list[str]) -> list[str]:
 
 
 def _accelerate(launch: LaunchConfig, node: int, train: list[str]) -> list[str]:
-    return ["accelerate", "launch", "--config_file", "launch/accelerate_deepspeed.yaml",
+    return ["accelerate", "launch", "--config_file", str(LAUNCH_DIR / "accelerate_deepspeed.yaml"),
             f"--num_machines={launch.nodes}", f"--num_processes={launch.nodes * launch.procs_per_node}",
             f"--machine_rank={node}", f"--main_process_ip={launch.master_addr}",
             f"--main_process_port={launch.master_port}", *train]
@@ -76,7 +79,8 @@ def describe(cfg: RunConfig, config_path: str | None, overrides: list[str]) -> s
     lines = [head]
     commands = node_commands(cfg, config_path, overrides)
     if launch.launcher == "deepspeed":
-        lines.append(f"# hostfile: {', '.join(check_hostfile(launch))}")
+        where = launch.hostfile or f"{WRITTEN_HOSTFILE} (written by vlp launch)"
+        lines.append(f"# hostfile {where}: {', '.join(hostfile_hosts(launch))}, {launch.procs_per_node} slot(s) each")
     if launch.launcher == "slurm":
         lines.append("# submit once (after mkdir -p logs); each node then runs one torchrun (see launch/slurm.sbatch):")
         lines += commands
@@ -87,12 +91,26 @@ def describe(cfg: RunConfig, config_path: str | None, overrides: list[str]) -> s
     return "\n".join(lines)
 
 
-def check_hostfile(launch: LaunchConfig) -> list[str]:
-    """The hosts of a DeepSpeed hostfile that matches the config, or a one-line UserError."""
-    path = Path(launch.hostfile or "launch/hostfile")
+def hostfile_hosts(launch: LaunchConfig) -> list[str]:
+    """The hosts DeepSpeed will use, checked against the config, or a one-line UserError.
+
+    From `launch.hostfile` when given; else from `launch.hosts`, or under SLURM from the
+    allocation (`scontrol show hostnames`), for `write_hostfile` to write.
+    """
+    if not launch.hostfile:
+        hosts = launch.hosts
+        if not hosts and os.environ.get("SLURM_JOB_NODELIST"):
+            hosts = slurm_hostnames(os.environ["SLURM_JOB_NODELIST"])
+        if not hosts:
+            raise UserError("launch.launcher=deepspeed needs launch.hosts (vlp writes the hostfile) or "
+                            "launch.hostfile; without one DeepSpeed silently trains on this machine alone")
+        if len(hosts) != launch.nodes:
+            raise UserError(f"launch.hosts names {len(hosts)} host(s), launch.nodes is {launch.nodes}")
+        return list(hosts)
+    path = Path(launch.hostfile)
     if not path.is_file():
         raise UserError(f"launch.hostfile {path}: no such file (DeepSpeed would silently train on this machine "
-                        f"alone); write one 'host slots={launch.procs_per_node}' line per node")
+                        f"alone); write one 'host slots={launch.procs_per_node}' line per node, or give launch.hosts")
     hosts = []
     for n, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -110,11 +128,18 @@ def check_hostfile(launch: LaunchConfig) -> list[str]:
     return hosts
 
 
+def write_hostfile(launch: LaunchConfig, hosts: list[str]) -> None:
+    """logs/hostfile for DeepSpeed's launcher, when the config gave hosts rather than a file."""
+    if not launch.hostfile:
+        Path(WRITTEN_HOSTFILE).parent.mkdir(exist_ok=True)
+        write_atomic(Path(WRITTEN_HOSTFILE), "".join(f"{h} slots={launch.procs_per_node}\n" for h in hosts))
+
+
 def run_this_node(cfg: RunConfig, config_path: str | None, overrides: list[str]) -> None:
     """Replace this process with this machine's launch command (for SLURM: the submission)."""
     launch = cfg.launch
     if launch.launcher == "deepspeed":
-        check_hostfile(launch)
+        write_hostfile(launch, hostfile_hosts(launch))
     if launch.launcher == "slurm":
         Path("logs").mkdir(exist_ok=True)  # sbatch's --output=logs/%x-%j.out needs it before the job starts
         argv = shlex.split(node_commands(cfg, config_path, overrides)[0])

@@ -196,6 +196,8 @@ class LaunchConfig(Section):
     master_port: int = Field(29500, gt=0, lt=65536)
     hostfile: str | None = Field(None, description="DeepSpeed hostfile ('host slots=N' per line), checked against "
                                                   "nodes and procs_per_node before anything starts")
+    hosts: CommaList = Field(default_factory=list, description="the machines in node order, for DeepSpeed: vlp "
+                             "writes logs/hostfile from them (under SLURM they come from the allocation)")
 
     @model_validator(mode="after")
     def _node_in_cluster(self) -> LaunchConfig:

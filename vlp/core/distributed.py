@@ -28,14 +28,13 @@ import atexit
 import datetime
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from open_clip import loss as open_clip_loss
 
-from vlp.core.errors import UserError
+from vlp.core.hosts import slurm_hostnames
 
 _ENV_SCHEMES = (
     # (name, rank, world size, local rank)
@@ -66,24 +65,6 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
         if rank_key in env and size_key in env:
             return DistEnv(int(env[rank_key]), int(env[size_key]), int(env.get(local_key, 0)), name)
     return DistEnv()
-
-
-def slurm_hostnames(nodelist: str) -> list[str]:
-    """SLURM's own expansion of a node list (`scontrol show hostnames`), in order.
-
-    'rack1-[1-2]n[01-04]' is eight hosts; a pattern of our own would get such lists
-    wrong, so the one program that defines the syntax expands it.
-    """
-    try:
-        done = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                              timeout=60, check=False)
-    except (OSError, subprocess.SubprocessError) as err:
-        raise UserError(f"SLURM_JOB_NODELIST is set but scontrol cannot run ({err}); set MASTER_ADDR") from None
-    hosts = done.stdout.split()
-    if done.returncode != 0 or not hosts:
-        why = (done.stderr.strip().splitlines() or ["no hosts"])[-1]
-        raise UserError(f"scontrol show hostnames {nodelist!r} failed ({why}); set MASTER_ADDR")
-    return hosts
 
 
 def _set_rendezvous_defaults(env: DistEnv) -> None:
