@@ -28,7 +28,7 @@ from netns_hosts import missing as netns_missing
 
 HOSTS = Hosts(names=("node1", "node2"), subnet="10.99.0", bridge="vlpslbr0", prefix="vlpsn")
 NODES = HOSTS.names
-CPUS_PER_NODE = 2
+CPUS_PER_NODE = 4  # more than this machine has (config_overrides): three 2-node jobs fit at once
 
 CONF = """\
 ClusterName=vlptest
@@ -47,6 +47,7 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 ReturnToService=2
+SlurmdParameters=config_overrides
 KillWait=5
 MailProg=/bin/true
 StateSaveLocation={d}/state

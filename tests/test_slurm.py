@@ -75,7 +75,7 @@ def _wait_job(cluster, job: str, until, timeout: float) -> dict[str, str]:
         time.sleep(0.5)
 
 
-def test_time_limit_requeues_and_resumes_exactly(cluster, shards, tmp_path):
+def test_time_limit_requeues_and_resumes_exactly_in_both_styles(cluster, shards, tmp_path):
     env = {**cluster.env, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "GLOO_SOCKET_IFNAME": "eth0"}
     work = tmp_path / "work"
     (work / "logs").mkdir(parents=True)
@@ -88,34 +88,36 @@ def test_time_limit_requeues_and_resumes_exactly(cluster, shards, tmp_path):
 
     # A 3-minute limit with the warning 170 s before its end: slurmctld checks limits about
     # every 30 s, so the signal comes 10-40 s in, during startup or early training, and the
-    # run has minutes to reach its next step and save (two jobs share 2 CPUs here).
-    job = submit("--time=3", "--signal=B:USR1@170", out="run")
-    # The reference: the same script on the same two hosts, with no limit near (each job takes
-    # one CPU per node, so both run at once).
+    # run has minutes to reach its next step and save (three jobs share 2 CPUs here).
+    # Both styles: one torchrun per node, and one srun task per rank (open_clip's).
+    limited = ["--time=3", "--signal=B:USR1@170"]
+    jobs = {"torchrun": submit(*limited, out="run-torchrun"),
+            "srun": submit(*limited, "--export=ALL,VLP_RANKS_FROM=srun", out="run-srun")}
+    # The reference: the same script on the same two hosts, with no limit near.
     reference = submit(out="reference")
 
-    # The first attempt ends at its time limit by requeueing itself; give the second one time to finish.
-    _wait_job(cluster, job, lambda s: int(s.get("Restarts", 0)) >= 1, timeout=240)
-    cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
-    final = _wait_job(cluster, job, lambda s: s.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
-                      timeout=400)
-    ref_state = _wait_job(cluster, reference, lambda s: s.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
-                          timeout=400)
+    for job in jobs.values():  # the first attempt ends at its limit by requeueing itself; let the second finish
+        _wait_job(cluster, job, lambda s: int(s.get("Restarts", 0)) >= 1, timeout=300)
+        cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
+    done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    ref_state = _wait_job(cluster, reference, lambda s: s.get("JobState") in done, timeout=400)
     assert ref_state["JobState"] == "COMPLETED", (work / "logs" / f"vlp-{reference}.out").read_text()[-3000:]
-    log = (work / "logs" / f"vlp-{job}.out").read_text()
-    assert final["JobState"] == "COMPLETED", log[-3000:]
-    assert int(final["Restarts"]) == 1, log[-3000:]
+    want = _steps(tmp_path / "reference")
 
-    assert "signal: time limit near" in log and "requeueing job" in log, log[-3000:]
-    assert f"job {job} restart 1:" in log and "nodes node[1-2]" in log, log[-3000:]
-    stopped_at = int(log.split("at step ")[1].split(";")[0])
-    assert "stopped by stop file" in log and f"(step {stopped_at})" in log, log[-3000:]
-    assert 0 < stopped_at < STEPS
+    for style, job in jobs.items():
+        final = _wait_job(cluster, job, lambda s: s.get("JobState") in done, timeout=400)
+        log = (work / "logs" / f"vlp-{job}.out").read_text()
+        assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, log[-3000:]
+        assert f"ranks from {style}" in log and "signal: time limit near" in log and "requeueing job" in log
+        assert f"job {job} restart 1:" in log and "nodes node[1-2]" in log, log[-3000:]
+        stopped_at = int(log.split("at step ")[1].split(";")[0])
+        assert "stopped by stop file" in log and f"(step {stopped_at})" in log, log[-3000:]
+        assert 0 < stopped_at < STEPS
 
-    got, want = _steps(tmp_path / "run"), _steps(tmp_path / "reference")
-    assert [s for s, _, _ in got] == list(range(1, STEPS + 1))
-    assert [k for _, _, k in got] == [k for _, _, k in want]  # the same samples at every step
-    assert [loss for _, loss, _ in got] == [loss for _, loss, _ in want]  # bit for bit
+        got = _steps(tmp_path / f"run-{style}")
+        assert [s for s, _, _ in got] == list(range(1, STEPS + 1)), style
+        assert [k for _, _, k in got] == [k for _, _, k in want], style  # the same samples at every step
+        assert [loss for _, loss, _ in got] == [loss for _, loss, _ in want], style  # bit for bit
 
 
 def test_hostnames_come_from_slurms_own_expansion(cluster, monkeypatch):
