@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -58,19 +59,12 @@ def _device(choice: str, local_rank: int) -> str:
     return "cpu"
 
 
-def _prepare_out(out: Path, rank: int) -> None:
-    """Claim the output folder (rank 0) before the model loads; every rank stops on its failure.
-
-    Like every vlp output folder it is owned: a new or empty one is marked as an eval report,
-    one vlp made for a report is reused, anything else is refused (report.json of someone
-    else's folder is never overwritten).
-    """
+def _on_main_first(rank: int, action: Callable[[], None]) -> None:
+    """Run `action` on rank 0; its UserError stops every rank (instead of the others waiting forever)."""
     problem = None
     if rank == 0:
         try:
-            claim(out, "eval", "vlp eval", "choose a new --out folder")
-            if not os.access(out, os.W_OK):
-                raise UserError(f"--out {out}: folder is not writable")
+            action()
         except UserError as err:
             problem = str(err)
     problem = broadcast_from_main(problem)
@@ -78,25 +72,32 @@ def _prepare_out(out: Path, rank: int) -> None:
         raise UserError(problem)
 
 
-def _load_tasks(tasks: list[Task], rank: int) -> None:
-    """Read every benchmark; rank 0 first, so it alone generates synthetic sets the others then reuse.
+def _prepare_out(out: Path, rank: int) -> None:
+    """Claim the output folder (rank 0) before the model loads; every rank stops on its failure.
 
-    Rank 0's UserError is passed to every rank, so all of them stop with it instead of
-    the others waiting for rank 0 forever.
+    Like every vlp output folder it is owned: a new or empty one is marked as an eval report,
+    one vlp made for a report is reused, anything else is refused (report.json of someone
+    else's folder is never overwritten).
     """
-    problem = None
-    if rank == 0:
-        try:
-            for task in tasks:
-                task.load()
-        except UserError as err:
-            problem = str(err)
-    problem = broadcast_from_main(problem)
-    if problem:
-        raise UserError(str(problem))
-    if rank != 0:
+
+    def claim_writable() -> None:
+        claim(out, "eval", "vlp eval", "choose a new --out folder")
+        if not os.access(out, os.W_OK):
+            raise UserError(f"--out {out}: folder is not writable")
+
+    _on_main_first(rank, claim_writable)
+
+
+def _load_tasks(tasks: list[Task], rank: int) -> None:
+    """Read every benchmark; rank 0 first, so it alone generates synthetic sets the others then reuse."""
+
+    def load_all() -> None:
         for task in tasks:
             task.load()
+
+    _on_main_first(rank, load_all)
+    if rank != 0:
+        load_all()
 
 
 def _report_skips(name: str, result: dict[str, Any]) -> None:

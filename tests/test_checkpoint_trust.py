@@ -19,10 +19,8 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from shard_helpers import noise_image, save, write_csv
-from vlp.data_tools.build import build_shards
+from shard_helpers import tiny_shards
 
-from vlp.core.config import ShardsBuildConfig
 from vlp.core.weights import META_NAME, STATE_FILE, read_metadata
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,15 +46,7 @@ def _vlp(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("trust")
-    (root / "img").mkdir()
-    rows = []
-    for i in range(48):
-        save(noise_image(32, 32, seed=i), root / "img" / f"{i}.png")
-        rows.append({"url": f"img/{i}.png", "caption": f"picture number {i}"})
-    build_shards(ShardsBuildConfig(inputs=[str(write_csv(root / "p.csv", rows))], output=str(root / "shards"),
-                                   image_size=32, workers=0), progress=False)
-    return root / "shards"
+    return tiny_shards(tmp_path_factory.mktemp("trust"))
 
 
 def _train_args(shards: Path, out: Path, *extra: str) -> list[str]:

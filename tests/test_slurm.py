@@ -17,10 +17,7 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
-from shard_helpers import noise_image, save, write_csv
-from vlp.data_tools.build import build_shards
-
-from vlp.core.config import ShardsBuildConfig
+from shard_helpers import tiny_shards
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
@@ -42,15 +39,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("slurm-data")
-    (root / "img").mkdir()
-    rows = []
-    for i in range(48):
-        save(noise_image(32, 32, seed=i), root / "img" / f"{i}.png")
-        rows.append({"url": f"img/{i}.png", "caption": f"picture number {i}"})
-    build_shards(ShardsBuildConfig(inputs=[str(write_csv(root / "p.csv", rows))], output=str(root / "shards"),
-                                   image_size=32, workers=0), progress=False)
-    return root / "shards"
+    return tiny_shards(tmp_path_factory.mktemp("slurm-data"))
 
 
 def _run_args(shards: Path, out: Path) -> list[str]:
