@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vlp.core.config import ModelConfig
 from vlp.core.errors import UserError
-from vlp.core.models import register_model_configs
+from vlp.core.models import make_tokenizer, register_model_configs
 from vlp.core.weights import META_CONFIG, META_NAME, checked_model_name, find_weights, read_metadata
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -231,7 +232,7 @@ def load_encoder(
         raise UserError("--precision bf16 needs a CUDA device (autocast on CPU is not used here)")
     torch.manual_seed(seed)  # random init is reproducible
     model, preprocess = _create(spec)
-    tokenizer = open_clip.get_tokenizer(spec.name)
+    tokenizer = make_tokenizer(ModelConfig(name=spec.name))  # a Hub tokenizer offline: one line
     encoder = Encoder(
         model, preprocess, tokenizer, device=device, batch_size=batch_size, bf16=bf16, workers=workers
     )

@@ -1,4 +1,5 @@
-"""`vlp eval`: run every task of a suite on one model and write report.json + report.html.
+"""`vlp eval`: run every task of a suite on one model and write report.json + report.html
+(+ CLIP_benchmark's result files in clip_benchmark/).
 
 Order matters for failing fast: the suite is validated, the model spec
 resolved and every benchmark file read (synthetic sets generated) before the
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from vlp.eval.clip_benchmark_json import write_clip_benchmark
 from vlp.eval.features import FeatureStore
 from vlp.eval.models import load_encoder, resolve_model
 from vlp.eval.parallel import broadcast_from_main
@@ -182,8 +184,10 @@ def run(opts: EvalConfig) -> dict[str, Any]:
 
 
 def write_outputs(report: dict[str, Any], skips: list[dict[str, str]], out: Path) -> None:
-    """report.json, report.html and skipped.jsonl (every skipped item, uncapped), each written atomically."""
+    """report.json, report.html, skipped.jsonl (every skipped item, uncapped) and CLIP_benchmark's
+    result files (clip_benchmark/, from report.json's figures), each written atomically."""
     write_atomic(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     write_atomic(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skips))
     write_atomic(out / "report.html", render_report(report))
+    write_clip_benchmark(report, out)
 

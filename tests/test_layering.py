@@ -27,6 +27,7 @@ RANK = {"core": 0, "shards": 1, "train": 1, "eval": 1, "app": 2}
 LAZY_THIRD_PARTY = {
     "deepspeed",  # picks its accelerator when imported: only after DS_ACCELERATOR is set
     "torch.utils.tensorboard",  # optional extra (vlp[tensorboard])
+    "wandb",  # optional extra (vlp[wandb]); slow to import, starts a service process on init
     "torchvision.transforms",  # only for colour jitter, off by default
     "matplotlib",  # report plots only; slow to import
     "matplotlib.pyplot",

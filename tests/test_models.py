@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import open_clip
 import pytest
 import torch
+from shard_helpers import tiny_shards
 
 from vlp.core.config import LossConfig, ModelConfig
 from vlp.core.errors import UserError
 from vlp.core.models import (
+    check_model,
     create_model,
     encode,
     list_models,
+    make_tokenizer,
     to_open_clip_state_dict,
 )
 from vlp.core.weights import write_weights
@@ -136,3 +143,73 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save(state, path)
     with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
         create_model(ModelConfig(name="vlp-micro", pretrained=str(path)), LossConfig())
+
+
+# ------------------------------------------------------------------ a user's model JSON and tokenizer
+
+
+def local_hf_tokenizer(folder) -> str:
+    """A small word-level Hugging Face tokenizer saved to `folder` (made here: nothing is downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "<s>", "</s>", "a", "red", "blue", "circle", "square", "two", "picture", "number"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_config_file_names_and_shapes_the_model(tmp_path):
+    spec = dict(open_clip.get_model_config("vlp-micro"), embed_dim=24)
+    (tmp_path / "my-micro.json").write_text(json.dumps(spec))
+    cfg = ModelConfig(config_file=str(tmp_path / "my-micro.json"))
+    assert cfg.name == "my-micro"
+    model, _, _, _ = create_model(cfg)
+    images, texts = inputs(model)
+    img, txt = encode(model, images, texts)
+    assert img.shape == txt.shape == (3, 24)
+    assert open_clip.get_model_config("my-micro")["embed_dim"] == 24  # registered for export and eval
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "no such file"), ("{not json", "not a JSON model config"), ('{"embed_dim": 8}', "needs vision_cfg, text_cfg"),
+])
+def test_config_file_errors_are_one_line(tmp_path, content, needle):
+    path = tmp_path / "mine.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=needle) as err:
+        check_model(ModelConfig(config_file=str(path)))
+    assert "\n" not in str(err.value) and "model.config_file" in str(err.value)
+    with pytest.raises(ValueError, match="set model.name=mine or drop it"):
+        ModelConfig(name="vlp-micro", config_file=str(path))
+
+
+def test_local_hf_tokenizer_replaces_open_clips(tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = local_hf_tokenizer(tmp_path / "tok")
+    tokenizer = make_tokenizer(ModelConfig(name="vlp-micro", tokenizer=folder))
+    ids = tokenizer(["two red circle", "a blue square"])
+    context = open_clip.get_model_config("vlp-micro")["text_cfg"]["context_length"]
+    expected = AutoTokenizer.from_pretrained(folder)(["two red circle", "a blue square"], max_length=context,
+                                                     padding="max_length", truncation=True, return_tensors="pt")
+    assert ids.shape == (2, context) and torch.equal(ids, expected.input_ids)
+    assert ids[0, :3].tolist() == [9, 5, 7]  # the folder's own vocabulary, not open_clip's BPE
+    with pytest.raises(UserError, match="not a Hugging Face tokenizer folder"):
+        make_tokenizer(ModelConfig(name="vlp-micro", tokenizer=str(tmp_path)))
+
+
+def test_hub_tokenizer_offline_is_one_line_naming_model_tokenizer(tmp_path):
+    """ViT-B-16-SigLIP's tokenizer lives on the Hugging Face Hub: offline, vlp train stops in one line."""
+    shards = tiny_shards(tmp_path / "data", n=8)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "vlp", "train", f"data.sources=[{{shards: '{shards}'}}]",
+                           "model.name=ViT-B-16-SigLIP", f"train.output_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    err = done.stderr.strip()
+    assert len(err.splitlines()) == 1 and "timm/ViT-B-16-SigLIP" in err and "model.tokenizer=DIR" in err, err
+    assert not (tmp_path / "run").exists()  # stopped before anything was made

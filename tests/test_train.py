@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,7 +212,25 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(shards, tmp_path)
     assert _metrics(out)[-1]["step"] == steps + 1
 
 
-def test_export_loads_in_open_clip_with_equal_embeddings(shards, tmp_path):
+def test_shipped_offload_json_trains_with_deepspeed_cpu_adam(shards, tmp_path):
+    """launch/ds_zero2_offload.json as shipped: DeepSpeed's CPU Adam, the same steps as torch's AdamW.
+
+    Run outside the checkout, so the path resolves to the copy shipped in the package. The first
+    run on a machine compiles CPU Adam (minutes on 2 cores; cached in ~/.cache/torch_extensions).
+    """
+    offload, reference = tmp_path / "offload", tmp_path / "reference"
+    done = _run([sys.executable, "-m", "vlp", "train", *_overrides(shards, offload, "train.steps=4"),
+                 "train.deepspeed_config=launch/ds_zero2_offload.json"], timeout=900, cwd=tmp_path)
+    assert "optimizer states offloaded: DeepSpeedCPUAdam" in done.stderr
+    _run([sys.executable, "-m", "vlp", "train", *_overrides(shards, reference, "train.steps=4", "train.zero_stage=2")])
+    ours, torch_adamw = _metrics(offload), _metrics(reference)
+    assert [m["keys"] for m in ours] == [m["keys"] for m in torch_adamw]
+    # same schedule, betas, eps and weight-decay groups: the losses agree to float rounding
+    assert [m["loss"] for m in ours] == pytest.approx([m["loss"] for m in torch_adamw], rel=1e-4)
+    assert ours[-1]["loss"] != ours[0]["loss"]  # and the optimizer stepped
+
+
+def test_export_loads_in_stock_open_clip_as_file_and_folder(shards, tmp_path):
     import open_clip
 
     out = tmp_path / "run"
@@ -239,6 +258,36 @@ def test_export_loads_in_open_clip_with_equal_embeddings(shards, tmp_path):
         a_img, a_txt = model.encode_image(images), model.encode_text(texts)
         b_img, b_txt = ours.encode_image(images), ours.encode_text(texts)
     assert torch.allclose(a_img, b_img, atol=1e-6) and torch.allclose(a_txt, b_txt, atol=1e-6)
+
+    # --format open_clip-dir: plain open_clip, in a process where vlp cannot be imported, by path and
+    # through its Hub loader (the folder placed in a Hugging Face cache, offline)
+    folder = tmp_path / "open_clip_dir"
+    _run([sys.executable, "-m", "vlp", "export", str(out), "--format", "open_clip-dir", "--out", str(folder)])
+    assert {"open_clip_config.json", "open_clip_model.safetensors", "README.md"} <= {p.name for p in folder.iterdir()}
+    snapshot = tmp_path / "hub" / "models--someone--vlp-micro" / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    torch.save({"images": images, "texts": ["a red circle", "two blue squares", "a star", "three green triangles"]},
+               tmp_path / "inputs.pt")
+    for name in (f"local-dir:{folder}", "hf-hub:someone/vlp-micro"):
+        script = (
+            "import sys; sys.modules['vlp'] = None\n"  # an import of vlp would fail
+            "import open_clip, torch\n"
+            f"model, _, _ = open_clip.create_model_and_transforms({name!r})\n"
+            f"tok = open_clip.get_tokenizer({name!r})\n"
+            f"x = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+            "model.eval()\n"
+            "with torch.no_grad():\n"
+            "    out = (model.encode_image(x['images']), model.encode_text(tok(x['texts'])))\n"
+            f"torch.save(out, {str(tmp_path / 'embedded.pt')!r})\n"
+        )
+        env = dict(_env(), HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        c_img, c_txt = torch.load(tmp_path / "embedded.pt")
+        assert torch.allclose(c_img, b_img, atol=1e-6) and torch.allclose(c_txt, b_txt, atol=1e-6), name
 
 
 def test_periodic_eval_runs_the_eval_package_on_checkpoints(shards, tmp_path):

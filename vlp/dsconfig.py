@@ -20,6 +20,7 @@ from typing import Any
 
 from vlp.core.config import RunConfig
 from vlp.core.errors import UserError
+from vlp.core.shipped import resolve
 
 
 def base_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def check_deepspeed_config(cfg: RunConfig) -> None:
 
 
 def _from_file(path: str) -> dict:
-    p = Path(path)
+    p = Path(resolve(path))  # launch/ds_zero2.json: the user's copy, else the shipped one
     if not p.is_file():
         raise UserError(f"config key 'train.deepspeed_config': no such file {path}")
     try:
@@ -87,6 +88,10 @@ def _from_accelerate() -> dict:
         return {}
     from accelerate.utils import DeepSpeedPlugin  # reads the ACCELERATE_DEEPSPEED_* environment
 
+    # The shipped accelerate file names launch/ds_zero2.json; outside a checkout that is the shipped copy.
+    named = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if named and named != "none":
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = resolve(named)
     plugin = DeepSpeedPlugin()
     ds = dict(plugin.deepspeed_config)
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")

@@ -17,6 +17,7 @@ preemption, Ctrl-C) finish the current step, save a checkpoint and exit 0.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -44,6 +45,7 @@ from vlp.checkpoint import (
 from vlp.core import distributed as vdist
 from vlp.core.atomic import write_atomic
 from vlp.core.config import RunConfig, dump_config
+from vlp.core.errors import UserError
 from vlp.core.models import check_model, create_model, image_normalization
 from vlp.data import Batch, ShardLoader, normalize
 from vlp.dsconfig import (
@@ -128,49 +130,98 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+# train.report_to's backends -> the module each needs (named like the pip extra that installs it).
+REPORT_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_report_to(backends: list[str]) -> None:
+    """Each requested logging backend is installed, or a one-line UserError naming its pip extra.
+
+    find_spec looks for the module without importing it (wandb and tensorboard are slow to import).
+    """
+    for backend in backends:
+        try:
+            found = importlib.util.find_spec(REPORT_MODULES[backend]) is not None
+        except (ImportError, ValueError):  # a blocked or half-removed install
+            found = False
+        if not found:
+            raise UserError(f"train.report_to lists {backend}, which is not installed: "
+                            f"pip install 'vlp[{backend}]' (or remove it from train.report_to)")
+
+
 class _Metrics:
-    """metrics.jsonl (one line per step) and tensorboard when installed; rank 0 only."""
+    """Where the scalars go, rank 0 only: metrics.jsonl (one line per step) always, and the
+    backends of train.report_to: tensorboard (event files in tensorboard/), wandb (a run in wandb/).
 
-    def __init__(self, out: Path, enabled: bool, resumed_step: int = 0):
+    A resumed run keeps one history: metrics.jsonl and eval.jsonl drop the records past the
+    checkpoint, tensorboard purges them, and wandb gets a new run (each (re)start is one run,
+    named like the first and logging at the same global steps).
+    """
+
+    def __init__(self, cfg: RunConfig, out: Path, enabled: bool, resumed_step: int = 0):
         self.enabled, self.out = enabled, out
-        if enabled:
-            for name in ("metrics.jsonl", "eval.jsonl"):
-                _truncate_history(out / name, resumed_step)
-        self.fh = open(out / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self.fh = self.tb = self.wandb = None
+        if not enabled:
+            return
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            _truncate_history(out / name, resumed_step)
+        self.fh = open(out / "metrics.jsonl", "a")  # noqa: SIM115
+        backends = cfg.train.report_to
+        if "tensorboard" in backends:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:  # tensorboard is optional (pip install vlp[tensorboard])
-                pass
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None)
+        if "wandb" in backends:
+            import wandb
+
+            try:  # online without a login fails here, before the first step
+                self.wandb = wandb.init(
+                    project=cfg.train.wandb_project, name=cfg.train.run_name or out.resolve().name,
+                    dir=str(out), config=cfg.model_dump(mode="json"),
+                )  # mode: wandb reads $WANDB_MODE (online, offline, disabled)
+            except wandb.errors.Error as err:
+                self.close()
+                raise UserError(f"train.report_to: wandb could not start a run ({_first_line(err)}); "
+                                "run `wandb login`, or set WANDB_MODE=offline") from None
 
     def log(self, record: dict) -> None:
+        """One step's record: a line of metrics.jsonl; its numbers to the backends as train/<key>."""
         if not self.enabled:
             return
         self.fh.write(json.dumps(record) + "\n")
         self.fh.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, int | float) and key != "step":
-                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+        scalars = {f"train/{key}": value for key, value in record.items()
+                   if isinstance(value, int | float) and key != "step"}
+        self._report(record["step"], scalars)
 
     def log_eval(self, step: int, values: dict[str, float]) -> None:
-        """Periodic eval results: eval.jsonl (one line per eval) and tensorboard."""
+        """Periodic eval results: eval.jsonl (one line per eval) and the report_to backends."""
         if not self.enabled:
             return
         with open(self.out / "eval.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, **values}) + "\n")
-        if self.tb is not None:
-            for key, value in values.items():
-                self.tb.add_scalar(key, value, step)
+        self._report(step, values)
 
-    def close(self) -> None:
+    def _report(self, step: int, scalars: dict[str, float]) -> None:
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self, failed: bool = False) -> None:
+        """Flush and close everything; a wandb run ends with exit code 1 when training raised."""
         if self.fh:
             self.fh.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1 if failed else 0)
+            self.wandb = None
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _truncate_history(path: Path, step: int) -> None:
@@ -202,8 +253,9 @@ def _single_process_env() -> None:
 
 def preflight(cfg: RunConfig) -> None:
     """Fail in a second, in one line, on what would otherwise fail after setup: the output folder,
-    the shards, the model, its weights, the DeepSpeed JSON, the resume checkpoint."""
+    the shards, the model, its weights, the DeepSpeed JSON, the resume checkpoint, the logging backends."""
     check_run_folder(Path(cfg.train.output_dir), cfg.train.resume)
+    check_report_to(cfg.train.report_to)
     resolve_sources(cfg.data.sources)
     check_model(cfg.model)
     check_deepspeed_config(cfg)
@@ -251,6 +303,8 @@ class Trainer:
             model=model, optimizer=optimizer, model_parameters=params, config=self.ds_config
         )
         use_safe_loading(self.engine)  # resuming never unpickles more than tensors and plain data
+        if optimizer is None and self.is_main:
+            print(f"optimizer states offloaded: {type(self.engine.basic_optimizer).__name__}", file=sys.stderr)
         self.device = self.engine.device
         size = self.engine.module.visual.image_size
         self.image_size = size[0] if isinstance(size, tuple | list) else size
@@ -322,7 +376,7 @@ class Trainer:
     def run(self) -> TrainResult:
         pos = self.restore()
         self.stop = _StopFlag()
-        metrics = _Metrics(self.out, self.is_main, pos.step)
+        metrics = _Metrics(self.cfg, self.out, self.is_main, pos.step)
         if self.is_main:
             (self.out / "config.yaml").write_text(dump_config(self.cfg))
         result = TrainResult(pos, self.out)
@@ -331,6 +385,7 @@ class Trainer:
         global_batch = self.cfg.train.batch_size * self.env.world_size
         stream = self.loader.stream(pos.epoch, pos.batch + 1)
         last_saved = pos.step
+        failed = True  # until the loop ends normally or by a requested stop
         try:
             while pos.step < self.total_steps:
                 tick = time.perf_counter()
@@ -364,9 +419,10 @@ class Trainer:
                     break
             if last_saved != pos.step:
                 self.save(pos)
+            failed = False
         finally:
             bar.close()
-            metrics.close()
+            metrics.close(failed)
             self.stop.restore()
         return result
 

@@ -84,6 +84,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
+    if args.overrides[:1] == ["init"]:  # `vlp launch init DIR`: no run config involved
+        if len(args.overrides) != 2:
+            raise UserError("usage: vlp launch init DIR (a new or empty folder for the copies)")
+        from vlp.app.launch import init
+
+        print(init(args.overrides[1]))
+        return 0
     cfg = _config(args, LaunchRunConfig)
     from vlp.app.launch import describe, run_this_node
 
@@ -97,11 +104,18 @@ def _launch(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     cfg = _config(args, ExportConfig, positional="checkpoint")
     if not cfg.out:
-        raise UserError("vlp export: --out FILE.safetensors is required")
-    from vlp.export import export
+        raise UserError("vlp export: --out FILE.safetensors (or --out DIR with --format open_clip-dir) is required")
+    if cfg.tokenizer and cfg.format != "open_clip-dir":
+        raise UserError("vlp export: --tokenizer goes with --format open_clip-dir")
+    from vlp.export import export, export_open_clip_dir
 
-    out, name = export(_one(cfg.checkpoint, "a checkpoint, run folder or .safetensors"), cfg.out)
-    print(f"wrote {out} (open_clip model {name!r})")
+    source = _one(cfg.checkpoint, "a checkpoint, run folder or .safetensors")
+    if cfg.format == "open_clip-dir":
+        out, name = export_open_clip_dir(source, cfg.out, cfg.tokenizer)
+        print(f"wrote {out}/ (open_clip model {name!r}; open_clip.create_model_and_transforms('local-dir:{out}'))")
+    else:
+        out, name = export(source, cfg.out)
+        print(f"wrote {out} (open_clip model {name!r})")
     return 0
 
 
@@ -187,7 +201,7 @@ def _one(value: str, what: str) -> str:
 def _command(sub, name: str, func: Handler, schema, help: str, examples: list[str], *, flags: bool,
              overrides: bool = True) -> argparse.ArgumentParser:
     """A subcommand whose --help ends with the schema's keys (or flags) and examples."""
-    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
+    epilog = _examples(examples)
     if not flags:
         epilog = f"config keys (key=value overrides, dotted):\n{describe_text(schema)}\n\n{epilog}"
     p = sub.add_parser(name, help=help, description=(schema.__doc__ or help).strip(), epilog=epilog,
@@ -202,23 +216,35 @@ def _command(sub, name: str, func: Handler, schema, help: str, examples: list[st
     return p
 
 
+def _examples(lines: list[str]) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlp", description="CLIP-style image-text pretraining")
+    parser = argparse.ArgumentParser(prog="vlp", description="CLIP-style image-text pretraining",
+                                     epilog=_examples(["vlp demo", "vlp train --config configs/default.yaml",
+                                                       "vlp eval --model runs/demo --suite default --out reports/demo"]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"vlp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    shards = sub.add_parser("shards", help="build, inspect and verify webdataset shards")
+    shards = sub.add_parser("shards", help="build, inspect and verify webdataset shards",
+                            epilog=_examples(["vlp shards build pairs.csv --output shards/",
+                                              "vlp shards verify shards/", "vlp shards synth --out data/synth"]),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ssub = shards.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
     _command(ssub, "build", _build, ShardsBuildConfig, "raw image/text pairs -> webdataset shards", [
         "vlp shards build pairs.csv --output shards/ --image-size 256",
         "vlp shards build a.parquet b.jsonl.gz photos/ --output shards/ --keep-cols license,width",
         "vlp shards build --config build.yaml shard_size=5000"], flags=True)
     _command(ssub, "inspect", _inspect, InspectConfig, "counts, histograms and sample captions of a shard folder",
-             ["vlp shards inspect shards/"], flags=True)
+             ["vlp shards inspect shards/", "vlp shards inspect shards/ --samples 20"], flags=True)
     _command(ssub, "verify", _verify, VerifyConfig, "read every sample back and check it against manifest.json",
-             ["vlp shards verify shards/"], flags=True)
+             ["vlp shards verify shards/", "vlp shards verify data/demo/shards --quiet"], flags=True)
     _command(ssub, "synth", _synth, SynthConfig, "synthetic shape/caption pairs (the embedded default)",
-             ["vlp shards synth --out data/synth --n 10000 --seed 0"], flags=True)
+             ["vlp shards synth --out data/synth --n 10000 --seed 0",
+              "vlp shards synth --out data/synth128 --n 2000 --image-size 128 && "
+              "vlp shards build data/synth128/pairs.csv --output data/synth128/shards"], flags=True)
 
     ev = _command(sub, "eval", _eval, EvalConfig, "evaluate a model on a suite: report.json + report.html", [
         "vlp eval --model runs/demo --suite default --out reports/demo",
@@ -226,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
         "vlp eval compare reports/untrained reports/demo"], flags=True)
     esub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
     _command(esub, "compare", _compare, CompareConfig, "two reports side by side with deltas; writes compare.html",
-             ["vlp eval compare reports/a reports/b --out reports/"], flags=True)
+             ["vlp eval compare reports/a reports/b --out reports/",
+              "vlp eval compare reports/untrained/report.json reports/demo/report.json"], flags=True)
 
     p = _command(sub, "train", _train, RunConfig, "pretrain a dual encoder under DeepSpeed", [
         "vlp train --config configs/default.yaml",
@@ -237,24 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "demo", _demo, DemoRunConfig, "synthetic data -> shards -> trained tiny model -> report", [
         "vlp demo", "vlp demo train.micro_batch_size=64", "vlp demo --config configs/demo.yaml demo.pairs=20000"],
         flags=False)
-    p.set_defaults(config="configs/demo.yaml")
+    p.set_defaults(config="configs/demo.yaml")  # the shipped preset unless ./configs/demo.yaml exists
 
     p = _command(sub, "launch", _launch, LaunchRunConfig, "start this machine's part of a run on the config's cluster", [
         "vlp launch --config configs/vit-b-16-gpu.yaml launch.launcher=torchrun launch.nodes=2 --dry-run",
-        "vlp launch --config configs/vit-b-16-gpu.yaml launch.launcher=torchrun launch.nodes=2 launch.node_rank=1 "
-        "launch.master_addr=10.0.0.1",
-        "vlp launch --config configs/vit-b-16-gpu.yaml launch.launcher=slurm launch.nodes=4 launch.procs_per_node=8"],
+        "vlp launch --config configs/vit-b-16-gpu.yaml launch.launcher=slurm launch.nodes=4 launch.procs_per_node=8",
+        "vlp launch init mycluster   # editable copies of configs/ and launch/; vlp uses them when run there"],
         flags=False)
     p.add_argument("--dry-run", action="store_true", help="print every node's command instead of running this one's")
 
-    _command(sub, "export", _export, ExportConfig, "write a checkpoint's weights as an open_clip safetensors file", [
+    _command(sub, "export", _export, ExportConfig, "write a checkpoint's weights in a form stock open_clip loads", [
         "vlp export runs/demo --out model.safetensors",
+        "vlp export runs/demo --format open_clip-dir --out exported/demo   # local-dir:exported/demo",
         "vlp export runs/demo/checkpoints/step_00000750 --out step750.safetensors"], flags=True)
 
-    p = sub.add_parser("config", help="print a command's config keys (with types, defaults, descriptions)")
+    p = sub.add_parser("config", help="print a command's config keys (with types, defaults, descriptions)",
+                       epilog=_examples(["vlp config show train --describe", "vlp config show eval"]),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     show = csub.add_parser("show", help="the defaults as YAML, or every key described",
-                           epilog="examples:\n  vlp config show train --describe\n  vlp config show shards > build.yaml",
+                           epilog=_examples(["vlp config show train --describe", "vlp config show shards > build.yaml"]),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     show.add_argument("name", choices=sorted(COMMAND_SCHEMAS), help="which command's schema")
     show.add_argument("--describe", action="store_true", help="one line per key: type = default, description")

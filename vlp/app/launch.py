@@ -4,7 +4,9 @@ Every launcher ends up running the same `vlp train --config X [overrides]`
 (as `python -m vlp train ...`) in every process; they differ only in how
 processes are started and how they find each other. The files in launch/
 are the ready-made versions of these commands; this fills them in for a
-config's `launch` section so there is nothing to get wrong by hand.
+config's `launch` section so there is nothing to get wrong by hand. They ship
+inside the package; `vlp launch init DIR` writes editable copies, which win
+when vlp runs in DIR (vlp.core.shipped).
 
 What can be checked before anything starts is: a DeepSpeed hostfile must list
 `launch.nodes` hosts with `launch.procs_per_node` slots each (else DeepSpeed's
@@ -24,8 +26,8 @@ from vlp.core.atomic import write_atomic
 from vlp.core.config import LaunchConfig, RunConfig
 from vlp.core.errors import UserError
 from vlp.core.hosts import slurm_hostnames
+from vlp.core.shipped import resolve, write_copies
 
-LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"  # the checkout's launch/ files
 WRITTEN_HOSTFILE = "logs/hostfile"  # where vlp writes one from launch.hosts or SLURM's allocation
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")
 
@@ -53,7 +55,7 @@ def _deepspeed(launch: LaunchConfig, node: int, train: list[str]) -> list[str]:
 
 
 def _accelerate(launch: LaunchConfig, node: int, train: list[str]) -> list[str]:
-    return ["accelerate", "launch", "--config_file", str(LAUNCH_DIR / "accelerate_deepspeed.yaml"),
+    return ["accelerate", "launch", "--config_file", resolve("launch/accelerate_deepspeed.yaml"),
             f"--num_machines={launch.nodes}", f"--num_processes={launch.nodes * launch.procs_per_node}",
             f"--machine_rank={node}", f"--main_process_ip={launch.master_addr}",
             f"--main_process_port={launch.master_port}", *train]
@@ -65,7 +67,7 @@ def node_commands(cfg: RunConfig, config_path: str | None, overrides: list[str])
     train = _train_args(config_path, overrides)
     if launch.launcher == "slurm":
         line = ["sbatch", f"--nodes={launch.nodes}", f"--gpus-per-node={launch.procs_per_node}",
-                str(LAUNCH_DIR / "slurm.sbatch"), *train[3:]]
+                resolve("launch/slurm.sbatch"), *train[3:]]
         return [shlex.join(line)]
     build = {"torchrun": _torchrun, "deepspeed": _deepspeed, "accelerate": _accelerate}[launch.launcher]
     return [shlex.join(build(launch, node, train)) for node in range(launch.nodes)]
@@ -149,3 +151,12 @@ def run_this_node(cfg: RunConfig, config_path: str | None, overrides: list[str])
         raise UserError(f"{argv[0]} not found on PATH (launch.launcher={launch.launcher})")
     print(f"# {shlex.join(argv)}", flush=True)
     os.execvp(argv[0], argv)
+
+
+def init(dest: str) -> str:
+    """`vlp launch init DIR`: editable copies of the presets and launch files, and what to do next."""
+    written = write_copies(dest)
+    return "\n".join([f"wrote {len(written)} files under {dest}/ (configs/, launch/):",
+                      *(f"  {p}" for p in written),
+                      f"edit them, then from {dest}/: vlp launch --config configs/vit-b-16-gpu.yaml --dry-run "
+                      "(your copies win over the shipped ones)"])

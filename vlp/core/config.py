@@ -31,6 +31,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from vlp.core.errors import UserError
+from vlp.core.shipped import resolve
 
 
 class ConfigError(UserError):
@@ -110,10 +111,26 @@ class DataConfig(Section):
 class ModelConfig(Section):
     name: str = "vlp-tiny"
     pretrained: str | None = Field(None, description="local weights file for the model")
+    config_file: str | None = Field(None, description="your own open_clip model JSON (embed_dim, vision_cfg, "
+                                    "text_cfg); the model takes the file's name (my-vit.json -> my-vit)")
+    tokenizer: str | None = Field(None, description="a local Hugging Face tokenizer folder (tokenizer.json, ...) "
+                                  "instead of open_clip's tokenizer for the model (never downloaded)")
     lock_image: bool = False
     lock_text: bool = False
     grad_checkpointing: bool = False
     patch_dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_after_config_file(cls, data: Any) -> Any:
+        """model.config_file names the model; a different model.name beside it is a mistake."""
+        if isinstance(data, dict) and data.get("config_file"):
+            stem = Path(str(data["config_file"])).stem
+            if data.get("name", stem) != stem:
+                raise ValueError(f"model.name {data['name']!r} and model.config_file {data['config_file']} "
+                                 f"disagree: the model is named after its file; set model.name={stem} or drop it")
+            data = {**data, "name": stem}
+        return data
 
 
 class LossConfig(Section):
@@ -173,6 +190,11 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, gt=0, description="steps between zero-shot evals")
     eval_suite: str | None = None
     log_keys: bool = Field(False, description="write every step's sample keys to metrics.jsonl")
+    report_to: Annotated[list[Literal["tensorboard", "wandb"]], BeforeValidator(_split_commas)] = Field(
+        default_factory=list, description="where metrics go besides metrics.jsonl (always written), rank 0: "
+        "tensorboard, wandb (a,b; pip install 'vlp[tensorboard]' / 'vlp[wandb]')")
+    wandb_project: str = Field("vlp", description="wandb project (wandb's mode from $WANDB_MODE, e.g. offline)")
+    run_name: str | None = Field(None, description="the wandb run's name; default: the output folder's name")
 
     @model_validator(mode="after")
     def _chunks_divide(self) -> TrainConfig:
@@ -338,10 +360,14 @@ class CompareConfig(Section):
 
 
 class ExportConfig(Section):
-    """`vlp export`: a run's trained weights as an open_clip state dict in safetensors."""
+    """`vlp export`: a run's trained weights as open_clip loads them: a safetensors file or a local-dir: folder."""
 
     checkpoint: str = Field("", **positional("a checkpoint folder, a run folder (its newest checkpoint) or a .safetensors"))
-    out: str = Field("", description="output .safetensors path (required)")
+    out: str = Field("", description="output .safetensors path, or folder for open_clip-dir (required)")
+    format: Literal["safetensors", "open_clip-dir"] = Field(
+        "safetensors", description="open_clip-dir: open_clip_config.json + weights, for create_model('local-dir:OUT')")
+    tokenizer: str | None = Field(None, description="a local Hugging Face tokenizer folder copied into an open_clip-dir "
+                                  "(models trained with model.tokenizer)")
 
 
 # What `vlp config show NAME` prints.
@@ -471,7 +497,12 @@ def load(
     model: type[S], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
     flags: dict[str, Any] | None = None,
 ) -> S:
-    """Defaults <- YAML file <- `key=value` overrides <- explicit flags, validated (one-line ConfigError)."""
+    """Defaults <- YAML file <- `key=value` overrides <- explicit flags, validated (one-line ConfigError).
+
+    `path` may name a shipped preset (`configs/demo.yaml`, or just `demo`; see vlp.core.shipped).
+    """
+    if path is not None:
+        path = resolve(path)
     tree = read_yaml(path) if path is not None else {}
     if path is not None and not tree:
         print(f"vlp: warning: config file {path} is empty; using the defaults", file=sys.stderr)

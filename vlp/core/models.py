@@ -29,7 +29,9 @@ Two DeepSpeed-driven changes to the open_clip model:
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.tokenizer import HFTokenizer
 from torch import nn
 
 from vlp.core.config import LossConfig, ModelConfig
@@ -47,6 +50,7 @@ SOFTMAX_INIT_LOGIT_SCALE = math.log(1 / 0.07)
 SIGMOID_INIT_LOGIT_SCALE = math.log(10.0)
 SIGMOID_INIT_LOGIT_BIAS = -10.0
 
+CONFIG_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,122}\.json$")  # the stem becomes the model's name
 _registered = False
 
 
@@ -92,12 +96,65 @@ def _logit_init(name: str, loss_cfg: LossConfig | None) -> dict[str, float]:
     return kwargs
 
 
+def register_config_file(cfg: ModelConfig) -> None:
+    """Make `model.config_file` known to open_clip under its file's name, or a one-line UserError."""
+    if not cfg.config_file:
+        return
+    path = Path(cfg.config_file)
+    what = f"config key 'model.config_file': {path}"
+    if not path.is_file():
+        raise UserError(f"{what}: no such file")
+    if not CONFIG_FILE_NAME.match(path.name):
+        raise UserError(f"{what}: name the file <model name>.json (letters, digits, '.', '_', '+', '-')")
+    try:
+        loaded = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{what}: not a JSON model config ({type(err).__name__})") from None
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(loaded, dict) or k not in loaded]
+    if missing:
+        raise UserError(f"{what}: an open_clip model config needs {', '.join(missing)}")
+    register_model_configs()
+    open_clip.add_model_config(path)
+
+
+def make_tokenizer(cfg: ModelConfig) -> Callable:
+    """The model's tokenizer: `model.tokenizer` (a local HF folder) if given, else open_clip's for the model.
+
+    open_clip fetches a Hugging Face tokenizer from the Hub for some models (SigLIP, the
+    HF text towers); on a machine without the Hub that fails deep inside transformers,
+    so such a failure becomes one line naming `model.tokenizer`.
+    """
+    text_cfg = (model_config(cfg.name) or {}).get("text_cfg", {})
+    if cfg.tokenizer:
+        if not (Path(cfg.tokenizer) / "tokenizer_config.json").is_file():
+            raise UserError(f"config key 'model.tokenizer': {cfg.tokenizer} is not a Hugging Face tokenizer folder "
+                            "(no tokenizer_config.json; save one with tokenizer.save_pretrained(DIR))")
+        return HFTokenizer(cfg.tokenizer, context_length=text_cfg.get("context_length", 77),
+                           tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                           **text_cfg.get("tokenizer_kwargs", {}))
+    hub = text_cfg.get("hf_tokenizer_name") or ("a SigLIP vocabulary" if "siglip" in cfg.name.lower() else None)
+    try:
+        return open_clip.get_tokenizer(cfg.name)
+    except Exception as err:  # transformers / huggingface_hub / fsspec raise many types when offline
+        if not hub:
+            raise
+        raise UserError(f"model {cfg.name!r} needs the Hugging Face tokenizer {hub!r}, which could not be loaded "
+                        f"({type(err).__name__}; offline?): give a local copy as model.tokenizer=DIR "
+                        f"(e.g. `huggingface-cli download {hub} --local-dir DIR` where the Hub is reachable)") from None
+
+
 def check_model(cfg: ModelConfig) -> None:
     """What can be checked without building the model: the name is known, the weights file exists."""
+    register_config_file(cfg)
+    if cfg.name.startswith(("hf-hub:", "local-dir:")):
+        raise UserError(f"config key 'model.name': {cfg.name!r}: vlp builds models from configs and local files "
+                        "(nothing is downloaded): save the folder's model_cfg (in open_clip_config.json) as NAME.json for "
+                        "model.config_file, its weights as model.pretrained, its tokenizer folder as model.tokenizer")
     if model_config(cfg.name) is None:
         raise UserError(f"config key 'model.name': unknown model {cfg.name!r} (open_clip's names or ours: "
                         f"{', '.join(register_model_configs())})")
     _check_pretrained(cfg.pretrained)
+    make_tokenizer(cfg)  # cheap, and the one part that may need the Hub
 
 
 def _check_pretrained(path: str | None) -> str | None:
@@ -127,9 +184,12 @@ def create_model(
     and 0-dim or (1,)-shaped logit params both load.
     """
     register_model_configs()
+    register_config_file(cfg)
     if open_clip.get_model_config(cfg.name) is None:
         raise UserError(f"config key 'model.name': unknown model {cfg.name!r} (see vlp.core.models.list_models())")
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+    model, preprocess_train, preprocess_val = _hub_errors_in_one_line(
+        cfg.name,
+        open_clip.create_model_and_transforms,
         cfg.name,
         pretrained=_check_pretrained(cfg.pretrained),
         precision="fp32",
@@ -146,8 +206,20 @@ def create_model(
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    tokenizer = open_clip.get_tokenizer(cfg.name)
-    return model, preprocess_train, preprocess_val, tokenizer
+    return model, preprocess_train, preprocess_val, make_tokenizer(cfg)
+
+
+def _hub_errors_in_one_line(name: str, build: Callable, *args, **kwargs):
+    """`build(...)`; a model whose text tower comes from the Hugging Face Hub fails in one line offline."""
+    hub = (model_config(name) or {}).get("text_cfg", {}).get("hf_model_name")
+    try:
+        return build(*args, **kwargs)
+    except OSError as err:  # transformers and huggingface_hub report an unreachable Hub as OSError subclasses
+        if not hub:
+            raise
+        raise UserError(f"model {name!r} builds its text tower from the Hugging Face model {hub!r}, which could not "
+                        f"be loaded ({type(err).__name__}; offline?): fetch it into the Hugging Face cache "
+                        "(HF_HOME) where the Hub is reachable, or use a model without an HF text tower") from None
 
 
 @dataclass

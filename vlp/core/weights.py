@@ -27,6 +27,7 @@ META_NAME = "vlp_model_name"
 META_CONFIG = "vlp_model_config"
 STATE_FILE = "vlp_state.json"  # a checkpoint's completion mark
 WEIGHTS_FILE = "model.safetensors"
+OPEN_CLIP_DIR_WEIGHTS = "open_clip_model.safetensors"  # in `vlp export --format open_clip-dir` folders
 # A model name read from a file is a name, never a path: it names files (`<name>.json`) later.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 
@@ -44,8 +45,9 @@ def find_weights(source: str | Path) -> Path:
     source = Path(source)
     if source.is_file():
         return source
-    if (source / WEIGHTS_FILE).is_file():
-        return source / WEIGHTS_FILE
+    for name in (WEIGHTS_FILE, OPEN_CLIP_DIR_WEIGHTS):
+        if (source / name).is_file():
+            return source / name
     done = complete_checkpoints(source / "checkpoints") or complete_checkpoints(source)
     if done and (done[-1] / WEIGHTS_FILE).is_file():
         return done[-1] / WEIGHTS_FILE

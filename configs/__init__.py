@@ -1,0 +1,1 @@
+"""vlp's presets (`--config NAME`), shipped as package data `vlp.configs`."""

@@ -1,0 +1,1 @@
+"""vlp's launch files (SLURM, torchrun, DeepSpeed, accelerate), shipped as package data `vlp.launch`."""
