@@ -21,7 +21,6 @@ import netns_hosts
 import pytest
 from shard_helpers import tiny_shards
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STEPS = 6
 HOSTS = netns_hosts.Hosts(names=("host1", "host2"), subnet="10.99.1", bridge="vlpmhbr0", prefix="vlpmh")
@@ -73,9 +72,17 @@ def _on_both_hosts(launch: list[str], train: list[str], cwd: Path) -> None:
                                                  *train]),
                               env=_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank, name in enumerate(HOSTS.names)]
+    _wait_all_joined(procs)
+
+
+def _wait_all_joined(procs: list[subprocess.Popen]) -> None:
+    """Every node's launch exits 0, and the master's log says both ranks joined."""
+    errs = []
     for proc in procs:
         _, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr[-4000:]
+        errs.append(stderr)
+    assert "vlp train: world size 2 on " in errs[0], errs[0][-3000:]
 
 
 def _assert_same_steps(got: list[dict], want: list[dict]) -> None:
@@ -104,15 +111,13 @@ def test_deepspeed_launcher_across_two_hosts(hosts, shards, single_host, tmp_pat
                                                  *_train(shards, tmp_path / "run")]),
                               env=_env(), cwd=tmp_path / name, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank, name in enumerate(HOSTS.names)]
-    for proc in procs:
-        _, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-4000:]
+    _wait_all_joined(procs)
     assert (tmp_path / "host2" / "logs" / "hostfile").read_text() == "host1 slots=1\nhost2 slots=1\n"
     _assert_same_steps(_metrics(tmp_path / "run"), single_host)
 
 
 def test_accelerate_across_two_hosts(hosts, shards, single_host, tmp_path):
-    # from the checkout: the shipped accelerate file names launch/ds_zero2.json relative to it
+    # outside the checkout: the shipped accelerate file names launch/ds_zero2.json, found in the package
     _on_both_hosts(["launch.launcher=accelerate", *COMMON, "launch.master_port=29644"],
-                   _train(shards, tmp_path / "run"), REPO)
+                   _train(shards, tmp_path / "run"), tmp_path)
     _assert_same_steps(_metrics(tmp_path / "run"), single_host)

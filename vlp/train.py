@@ -303,6 +303,9 @@ class Trainer:
             model=model, optimizer=optimizer, model_parameters=params, config=self.ds_config
         )
         use_safe_loading(self.engine)  # resuming never unpickles more than tensors and plain data
+        joined = vdist.joined_hosts()  # in every log: did every node join?
+        if self.is_main:
+            print(f"vlp train: {joined}", file=sys.stderr)
         if optimizer is None and self.is_main:
             print(f"optimizer states offloaded: {type(self.engine.basic_optimizer).__name__}", file=sys.stderr)
         self.device = self.engine.device

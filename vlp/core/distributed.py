@@ -136,6 +136,21 @@ def rank_and_world() -> tuple[int, int]:
     return get_rank(), get_world_size()
 
 
+def joined_hosts() -> str:
+    """'world size N on M host(s): a x8, b x8': which machines joined (every rank calls it).
+
+    Call once the device is set (after deepspeed.initialize): NCCL gathers on it.
+    """
+    name = socket.gethostname()
+    names = [name]
+    if is_distributed():
+        names = [None] * get_world_size()
+        dist.all_gather_object(names, name)
+    counts = {h: names.count(h) for h in dict.fromkeys(names)}
+    return (f"world size {len(names)} on {len(counts)} host(s): "
+            + ", ".join(f"{h} x{n}" for h, n in counts.items()))
+
+
 def find_free_port() -> int:
     """A TCP port free right now on localhost (for tests and single-node launches)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
