@@ -101,6 +101,10 @@ def test_time_limit_requeues_and_resumes_exactly_in_both_styles(cluster, shards,
         assert f"job {job} restart 1:" in log and "nodes node[1-2]" in log, log[-3000:]
         stopped_at = int(log.split("at step ")[1].split(";")[0])
         assert "stopped by stop file" in log and f"(step {stopped_at})" in log, log[-3000:]
+        assert log.count("vlp train: world size 2 on ") == 2, log[-3000:]  # both attempts: every rank joined
+        lines = [line.split("\r")[-1] for line in log.splitlines()]  # the progress bar's redraws end in \r
+        print(f"--- {style} job {job}:\n" + "\n".join(line for line in lines if line.startswith(
+            ("vlp:", "vlp train:", "stopped by", "resumed from"))))  # for the record (pytest -s)
         assert 0 < stopped_at < STEPS
 
         got = _steps(tmp_path / f"run-{style}")

@@ -418,7 +418,7 @@ class Trainer:
                     result.stopped_by_signal = True
                     if self.is_main:
                         why = "signal" if self.stop.signalled else f"stop file {self.stop.stop_file}"
-                        print(f"stopped by {why} at step {pos.step}; checkpoint saved", file=sys.stderr)
+                        bar.write(f"stopped by {why} at step {pos.step}; checkpoint saved", file=sys.stderr)  # own line
                     break
             if last_saved != pos.step:
                 self.save(pos)
