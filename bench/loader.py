@@ -1,6 +1,7 @@
 """Loader throughput: vlp's ShardLoader vs open_clip_train's webdataset pipeline, in one run.
 
     python bench/loader.py [--n 3000] [--workers 2] [--batch 128] [--image-size 224]
+                            [--shuffle-buffer 1000] [--http]
 
 Both read the same JPEG shards (256-1024 px images, kept at full size by
 `vlp shards build --resize-mode no`), decode, apply open_clip's train
@@ -14,12 +15,20 @@ the "+ normalise on CPU" row adds that step in the main process, to show the
 cost where there is no GPU to hide it.
 
 open_clip_train runs from its own virtualenv (bench/baselines.py).
+
+--http compares vlp's loader on the same shards read from local disk, from a
+loopback HTTP server (tests/http_server.py, fetched with curl as in
+training, with the build's manifest for the counts) and from a loopback S3
+API (moto's server behind tests/s3_server.py's counting proxy, read with
+s3fs), and prints the GETs each shard got in the epoch: one per loader
+worker that reads it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -62,7 +71,7 @@ def make_shards(work: Path, n: int) -> Path:
     return out
 
 
-def run_vlp(shards: Path, args, normalise: bool) -> tuple[int, float]:
+def run_vlp(shards: Path | str, args, normalise: bool, manifest: str | None = None) -> tuple[int, float]:
     from vlp.core.config import DataConfig, DataSource, ModelConfig
     from vlp.core.models import create_model, image_normalization
     from vlp.data import ShardLoader, normalize
@@ -70,7 +79,8 @@ def run_vlp(shards: Path, args, normalise: bool) -> tuple[int, float]:
     model, _, _, tokenizer = create_model(ModelConfig(name="ViT-B-32"))
     mean, std = image_normalization(model)
     del model
-    cfg = DataConfig(sources=[DataSource(shards=str(shards))], workers=args.workers, shuffle_buffer=1000)
+    source = DataSource(shards=str(shards), manifest=manifest)
+    cfg = DataConfig(sources=[source], workers=args.workers, shuffle_buffer=args.shuffle_buffer)
     loader = ShardLoader(cfg, batch_size=args.batch, image_size=args.image_size, tokenizer=tokenizer)
     it = iter(loader.epoch(0))
     next(it)
@@ -93,15 +103,72 @@ def run_open_clip(shards: Path, args) -> tuple[int, float]:
     return result["samples"], result["seconds"]
 
 
+def compare_http(shards: Path, args) -> None:
+    """samples/s from local disk and from the loopback HTTP server, and the GETs of the HTTP epoch."""
+    sys.path.insert(0, str(ROOT.parent / "tests"))
+    from http_server import serve
+
+    last = len(json.loads((shards / "manifest.json").read_text())["shards"]) - 1
+    rows = []
+    n, seconds = run_vlp(shards, args, normalise=False)
+    rows.append(("local disk", n / seconds, "-"))
+    print(f"  local disk: {n} samples in {seconds:.1f}s", flush=True)
+    with serve(shards) as (base, hits):
+        n, seconds = run_vlp(f"{base}/{{00000..{last:05d}}}.tar", args, normalise=False,
+                             manifest=str(shards / "manifest.json"))
+        gets = dict(sorted(hits.items()))
+    print(f"  loopback HTTP: {n} samples in {seconds:.1f}s", flush=True)
+    rows.append(("loopback HTTP (curl)", n / seconds, _gets(gets)))
+    n, seconds, gets = _from_s3(shards, last, args)
+    print(f"  loopback S3: {n} samples in {seconds:.1f}s", flush=True)
+    rows.append(("loopback S3 (s3fs)", n / seconds, _gets(gets)))
+    print(f"\nvlp ShardLoader, one epoch, {args.n} JPEGs 256-1024 px -> {args.image_size} px, "
+          f"batch {args.batch}, {args.workers} workers, shuffle buffer {args.shuffle_buffer}")
+    print("| shards from | samples/s | GETs in the epoch |")
+    print("|---|---|---|")
+    for name, rate, get in rows:
+        print(f"| {name} | {rate:.0f} | {get} |")
+
+
+def _gets(gets: dict) -> str:
+    return f"{sum(gets.values())} for {len(gets)} shards (per shard: {', '.join(map(str, sorted(set(gets.values()))))})"
+
+
+def _from_s3(shards: Path, last: int, args) -> tuple[int, float, dict]:
+    """The same epoch from moto's S3 server on loopback; GETs of .tar objects counted by the proxy."""
+    from s3_server import S3Server
+
+    server = S3Server().start()
+    try:
+        os.environ.update(server.env())
+        client = server.client()
+        client.create_bucket(Bucket="bench")
+        for p in sorted(shards.iterdir()):
+            if p.suffix in (".tar", ".json"):
+                client.upload_file(str(p), "bench", f"shards/{p.name}")
+        server.hits.clear()
+        n, seconds = run_vlp(f"s3://bench/shards/{{00000..{last:05d}}}.tar", args, normalise=False,
+                             manifest="s3://bench/shards/manifest.json")
+        gets = {path: c for (method, path), c in server.hits.items() if method == "GET" and path.endswith(".tar")}
+        return n, seconds, gets
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--shuffle-buffer", type=int, default=1000)
     parser.add_argument("--work", default="/tmp/vlp-bench-loader")
+    parser.add_argument("--http", action="store_true", help="local disk vs a loopback HTTP server, with GET counts")
     args = parser.parse_args()
     shards = make_shards(Path(args.work), args.n)
+    if args.http:
+        compare_http(shards, args)
+        return
     open_clip_python()
     rows = []
     for name, fn in [("open_clip_train (webdataset 0.2.86)", lambda: run_open_clip(shards, args)),

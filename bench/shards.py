@@ -12,6 +12,13 @@ images written per second and the ratio.
 
 img2dataset pins webdataset < 0.3, so it runs from its own virtualenv
 (bench/baselines.py).
+
+    python bench/shards.py --compare ray [--ray-address HEAD:PORT]
+
+compares vlp's two engines instead: the local process pool and `--engine ray`
+(tasks on a Ray instance the build starts on this machine with --workers CPUs,
+or on the cluster at --ray-address), on the same inputs and settings. The Ray
+figure includes starting or connecting to Ray, as a user's run does.
 """
 
 from __future__ import annotations
@@ -86,10 +93,13 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def run_vlp(csv_path: Path, out: Path, args) -> tuple[float, int]:
+def run_vlp(csv_path: Path, out: Path, args, engine: str = "local") -> tuple[float, int]:
     cmd = [sys.executable, "-m", "vlp", "shards", "build", str(csv_path), "--output", str(out), "--overwrite",
            "--image-size", str(args.image_size), "--resize-mode", "border", "--encode-quality", "95",
-           "--workers", str(args.workers), "--threads", "16", "--shard-size", "500", "--quiet"]
+           "--workers", str(args.workers), "--threads", "16", "--shard-size", "500", "--quiet",
+           "--engine", engine]
+    if engine == "ray" and args.ray_address:
+        cmd += ["--ray-address", args.ray_address]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
@@ -118,6 +128,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--work", default="/tmp/vlp-bench-shards")
+    parser.add_argument("--compare", choices=("img2dataset", "ray"), default="img2dataset",
+                        help="img2dataset: vlp vs img2dataset; ray: vlp's local engine vs --engine ray")
+    parser.add_argument("--ray-address", help="with --compare ray: a running cluster (default: start one here)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run the file server
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -128,13 +141,16 @@ def main() -> None:
     images = make_images(work / "images", args.n)
     print(f"{args.n} source JPEGs ready ({sum(p.stat().st_size for p in images) / 1e6:.0f} MB, "
           f"{time.perf_counter() - t0:.0f}s)", flush=True)
-    img2dataset_python()
+    if args.compare == "img2dataset":
+        img2dataset_python()
     server, base = start_server(work / "images")
     try:
         sources = {
             "local (file://)": write_csv(work / "local.csv", [p.as_uri() for p in images]),
             "http (loopback)": write_csv(work / "http.csv", [f"{base}/{p.name}" for p in images]),
         }
+        if args.compare == "ray":
+            return compare_engines(sources, work, args)
         rows = []
         for name, csv_path in sources.items():
             vlp_s, vlp_n = run_vlp(csv_path, work / "out-vlp", args)
@@ -150,6 +166,25 @@ def main() -> None:
     for name, vlp_rate, vlp_n, i2d_rate, i2d_n in rows:
         print(f"| {name} | {vlp_rate:.0f} ({vlp_n} written) | {i2d_rate:.0f} ({i2d_n} written) | "
               f"{vlp_rate / i2d_rate:.2f}x |")
+
+
+def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
+    rows = []
+    for name, csv_path in sources.items():
+        local_s, local_n = run_vlp(csv_path, work / "out-local", args, "local")
+        ray_s, ray_n = run_vlp(csv_path, work / "out-ray", args, "ray")
+        same = all((work / "out-local" / p.name).read_bytes() == p.read_bytes()
+                   for p in (work / "out-ray").iterdir() if p.is_file() and p.name != ".build.json")
+        rows.append((name, local_n / local_s, local_n, ray_n / ray_s, ray_n, same))
+        print(f"  {name}: local {local_n} in {local_s:.1f}s, ray {ray_n} in {ray_s:.1f}s", flush=True)
+    where = args.ray_address or f"a Ray instance started here with {args.workers} CPUs"
+    print(f"\nshard building, {args.n} JPEGs 256-1024 px -> {args.image_size} px border, "
+          f"{args.workers} processes x 16 threads; ray: {where}")
+    print("| source | local images/s | ray images/s | ratio | same files |")
+    print("|---|---|---|---|---|")
+    for name, local_rate, local_n, ray_rate, ray_n, same in rows:
+        print(f"| {name} | {local_rate:.0f} ({local_n} written) | {ray_rate:.0f} ({ray_n} written) | "
+              f"{ray_rate / local_rate:.2f}x | {'yes' if same else 'NO'} |")
 
 
 if __name__ == "__main__":

@@ -23,10 +23,10 @@ How a build runs:
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 import re
-import shutil
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
@@ -39,11 +39,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tqdm import tqdm
 from vlp.data_tools.images import ImageOptions
+from vlp.data_tools.output import BuildOutput, localize_inputs
 from vlp.data_tools.pipeline import RowOptions, RowResult, init_worker, process_chunk
+from vlp.data_tools.ray_engine import RayWorkers
 from vlp.data_tools.readers import InputFile, Row, iter_rows, open_inputs
 from vlp.data_tools.writer import RECORD_FIELDS, ShardWriter, printable, shard_name
 
-from vlp.core.atomic import TMP_PREFIX, write_atomic, write_json
+from vlp.core import storage
+from vlp.core.atomic import TMP_PREFIX
 from vlp.core.config import ShardsBuildConfig
 from vlp.core.errors import UserError
 from vlp.core.fetch import FetchOptions
@@ -120,51 +123,54 @@ class BuildSummary:
 # ------------------------------------------------------------ output state
 
 
-def _input_fingerprint(inputs: list[InputFile]) -> list[dict]:
+def _input_fingerprint(inputs: list[InputFile], origins: dict[str, str]) -> list[dict]:
     out = []
     for inp in inputs:
+        if str(inp.path) in origins:  # a copy of an object-storage input: its URL, size and ETag
+            out.append(storage.info(origins[str(inp.path)]))
+            continue
         st = inp.path.stat()
         out.append({"path": str(inp.path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
 
 
-def _clear_own_files(out: Path) -> None:
-    for p in out.iterdir():
-        if OWN_FILE.match(p.name):
-            p.unlink() if p.is_file() else shutil.rmtree(p)
+def _json_bytes(value) -> bytes:
+    return json.dumps(value, indent=2).encode()  # as vlp.core.atomic.write_json writes it
 
 
-def prepare_output(out: Path, state: dict, overwrite: bool) -> None:
-    """Refuse to mix two different builds in one (claimed, locked) output folder."""
-    state_path = out / STATE_FILE
+def prepare_output(output: BuildOutput, state: dict, overwrite: bool) -> None:
+    """Refuse to mix two different builds in one (claimed, locked) output folder or URL."""
+    names = output.names()
     if overwrite:
-        _clear_own_files(out)
-    elif state_path.exists():
-        previous = json.loads(state_path.read_text())
+        for name in sorted(n for n in names if OWN_FILE.match(n)):
+            output.delete(name)
+    elif STATE_FILE in names:
+        previous = json.loads(output.read(STATE_FILE))
         if previous != state:
             raise UserError(
-                f"output {out} holds a build of other inputs or options; pass --overwrite to start over"
+                f"output {output} holds a build of other inputs or options; pass --overwrite to start over"
             )
-    elif any(OWN_FILE.match(p.name) for p in out.iterdir()):
-        raise UserError(f"output {out} holds shards from another build; pass --overwrite to start over")
-    for p in out.glob(TMP_PREFIX + "*"):  # leftovers of a killed build (only vlp's own temp files)
-        if p.is_file() and OWN_FILE.match(p.name):
-            p.unlink()
-    write_json(state_path, state)
+    elif any(OWN_FILE.match(n) for n in names):
+        raise UserError(f"output {output} holds shards from another build; pass --overwrite to start over")
+    if not output.remote:
+        for p in output.local.glob(TMP_PREFIX + "*"):  # leftovers of a killed build (only vlp's own temp files)
+            if p.is_file() and OWN_FILE.match(p.name):
+                p.unlink()
+    output.write(STATE_FILE, _json_bytes(state))
 
 
-def completed_shards(out: Path) -> int:
+def completed_shards(names: set[str]) -> int:
     """How many shards, from 0, are complete (tar + records + stats)."""
     n = 0
-    while all((out / f"{shard_name(n)}{suffix}").exists() for suffix in (".tar", ".parquet", "_stats.json")):
+    while all(f"{shard_name(n)}{suffix}" in names for suffix in (".tar", ".parquet", "_stats.json")):
         n += 1
     return n
 
 
-def _load_hashes(out: Path, shards: int) -> dict[str, int]:
+def _load_hashes(output: BuildOutput, shards: int) -> dict[str, int]:
     seen: dict[str, int] = {}
     for i in range(shards):
-        table = pq.read_table(out / f"{shard_name(i)}.parquet", columns=["row", "status", "sha256"])
+        table = pq.read_table(io.BytesIO(output.read(f"{shard_name(i)}.parquet")), columns=["row", "status", "sha256"])
         for rec in table.to_pylist():
             if rec["status"] == "success":
                 seen.setdefault(rec["sha256"], rec["row"])
@@ -281,8 +287,8 @@ def _sample_meta(record: dict, keep_cols: tuple[str, ...], extra: dict) -> dict:
 class _Writer:
     """Consumes results in row order: dedup, keys, shard rollover."""
 
-    def __init__(self, out: Path, opts: ShardsBuildConfig, seen: dict[str, int]):
-        self.out, self.opts, self.seen = out, opts, seen
+    def __init__(self, output: BuildOutput, opts: ShardsBuildConfig, seen: dict[str, int]):
+        self.output, self.out, self.opts, self.seen = output, output.local, opts, seen
         self.digits = len(str(opts.shard_size - 1))
         self.current: ShardWriter | None = None
 
@@ -306,6 +312,8 @@ class _Writer:
     def close(self) -> None:
         if self.current is not None:
             self.current.close()
+            name = self.current.name
+            self.output.publish([f"{name}.tar", f"{name}.parquet", f"{name}_stats.json"])  # stats: the mark, last
             self.current = None
 
     def abort(self) -> None:
@@ -317,18 +325,18 @@ class _Writer:
 # ------------------------------------------------------------ finishing
 
 
-def _finish(out: Path, opts: ShardsBuildConfig, inputs: list[InputFile]) -> dict:
-    """Assemble failures.jsonl and manifest.json from the complete shards."""
-    n = completed_shards(out)
+def _finish(output: BuildOutput, opts: ShardsBuildConfig, inputs: list[str]) -> dict:
+    """Assemble failures.jsonl and manifest.json (written last: the build's completion mark)."""
+    n = completed_shards(output.names())
     shards, totals, reasons = [], Counter(), Counter()
     lines = []
     for i in range(n):
-        stats = json.loads((out / f"{shard_name(i)}_stats.json").read_text())
+        stats = json.loads(output.read(f"{shard_name(i)}_stats.json"))
         shards.append({"name": f"{shard_name(i)}.tar", "samples": stats["successes"], "rows": stats["count"]})
         totals.update(rows=stats["count"], written=stats["successes"], failed=stats["failed"],
                       duplicates=stats["duplicates"])
         reasons.update(stats["status_dict"])
-        table = pq.read_table(out / f"{shard_name(i)}.parquet")
+        table = pq.read_table(io.BytesIO(output.read(f"{shard_name(i)}.parquet")))
         for rec in table.to_pylist():
             if rec["status"] != "success":
                 lines.append(json.dumps({
@@ -336,7 +344,7 @@ def _finish(out: Path, opts: ShardsBuildConfig, inputs: list[InputFile]) -> dict
                     "url": rec["url"], "status": rec["status"], "reason": rec["error_message"],
                     "detail": rec["detail"],
                 }, ensure_ascii=False))
-    write_atomic(out / "failures.jsonl", "".join(line + "\n" for line in lines))
+    output.write("failures.jsonl", "".join(line + "\n" for line in lines).encode())
     manifest = {
         "format": "vlp-shards/1",
         "rows": totals["rows"],
@@ -345,10 +353,10 @@ def _finish(out: Path, opts: ShardsBuildConfig, inputs: list[InputFile]) -> dict
         "duplicates": totals["duplicates"],
         "failure_reasons": dict(sorted(reasons.items())),
         "shards": shards,
-        "inputs": [str(inp.path) for inp in inputs],
+        "inputs": inputs,
         "options": fingerprint(opts),
     }
-    write_json(out / "manifest.json", manifest)
+    output.write("manifest.json", _json_bytes(manifest))
     return manifest
 
 
@@ -364,26 +372,37 @@ def build_shards(opts: ShardsBuildConfig, progress: bool = True) -> BuildSummary
     if clash:
         raise UserError(f"--keep-cols {','.join(clash)}: the sample json already has a field of that name "
                         f"(vlp writes {', '.join(sorted(RESERVED_FIELDS))}); rename the column in the input")
-    files = open_inputs(list(opts.inputs), opts.url_col, opts.caption_col, keep)
-    out = Path(opts.output)
-    claim(out, "shards", "vlp shards build", "choose a new --output folder")
-    with FolderLock(out):  # before looking inside: another build may be writing it
-        prepare_output(out, {"options": fingerprint(opts), "inputs": _input_fingerprint(files)}, opts.overwrite)
-        return _build(opts, files, out, keep, start, progress)
+    output = BuildOutput(opts.output)
+    try:
+        paths, origins = localize_inputs(list(opts.inputs), output.local)
+        files = open_inputs(paths, opts.url_col, opts.caption_col, keep, origins)
+        state = {"options": fingerprint(opts), "inputs": _input_fingerprint(files, origins)}
+        if output.remote:  # no ownership marker or lock on a store: see data_tools.output
+            output.check_writable()
+            prepare_output(output, state, opts.overwrite)
+            return _build(opts, files, output, keep, start, progress)
+        claim(output.local, "shards", "vlp shards build", "choose a new --output folder")
+        with FolderLock(output.local):  # before looking inside: another build may be writing it
+            prepare_output(output, state, opts.overwrite)
+            return _build(opts, files, output, keep, start, progress)
+    finally:
+        output.close()
 
 
-def _build(opts: ShardsBuildConfig, files: list[InputFile], out: Path, keep: tuple[str, ...], start: float,
-           progress: bool) -> BuildSummary:
+def _build(opts: ShardsBuildConfig, files: list[InputFile], output: BuildOutput, keep: tuple[str, ...],
+           start: float, progress: bool) -> BuildSummary:
 
-    done = completed_shards(out)
-    seen = _load_hashes(out, done) if opts.dedup else {}
+    done = completed_shards(output.names())
+    seen = _load_hashes(output, done) if opts.dedup else {}
     rows = itertools.islice(iter_rows(files, opts.url_col, opts.caption_col, keep),
                             done * opts.shard_size, None)
-    writer = _Writer(out, opts, seen)
+    writer = _Writer(output, opts, seen)
     bar = tqdm(unit=" rows", desc="build", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     failed = 0
     try:
-        for chunk, results in _Workers(opts.workers, row_options(opts)).map(_chunks(rows, opts.shard_size)):
+        workers = (RayWorkers(row_options(opts), opts.ray_address, opts.workers) if opts.engine == "ray"
+                   else _Workers(opts.workers, row_options(opts)))
+        for chunk, results in workers.map(_chunks(rows, opts.shard_size)):
             for row, result in zip(chunk, results, strict=True):
                 writer.add(row, result)
                 failed += result.reason is not None
@@ -396,8 +415,8 @@ def _build(opts: ShardsBuildConfig, files: list[InputFile], out: Path, keep: tup
     finally:
         bar.close()
 
-    manifest = _finish(out, opts, files)
-    summary = BuildSummary(out, manifest["rows"], manifest["written"], manifest["failed"],
+    manifest = _finish(output, opts, [inp.origin or str(inp.path) for inp in files])
+    summary = BuildSummary(output.target, manifest["rows"], manifest["written"], manifest["failed"],
                            manifest["duplicates"], len(manifest["shards"]), time.perf_counter() - start, done)
     if not summary.consistent:
         raise RuntimeError(f"accounting mismatch, please report: {summary.line()}")

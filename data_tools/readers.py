@@ -55,6 +55,18 @@ class InputFile:
     path: Path
     kind: str  # csv | tsv | parquet | jsonl | folder
     gz: bool
+    origin: str | None = None  # the object-storage URL `path` is a local copy of
+
+    @property
+    def name(self) -> str:
+        return self.origin or str(self.path)
+
+    @property
+    def base(self) -> str:
+        """Where its relative image paths resolve: the input's folder (a URL prefix for a copied input)."""
+        if self.origin:
+            return self.origin.rsplit("/", 1)[0]
+        return str(self.path if self.kind == "folder" else self.path.parent)
 
 
 def _kind_of(path: Path) -> tuple[str, bool]:
@@ -106,8 +118,11 @@ def _columns(inp: InputFile) -> list[str] | None:
     return None
 
 
-def open_inputs(paths: list[str], url_col: str, caption_col: str, keep_cols: tuple[str, ...]) -> list[InputFile]:
-    """Check every input before work starts: exists, readable, known format, has the columns."""
+def open_inputs(paths: list[str], url_col: str, caption_col: str, keep_cols: tuple[str, ...],
+                origins: dict[str, str] | None = None) -> list[InputFile]:
+    """Check every input before work starts: exists, readable, known format, has the columns.
+
+    `origins` maps local copies of object-storage inputs to their URLs (data_tools.output)."""
     if not paths:
         raise UserError("no input given")
     inputs = []
@@ -118,7 +133,7 @@ def open_inputs(paths: list[str], url_col: str, caption_col: str, keep_cols: tup
         if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
             raise UserError(f"input {path}: not readable (permission denied)")
         kind, gz = _kind_of(path)
-        inp = InputFile(path, kind, gz)
+        inp = InputFile(path, kind, gz, (origins or {}).get(text))
         try:
             columns = _columns(inp)
         except UserError:
@@ -232,13 +247,11 @@ def iter_rows(
     for inp in inputs:
         if inp.kind == "folder":
             records = _folder_rows(inp)
-            base = inp.path
         else:
             reader = _parquet_rows if inp.kind == "parquet" else _jsonl_rows if inp.kind == "jsonl" else _table_rows
             records = reader(inp, url_col, caption_col, keep_cols)
-            base = inp.path.parent
         for line, ref, caption, extra, error, detail in _until_unreadable(records, inp):
-            yield Row(index, str(inp.path), line, ref, str(base), caption, extra, error, detail)
+            yield Row(index, inp.name, line, ref, inp.base, caption, extra, error, detail)
             index += 1
 
 

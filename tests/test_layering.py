@@ -33,6 +33,7 @@ LAZY_THIRD_PARTY = {
     "matplotlib.pyplot",
     "pyarrow.parquet",
     "accelerate",  # optional: only under `accelerate launch`
+    "ray",  # optional extra (vlp[ray]): only with `vlp shards build --engine ray`
 }
 # Project imports that may sit inside functions: the `vlp` entry point imports a command's
 # module only when that command runs, so `vlp --help` and `vlp shards ...` never load

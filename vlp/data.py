@@ -6,7 +6,9 @@ tokenises the captions and assembles batches inside the loader workers.
 
 - Reading: `webdataset.tariterators.tarfile_samples` over `gopen` streams, so
   local paths, http(s) URLs and `pipe:` commands all work, and both our
-  shards and img2dataset's are read the same way.
+  shards and img2dataset's are read the same way. Each worker opens a shard
+  once per epoch and reads it forward across its shuffle windows (one GET
+  per shard per reading worker over HTTP, however many windows it spans).
 - Decoding: JPEGs are decoded at reduced size when the crop will be smaller
   anyway (Pillow's draft mode, libjpeg DCT scaling); then open_clip's train
   augmentation (random resized crop with a configurable scale range, bicubic,
@@ -77,27 +79,87 @@ def _valid(sample: dict) -> bool:
     return any(k in sample for k in IMAGE_KEYS) and any(k in sample for k in TEXT_KEYS)
 
 
+class _ShardStream:
+    """One shard, opened once and read forward: samples from the current position on.
+
+    `pos` is the index in the shard of the next sample the stream yields. The
+    stream ends at the shard's end or at the first error (`failed`); either
+    way it holds no connection or file after that.
+    """
+
+    def __init__(self, url: str):
+        self.url, self.pos, self.ended = url, 0, False
+        self.stop = _ReadStop()
+        # webdataset's url_opener stores the opened stream in this dict, which lets close() close it now
+        # (a socket, a curl or pipe: process) instead of whenever the garbage collector gets to it.
+        self._source: dict = {"url": url}
+        self._samples = tariterators.tarfile_samples([self._source], handler=self.stop)
+
+    @property
+    def failed(self) -> bool:
+        return self.stop.error is not None
+
+    def take(self, start: int, count: int) -> list[dict | None]:
+        """Samples [start, start + count), reading through any before start; None where missing or incomplete."""
+        if start < self.pos:
+            raise ValueError(f"{self.url}: at sample {self.pos}, cannot go back to {start}")
+        out: list[dict | None] = []
+        while self.pos < start + count and not self.ended:
+            sample = next(self._samples, None)
+            if sample is None:
+                self.close()
+                break
+            if self.pos >= start:
+                out.append(sample if _valid(sample) else None)
+            self.pos += 1
+        return out + [None] * (count - len(out))
+
+    def close(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self._samples.close()
+        stream = self._source.pop("stream", None)
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # a pipe's process stopped early by us (SIGPIPE) reports a failure status
+                pass
+
+
 def read_shard(url: str, start: int, count: int) -> list[dict | None]:
-    """Samples [start, start + count) of a shard; None where a sample is missing or incomplete."""
-    out: list[dict | None] = []
-    stop = _ReadStop()
-    samples = tariterators.tarfile_samples([{"url": url}], handler=stop)
-    for i, sample in enumerate(samples):
-        if i < start:
-            continue
-        out.append(sample if _valid(sample) else None)
-        if len(out) == count:
-            break
-    return out + [None] * (count - len(out))
+    """Samples [start, start + count) of a shard, in one open; None where a sample is missing or incomplete."""
+    stream = _ShardStream(url)
+    try:
+        return stream.take(start, count)
+    finally:
+        stream.close()
 
 
 class SegmentReader:
-    """Reads a worker's segments as one stream of sample slots, from any position."""
+    """Reads a worker's segments as one stream of sample slots, from any position.
+
+    A shard is opened once per pass: the open stream is kept between reads and
+    continues where the last read ended (reads of consecutive windows are
+    contiguous), so over HTTP each shard costs one GET per epoch for each
+    worker that reads it. The stream is reopened only when the position goes
+    back or moves to another shard; a jump forward (resume: `skip`, then
+    `read`) reads through to the position in the same, single open. The
+    stream is closed when its segment ends, unless the next segment continues
+    the same shard where it stopped. A shard that ends early (cut short)
+    reads as None slots from there, without another request. A stream that
+    stopped on an error (a failed request, a dropped connection, a member
+    that breaks webdataset's grouping) is reopened once, at the next read of
+    that shard, in case the error was passing; after a second error the rest
+    of the shard reads as None slots for the rest of the pass.
+    """
 
     def __init__(self, segments: list[Segment]):
         self.segments = segments
         self.seg = 0  # current segment
         self.offset = 0  # samples already consumed from it
+        self._stream: _ShardStream | None = None
+        self._retried: set[str] = set()  # shards reopened once after an error, this pass
 
     def skip(self, n: int) -> None:
         """Move forward n slots without reading (arithmetic over segment sizes)."""
@@ -114,9 +176,36 @@ class SegmentReader:
         while len(out) < n and self.seg < len(self.segments):
             segment = self.segments[self.seg]
             take = min(n - len(out), segment.size - self.offset)
-            out += read_shard(segment.shard.url, segment.start + self.offset, take)
+            start = segment.start + self.offset
+            out += self._stream_at(segment.shard.url, start).take(start, take)
             self.skip(take)
+            if self.offset == 0:  # the segment ended
+                self._segment_ended(segment)
         return out
+
+    def _stream_at(self, url: str, start: int) -> _ShardStream:
+        """The open stream of `url` if it can continue to `start`, else a new one."""
+        stream = self._stream
+        if stream is not None and stream.failed and url not in self._retried and stream.url == url:
+            self._retried.add(url)  # one more try: the error may have been passing
+            stream = None
+        elif stream is not None and (stream.url != url or stream.pos > start):
+            stream = None
+        if stream is None:
+            self.close()
+            stream = self._stream = _ShardStream(url)
+        return stream
+
+    def _segment_ended(self, segment: Segment) -> None:
+        nxt = self.segments[self.seg] if self.seg < len(self.segments) else None
+        if nxt is None or nxt.shard.url != segment.shard.url or nxt.start != segment.end:
+            self.close()
+
+    def close(self) -> None:
+        """Close the open shard, if any (also done as segments end)."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
 
 # ------------------------------------------------------------------ decoding
@@ -311,16 +400,19 @@ class _EpochDataset(IterableDataset):
         window_size = m * spec.batch_size
         reader.skip((t // m) * window_size)
         fallback = _Fallback(reader.segments)
-        while t < local_total:
-            window = t // m
-            size = min(window_size, (local_total - window * m) * spec.batch_size)
-            slots = reader.read(size)
-            order = window_order(spec, self.epoch, worker, window, size)
-            shuffled = [slots[i] for i in order]
-            while t < local_total and t // m == window:
-                lo = (t % m) * spec.batch_size
-                yield self._make_batch(shuffled, lo, worker + t * spec.n_workers, fallback)
-                t += 1
+        try:
+            while t < local_total:
+                window = t // m
+                size = min(window_size, (local_total - window * m) * spec.batch_size)
+                slots = reader.read(size)
+                order = window_order(spec, self.epoch, worker, window, size)
+                shuffled = [slots[i] for i in order]
+                while t < local_total and t // m == window:
+                    lo = (t % m) * spec.batch_size
+                    yield self._make_batch(shuffled, lo, worker + t * spec.n_workers, fallback)
+                    t += 1
+        finally:  # also when the consumer stops early: no shard left open until garbage collection
+            reader.close()
 
     def _decode(self, sample: dict, seed: int) -> tuple[torch.Tensor, str] | None:
         try:
@@ -393,13 +485,21 @@ class _Fallback:
 
     def sample(self) -> dict:
         if self._sample is None:
+            first_error = None
             for seg in self.segments:
-                good = [s for s in read_shard(seg.shard.url, seg.start, seg.size) if s is not None]
+                stream = _ShardStream(seg.shard.url)
+                try:
+                    good = [s for s in stream.take(seg.start, seg.size) if s is not None]
+                finally:
+                    stream.close()
+                if first_error is None and stream.stop.error is not None:
+                    first_error = (seg.shard.url, stream.stop.error)
                 if good:
                     self._sample = good[0]
                     break
-            else:
-                raise RuntimeError("no readable sample in any shard of this loader worker")
+            else:  # say why: the reader's error (a missing bucket, no handler for a URL scheme, ...)
+                why = f": {first_error[0]}: {type(first_error[1]).__name__}: {first_error[1]}" if first_error else ""
+                raise RuntimeError(f"no readable sample in any shard of this loader worker{why}"[:500])
         return self._sample
 
 

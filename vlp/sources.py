@@ -1,12 +1,14 @@
 """Shard sources: from a config's shard specs to a list of shards with sample counts.
 
 A spec may be a folder written by `vlp shards build` (its manifest.json lists
-the shards), a brace pattern (`/data/{00000..00099}.tar`), a single local
+the shards), local or in object storage (`s3://bucket/shards`), a brace
+pattern (`/data/{00000..00099}.tar`, `s3://b/{00000..00099}.tar`), a single
 path, an http(s) URL or a `pipe:` command, or several of these separated by
 `::`. The loader plans exact, equal splits across ranks, so it needs every
-shard's sample count, taken from (in order): the source's manifest.json,
-per-shard `*_stats.json` files (ours and img2dataset's), or a scan of local
-tar headers. Remote shards without a manifest are a config error.
+shard's sample count, taken from (in order): the source's manifest.json (a
+path or URL), per-shard `*_stats.json` files (ours and img2dataset's, local or
+in object storage), or a scan of local tar headers. http(s) and `pipe:` shards
+without a manifest are a config error.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import braceexpand
 
+from vlp.core import storage
 from vlp.core.config import DataSource
 from vlp.core.errors import UserError
 from vlp.core.manifest import MANIFEST, read_manifest
@@ -37,19 +40,18 @@ def _is_remote(url: str) -> bool:
     return url.startswith(("pipe:", "http://", "https://", "s3://", "gs://"))
 
 
-def _manifest_counts(manifest: Path, base: str) -> dict[str, int]:
-    return {f"{base}/{s.name}": s.samples for s in read_manifest(manifest).shards}
+def _manifest_counts(manifest: str, base: str) -> dict[str, int]:
+    return {storage.join(base, s.name): s.samples for s in read_manifest(manifest).shards}
 
 
 def _stats_count(url: str) -> int | None:
     """The sample count in a shard's `_stats.json` (ours and img2dataset's), if it has a usable one."""
-    stats = Path(url[: -len(".tar")] + "_stats.json") if url.endswith(".tar") else None
-    if stats is None or not stats.is_file():
+    if not url.endswith(".tar") or (storage.protocol(url) and not storage.is_object_url(url)):
         return None
     try:
-        count = json.loads(stats.read_bytes())["successes"]
+        count = json.loads(storage.read_bytes(url[: -len(".tar")] + "_stats.json"))["successes"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None  # unusable: the tar headers are counted instead
+        return None  # missing or unusable: the tar headers are counted instead
     return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
 
 
@@ -57,16 +59,24 @@ def _expand(spec: str) -> list[str]:
     urls = []
     for part in spec.split("::"):
         part = part.strip()
-        path = Path(part)
-        if not _is_remote(part) and path.is_dir():
-            manifest = path / MANIFEST
-            if manifest.is_file():
-                urls += list(_manifest_counts(manifest, str(path)))
+        if _is_folder(part):
+            manifest = storage.join(part, MANIFEST)
+            if storage.exists(manifest):
+                urls += list(_manifest_counts(manifest, part))
+            elif storage.is_object_url(part):
+                urls += [storage.join(part, n) for n in storage.names(part) if n.endswith(".tar")]
             else:
-                urls += sorted(str(p) for p in path.glob("*.tar"))
+                urls += sorted(str(p) for p in Path(part).glob("*.tar"))
         else:
             urls += list(braceexpand.braceexpand(part))
     return urls
+
+
+def _is_folder(part: str) -> bool:
+    """A local folder, or an object-storage prefix (a URL without braces that names no .tar)."""
+    if storage.is_object_url(part):
+        return "{" not in part and not part.endswith(".tar")
+    return not _is_remote(part) and Path(part).is_dir()
 
 
 def resolve_source(source: DataSource, index: int) -> list[Shard]:
@@ -75,19 +85,20 @@ def resolve_source(source: DataSource, index: int) -> list[Shard]:
         raise UserError(f"data.sources.{index}.shards: no shards match {source.shards!r}")
     known: dict[str, int] = {}
     if source.manifest:
-        manifest = Path(source.manifest)
-        if not manifest.is_file():
-            raise UserError(f"data.sources.{index}.manifest: no such file {manifest}")
-        by_name = {k.rsplit("/", 1)[-1]: v for k, v in _manifest_counts(manifest, ".").items()}
+        if not storage.exists(source.manifest):
+            raise UserError(f"data.sources.{index}.manifest: no such file {source.manifest}")
+        by_name = {k.rsplit("/", 1)[-1]: v for k, v in _manifest_counts(source.manifest, ".").items()}
         known = {u: by_name[u.rsplit("/", 1)[-1]] for u in urls if u.rsplit("/", 1)[-1] in by_name}
     for spec_part in source.shards.split("::"):
-        path = Path(spec_part.strip())
-        if path.is_dir() and (path / MANIFEST).is_file():
-            known.update(_manifest_counts(path / MANIFEST, str(path)))
+        part = spec_part.strip()
+        if _is_folder(part) and storage.exists(storage.join(part, MANIFEST)):
+            known.update(_manifest_counts(storage.join(part, MANIFEST), part))
     shards = []
     for url in urls:
         count = known.get(url)
-        if count is None and not _is_remote(url):
+        if count is None and storage.is_object_url(url):
+            count = _stats_count(url)
+        elif count is None and not _is_remote(url):
             if not Path(url).is_file():
                 raise UserError(f"data.sources.{index}.shards: no such shard {url}")
             count = _stats_count(url)

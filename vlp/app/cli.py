@@ -26,6 +26,7 @@ from vlp.core.config import (
     DemoRunConfig,
     EvalConfig,
     ExportConfig,
+    IndexConfig,
     InspectConfig,
     LaunchRunConfig,
     RunConfig,
@@ -144,6 +145,14 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _index(args: argparse.Namespace) -> int:
+    cfg = _config(args, IndexConfig, positional="dir")
+    from vlp.data_tools.index import index_shards
+
+    print(index_shards(_one(cfg.dir, "a shard folder"), overwrite=cfg.overwrite).line())
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     cfg = _config(args, SynthConfig)
     if not cfg.out:
@@ -228,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    shards = sub.add_parser("shards", help="build, inspect and verify webdataset shards",
+    shards = sub.add_parser("shards", help="build, index, inspect and verify webdataset shards",
                             epilog=_examples(["vlp shards build pairs.csv --output shards/",
                                               "vlp shards verify shards/", "vlp shards synth --out data/synth"]),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -241,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
              ["vlp shards inspect shards/", "vlp shards inspect shards/ --samples 20"], flags=True)
     _command(ssub, "verify", _verify, VerifyConfig, "read every sample back and check it against manifest.json",
              ["vlp shards verify shards/", "vlp shards verify data/demo/shards --quiet"], flags=True)
+    _command(ssub, "index", _index, IndexConfig, "write manifest.json for img2dataset's (or any) webdataset tars", [
+        "vlp shards index laion-subset/   # img2dataset output: .tar, .parquet, _stats.json per shard",
+        "vlp shards index tars/ --overwrite && vlp shards verify tars/"], flags=True)
     _command(ssub, "synth", _synth, SynthConfig, "synthetic shape/caption pairs (the embedded default)",
              ["vlp shards synth --out data/synth --n 10000 --seed 0",
               "vlp shards synth --out data/synth128 --n 2000 --image-size 128 && "

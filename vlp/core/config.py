@@ -3,7 +3,7 @@
     vlp train   RunConfig          sections data, model, loss, optim, train
     vlp demo    DemoRunConfig      RunConfig + demo
     vlp launch  LaunchRunConfig    RunConfig + launch
-    vlp shards  ShardsBuildConfig, SynthConfig, InspectConfig, VerifyConfig (flat)
+    vlp shards  ShardsBuildConfig, SynthConfig, InspectConfig, VerifyConfig, IndexConfig (flat)
     vlp eval    EvalConfig, CompareConfig (flat)
 
 Every default and description exists once, here: the CLI generates each
@@ -291,6 +291,11 @@ class ShardsBuildConfig(Section):
     shard_size: int = Field(10_000, gt=0, description="input rows per shard")
     workers: int = Field(default_factory=cpu_cores, ge=0, description="worker processes (0: in-process; default: all cores)")
     threads: int = Field(16, ge=1, description="concurrent fetches per worker")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="local: a process pool on this machine; ray: tasks on a Ray cluster (same output)")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to use with --engine ray (HEAD:PORT; default: $RAY_ADDRESS, "
+        "else a Ray instance on this machine with --workers CPUs)")
     timeout: float = Field(10.0, gt=0, description="per-request timeout, seconds")
     retries: int = Field(2, ge=0, description="retries for transient http errors")
     max_bytes: int = Field(50_000_000, gt=0, description="largest image file accepted, bytes")
@@ -326,6 +331,13 @@ class VerifyConfig(Section):
 
     dir: str = Field("", **positional("a shard folder (with manifest.json)"))
     quiet: bool = Field(False, description="no progress bar")
+
+
+class IndexConfig(Section):
+    """`vlp shards index`: write manifest.json for webdataset shards another tool wrote (img2dataset, bare tars)."""
+
+    dir: str = Field("", **positional("a folder of .tar shards (img2dataset's output: with .parquet and _stats.json)"))
+    overwrite: bool = Field(False, description="replace an existing manifest.json")
 
 
 class EvalConfig(Section):

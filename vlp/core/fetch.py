@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from vlp.core import storage
 from vlp.core.errors import RowFailure
 
 USER_AGENT = "vlp-shards/0.1 (image-text dataset builder)"
@@ -161,12 +162,35 @@ def _fetch_http(url: str, opts: FetchOptions) -> bytes:
 
 
 def fetch(ref: str, base_dir: str, opts: FetchOptions) -> bytes:
-    """The bytes behind ref, or FetchError(reason)."""
+    """The bytes behind ref, or FetchError(reason). A relative ref in an object-storage input is a key
+    under the input's prefix."""
+    if "://" not in ref and storage.is_object_url(base_dir) and not ref.startswith("/"):
+        ref = storage.join(base_dir, ref)
     if is_url(ref):
         return _fetch_http(ref, opts)
+    if storage.is_object_url(ref):
+        return _read_object(ref, opts.max_bytes)
     if "://" in ref and not ref.startswith("file://"):
         raise FetchError("unsupported_scheme", ref.split("://", 1)[0])
     return _read_local(local_path(ref, base_dir), opts.max_bytes)
+
+
+def _read_object(url: str, max_bytes: int) -> bytes:
+    """An object-storage image: its size checked before its bytes are read. The client library retries
+    throttling (503 Slow Down) and resets with backoff; what still fails is this row's failure."""
+    try:
+        size = storage.info(url)["size"]
+        if size == 0:
+            raise FetchError("empty_file", url)
+        if size is not None and size > max_bytes:
+            raise FetchError("too_large", f"{size} bytes > --max-bytes {max_bytes}")
+        return storage.read_bytes(url)
+    except FetchError:
+        raise
+    except FileNotFoundError:
+        raise FetchError("missing_file", url) from None
+    except Exception as err:  # UserError from storage (one line), or a client error mid-read
+        raise FetchError("storage_error", str(err)[:300]) from None
 
 
 def suffix_of(ref: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vlp.core.errors import UserError
+from vlp.core.storage import read_bytes
 
 MANIFEST = "manifest.json"
 Count = Field(ge=0)
@@ -48,13 +49,15 @@ class Manifest(BaseModel):
     failure_reasons: dict[str, int] = {}
     shards: list[ShardEntry]
     inputs: list[str] = []
+    # "build": written by `vlp shards build` (with failures.jsonl); "index": by `vlp shards index` for a
+    # folder another tool wrote (counts from tar headers and _stats.json; failures were not recorded by vlp)
+    source: str = "build"
 
 
 def read_manifest(path: str | Path) -> Manifest:
-    """A validated manifest, or a one-line UserError naming the file and the first problem."""
-    path = Path(path)
+    """A validated manifest (a local path or an object-storage URL), or a one-line UserError naming it."""
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(read_bytes(path).decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:

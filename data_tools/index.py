@@ -1,0 +1,162 @@
+"""`vlp shards index DIR`: a manifest.json for a webdataset folder vlp did not build.
+
+For img2dataset's output (`00000.tar`, `00000.parquet`, `00000_stats.json`
+per shard, no manifest) or a folder of bare tars, so `vlp shards inspect`,
+`vlp shards verify` and the training loader's exact split work on it as on a
+vlp build. Nothing but manifest.json is written.
+
+- Every tar's samples are counted from its headers (no image is read; the
+  shared rule of vlp.core.tarformat), and a tar that cannot be read, or ends
+  before its last member or without tar's end-of-archive blocks (a cut-off
+  download or copy), is refused.
+- A shard's `_stats.json` (img2dataset's `count`, `successes`,
+  `failed_to_download`, `failed_to_resize`, `status_dict`, or vlp's own),
+  where present and usable, adds what the tar cannot tell: rows attempted
+  and failure reasons. Its `successes` must equal the tar's count: a folder
+  whose stats and tars disagree was changed after it was written, and is
+  refused, naming the shard and both numbers (delete that `_stats.json` to
+  index the tar as it is). An unusable `_stats.json` (not JSON, counts
+  missing or impossible) is ignored for its shard, and said so.
+- The manifest is written through vlp's one schema (vlp.core.manifest),
+  atomically, with `"source": "index"`: its counts come from tar headers and
+  `_stats.json`, and no failures.jsonl exists (readers check what is
+  knowable). A shard's `stats` field says whether a `_stats.json` was used.
+- Refused: a folder that already has a manifest.json (unless overwrite), an
+  unfinished vlp build (`.build.json`: rerun its build), a folder without tars.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from vlp.core.atomic import write_json
+from vlp.core.errors import UserError
+from vlp.core.manifest import MANIFEST, Manifest
+from vlp.core.tarformat import count_tar_samples
+
+STATS_SUFFIX = "_stats.json"
+BUILD_STATE = ".build.json"  # an unfinished `vlp shards build` (data_tools.build.STATE_FILE)
+END_OF_ARCHIVE = 1024  # two zero blocks close every tar
+READERS = 8  # tars counted at once (header reads: I/O-bound on network file systems)
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """What a usable `_stats.json` says about its shard."""
+
+    samples: int
+    rows: int
+    duplicates: int
+    reasons: dict[str, int]
+
+
+@dataclass
+class IndexSummary:
+    folder: Path
+    shards: int = 0
+    samples: int = 0
+    with_stats: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        where = f"{self.with_stats} with _stats.json, {self.shards - self.with_stats} from tar headers only"
+        text = f"index: wrote {self.folder / MANIFEST}: {self.shards} shards, {self.samples} samples ({where})"
+        return "\n".join([text, *(f"index: note: {n}" for n in self.notes)])
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def read_stats(tar: Path) -> tuple[ShardStats | None, str | None]:
+    """The shard's usable stats, or (None, why not) for an unusable file, or (None, None) for none."""
+    path = tar.with_name(tar.name[: -len(".tar")] + STATS_SUFFIX)
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        return None, f"{path.name}: not readable JSON ({type(err).__name__}); counted from the tar"
+    if not isinstance(data, dict):
+        return None, f"{path.name}: not a JSON object; counted from the tar"
+    samples, rows, duplicates = _count(data.get("successes")), _count(data.get("count")), _count(
+        data.get("duplicates", 0))
+    if samples is None or rows is None or duplicates is None or rows < samples + duplicates:
+        return None, f"{path.name}: no usable successes/count; counted from the tar"
+    status = data.get("status_dict")
+    reasons = {str(k): v for k, v in status.items() if k != "success" and _count(v)} if isinstance(
+        status, dict) else {}
+    return ShardStats(samples, rows, duplicates, reasons), None
+
+
+def check_complete(path: Path) -> None:
+    """Refuse a tar cut short: the last member's data past the end, or no end-of-archive blocks after it."""
+    try:
+        size = path.stat().st_size
+        with tarfile.open(path) as tar:
+            end = max((m.offset_data + -(-m.size // 512) * 512 for m in tar.getmembers()), default=0)
+        with open(path, "rb") as fh:
+            fh.seek(end)
+            tail = fh.read(END_OF_ARCHIVE)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise UserError(f"{path}: not a readable tar shard ({type(err).__name__}: {err})"[:300]) from None
+    if end > size or tail != bytes(END_OF_ARCHIVE):
+        raise UserError(f"{path}: cut short ({size} bytes; no end-of-archive blocks after its last whole member, "
+                        f"which ends at byte {end}); download or copy it again")
+
+
+def _shard(tar: Path) -> tuple[dict, ShardStats | None, str | None]:
+    samples = count_tar_samples(str(tar))
+    check_complete(tar)
+    stats, note = read_stats(tar)
+    if stats is not None and stats.samples != samples:
+        raise UserError(f"{tar}: {tar.stem}{STATS_SUFFIX} says {stats.samples} samples (successes), the tar holds "
+                        f"{samples}; the folder changed after it was written (delete that {STATS_SUFFIX} to "
+                        f"index the tar as it is)")
+    entry = {"name": tar.name, "samples": samples, "rows": stats.rows if stats else None, "stats": stats is not None}
+    return entry, stats, note
+
+
+def index_shards(folder: str | Path, overwrite: bool = False) -> IndexSummary:
+    """Write folder/manifest.json for the webdataset tars in it. See the module docstring."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder")
+    if (folder / MANIFEST).exists() and not overwrite:
+        raise UserError(f"{folder}: has a {MANIFEST} already (a vlp build or an earlier index); "
+                        f"--overwrite replaces it")
+    if (folder / BUILD_STATE).exists():
+        raise UserError(f"{folder}: an unfinished `vlp shards build` ({BUILD_STATE}); run the same build again "
+                        f"to finish it, which writes the manifest")
+    tars = sorted(p for p in folder.iterdir() if p.name.endswith(".tar") and not p.name.startswith(".")
+                  and p.is_file())
+    if not tars:
+        raise UserError(f"{folder}: no .tar shards to index")
+    with ThreadPoolExecutor(min(READERS, len(tars))) as pool:
+        shards = list(pool.map(_shard, tars))  # the first error, in shard order, is raised
+    stats = [s for _, s, _ in shards if s is not None]
+    written = sum(entry["samples"] for entry, _, _ in shards)
+    rows = sum(s.rows if s else entry["samples"] for entry, s, _ in shards)
+    duplicates = sum(s.duplicates for s in stats)
+    reasons: dict[str, int] = {}
+    for s in stats:
+        for reason, n in s.reasons.items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    try:
+        manifest = Manifest.model_validate({
+            "rows": rows, "written": written, "failed": rows - written - duplicates, "duplicates": duplicates,
+            "failure_reasons": dict(sorted(reasons.items())), "shards": [entry for entry, _, _ in shards],
+            "source": "index",
+        })
+    except ValidationError as err:  # a tar name the schema refuses (a backslash, ...)
+        first = err.errors()[0]
+        raise UserError(f"{folder}: {'.'.join(map(str, first['loc']))}: {first['msg']}"[:300]) from None
+    write_json(folder / MANIFEST, manifest.model_dump(mode="json"))
+    notes = [note for _, _, note in shards if note]
+    return IndexSummary(folder, len(shards), written, len(stats), notes)

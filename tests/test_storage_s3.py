@@ -1,0 +1,222 @@
+"""Object storage for real: builds, the loader and training against an S3 API on loopback.
+
+moto's S3 server runs in this process behind a small proxy (tests/s3_server.py) that
+counts requests and can throttle like S3 (503 Slow Down). vlp's commands run as a user
+runs them, in subprocesses configured only by the usual AWS environment variables.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from s3_server import S3Server
+from shard_helpers import tree_bytes, write_csv
+from vlp.data_tools.synth import generate
+
+pytestmark = pytest.mark.slow
+
+ROWS, SHARD = 48, 20
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store(s3):
+    """A clean server with the buckets `data` (inputs) and `shards` (outputs)."""
+    s3.reset()
+    client = s3.client()
+    for bucket in ("data", "shards"):
+        client.create_bucket(Bucket=bucket)
+    return s3
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    """Synthetic pairs: pairs.csv with relative image paths, plus one row whose image is missing."""
+    root = tmp_path_factory.mktemp("pairs")
+    csv_path = generate(root, n=ROWS - 1, seed=3, image_size=32, progress=False)
+    with open(csv_path, newline="") as fh:
+        rows = [{"url": r["url"], "caption": r["caption"]} for r in csv.DictReader(fh)]
+    rows.append({"url": "images/not-there.png", "caption": "a missing image"})
+    write_csv(root / "pairs.csv", rows)
+    pq.write_table(pa.Table.from_pylist(rows), root / "pairs.parquet")
+    return root
+
+
+def _upload_inputs(s3: S3Server, root: Path) -> None:
+    client = s3.client()
+    client.upload_file(str(root / "pairs.parquet"), "data", "set/pairs.parquet")
+    for image in sorted((root / "images").iterdir()):
+        client.upload_file(str(image), "data", f"set/images/{image.name}")
+
+
+def _env(s3: S3Server, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    return {**env, **s3.env(), "OMP_NUM_THREADS": "1", **extra}
+
+
+def _vlp(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlp", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def _ok(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def _one_line_error(done: subprocess.CompletedProcess) -> str:
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, done.stderr[-3000:]
+    return err
+
+
+def _objects(s3: S3Server, bucket: str, prefix: str) -> dict[str, bytes]:
+    client = s3.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+    return {k.rsplit("/", 1)[-1]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+BUILD = ["--shard-size", str(SHARD), "--image-size", "32", "--workers", "1", "--quiet"]
+
+
+def test_build_from_s3_to_s3_equals_a_local_build_and_trains(store, pairs, tmp_path):
+    _upload_inputs(store, pairs)
+    env = _env(store)
+    printed = _ok(_vlp(env, "shards", "build", "s3://data/set/pairs.parquet", "--output", "s3://shards/run", *BUILD))
+    assert f"rows={ROWS} written={ROWS - 1} failed=1" in printed
+    _ok(_vlp(env, "shards", "build", str(pairs / "pairs.parquet"), "--output", str(tmp_path / "local"), *BUILD))
+
+    remote, local = _objects(store, "shards", "run/"), tree_bytes(tmp_path / "local")
+    names = sorted(n for n in local if n.endswith((".tar", "_stats.json")))
+    assert names and all(remote[n] == local[n] for n in names)  # the shards themselves: byte for byte
+    manifest = json.loads(remote["manifest.json"])
+    assert manifest["inputs"] == ["s3://data/set/pairs.parquet"] and manifest["written"] == ROWS - 1
+    assert [s["samples"] for s in manifest["shards"]] == [s["samples"] for s in
+                                                         json.loads(local["manifest.json"])["shards"]]
+    (failure,) = [json.loads(line) for line in remote["failures.jsonl"].decode().splitlines()]
+    assert failure["reason"] == "missing_file" and failure["url"] == "images/not-there.png"
+    assert not any(n.startswith(".vlp-staging") or n.endswith(".tmp") for n in remote)
+    assert "verify: OK: 3 shards, 47 samples match manifest.json" in _ok(_vlp(env, "shards", "verify", "s3://shards/run"))
+    assert "missing_file" in _ok(_vlp(env, "shards", "inspect", "s3://shards/run"))
+
+    out = tmp_path / "trained"
+    _ok(_vlp(env, "train", "data.sources=[{shards: 's3://shards/run'}]", "data.workers=1", "model.name=vlp-micro",
+             "train.batch_size=8", "train.steps=3", "train.log_keys=true", f"train.output_dir={out}"))
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 3 and all(len(set(s["keys"])) == 8 for s in steps)
+
+
+def test_resumed_build_on_s3_skips_complete_shards(store, pairs):
+    _upload_inputs(store, pairs)
+    env = _env(store)
+    args = ["shards", "build", "s3://data/set/pairs.parquet", "--output", "s3://shards/run", *BUILD]
+    _ok(_vlp(env, *args))
+    first = _objects(store, "shards", "run/")
+    client = store.client()
+    for name in ("manifest.json", "00002_stats.json"):  # as if killed while finishing the last shard
+        client.delete_object(Bucket="shards", Key=f"run/{name}")
+    store.hits.clear()
+    _ok(_vlp(env, *args))
+    assert _objects(store, "shards", "run/") == first
+    puts = {path.rsplit("/", 1)[-1] for (method, path), n in store.hits.items() if method == "PUT"}
+    assert "00002.tar" in puts and not {"00000.tar", "00001.tar"} & puts  # complete shards were not redone
+
+
+def test_loader_reads_s3_shards_with_a_manifest_url(store, pairs, tmp_path):
+    """Shards at one prefix, their manifest given as a URL elsewhere; each shard is read whole."""
+    _upload_inputs(store, pairs)
+    env = _env(store)
+    _ok(_vlp(env, "shards", "build", "s3://data/set/pairs.parquet", "--output", "s3://shards/run", *BUILD))
+    client = store.client()
+    client.copy_object(Bucket="data", Key="meta/manifest.json", CopySource={"Bucket": "shards", "Key": "run/manifest.json"})
+    out = tmp_path / "trained"
+    _ok(_vlp(env, "train", "data.sources=[{shards: 's3://shards/run/{00000..00002}.tar', "
+             "manifest: 's3://data/meta/manifest.json'}]", "data.workers=0", "model.name=vlp-micro",
+             "train.batch_size=8", "train.steps=2", "train.log_keys=true", f"train.output_dir={out}"))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+# ------------------------------------------------------------------ failures: one line, never a hang
+
+
+def test_missing_bucket_is_one_line_for_build_and_train(store, pairs, tmp_path):
+    env = _env(store)
+    err = _one_line_error(_vlp(env, "shards", "build", str(pairs / "pairs.csv"), "--output", "s3://nobucket/x",
+                               *BUILD))
+    assert "nobucket" in err and "no such bucket" in err, err
+    err = _one_line_error(_vlp(env, "train", "data.sources=[{shards: 's3://nobucket/shards'}]",
+                               f"train.output_dir={tmp_path / 'r'}"))
+    assert "s3://nobucket" in err and "no such bucket" in err, err
+    err = _one_line_error(_vlp(env, "shards", "build", "s3://data/none.parquet", "--output", str(tmp_path / "o")))
+    assert "s3://data/none.parquet" in err and "no such" in err, err
+
+
+def test_server_down_is_one_line_in_bounded_time(store, pairs, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: nothing listens there
+    env = _env(store, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_MAX_ATTEMPTS="2")
+    start = time.monotonic()
+    err = _one_line_error(_vlp(env, "shards", "build", str(pairs / "pairs.csv"), "--output", "s3://shards/x",
+                               *BUILD, timeout=120))
+    assert "s3://shards" in err and "cannot reach the storage endpoint" in err, err
+    assert time.monotonic() - start < 60
+
+
+def test_access_denied_is_one_line(s3, tmp_path, pairs):
+    """A second moto server that enforces authentication: our keys are unknown to it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        env = _env(s3, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+        err = _one_line_error(_vlp(env, "shards", "build", str(pairs / "pairs.csv"), "--output", "s3://shards/x",
+                                   *BUILD, timeout=120))
+        assert "s3://shards" in err and "access denied" in err, err
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_503_storm_is_retried_then_a_per_row_reason(store, pairs):
+    _upload_inputs(store, pairs)
+    env = _env(store)
+    # a short storm on the images: the client's retries (with backoff) ride it out
+    store.throttle, store.throttle_prefix = 3, "/data/set/images/"
+    printed = _ok(_vlp(env, "shards", "build", "s3://data/set/pairs.parquet", "--output", "s3://shards/a", *BUILD))
+    assert f"written={ROWS - 1} failed=1" in printed and store.throttle == 0
+    # a storm that does not end: every image fails with its reason, nothing is dropped, the build ends
+    store.throttle = -1
+    printed = _ok(_vlp(env, "shards", "build", "s3://data/set/pairs.parquet", "--output", "s3://shards/b", *BUILD))
+    assert f"rows={ROWS} written=0 failed={ROWS}" in printed
+    failures = [json.loads(line) for line in _objects(store, "shards", "b/")["failures.jsonl"].decode().splitlines()]
+    reasons = {f["reason"] for f in failures}
+    assert len(failures) == ROWS and reasons <= {"storage_error", "missing_file"}, reasons
+    assert any("503" in f["detail"] or "SlowDown" in f["detail"] for f in failures)
+

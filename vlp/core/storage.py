@@ -1,0 +1,168 @@
+"""Where data lives: a local path or an object-storage URL, behind one small interface (fsspec).
+
+Shards, manifests and build inputs may sit in a local folder or in an object store
+(`s3://` through s3fs; `gs://`, `az://` with their fsspec packages; OBJECT_PROTOCOLS). Credentials and endpoints come from where those libraries look (for S3: the
+`AWS_*` environment variables such as `AWS_ENDPOINT_URL`, `~/.aws`, fsspec's config);
+vlp passes none of its own. http(s) URLs are read-only and go through `vlp.core.fetch`
+(images) or webdataset's own reader (shards), not through here.
+
+Object stores have no rename: a file is written with one PUT and appears whole or not at
+all, which gives the same guarantee vlp's local writes get from write-then-rename.
+Every storage failure becomes one line naming the URL and the cause
+(`s3://b/x.tar: no such bucket 'b'`), never a library traceback.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import fsspec
+import webdataset
+
+from vlp.core.errors import UserError
+
+URL = re.compile(r"^([a-z][a-z0-9+.-]*)://")
+# The object stores vlp reads and writes through fsspec. An allowlist: fsspec also speaks ftp, ssh,
+# smb, ... and a reference like ftp://host/x.png must stay an unsupported scheme, never a connection.
+OBJECT_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def protocol(path: str | Path) -> str | None:
+    """'s3' for s3://..., None for a local path (file:// counts as local)."""
+    m = URL.match(str(path))
+    return None if m is None or m.group(1) == "file" else m.group(1)
+
+
+def is_object_url(path: str | Path) -> bool:
+    """A URL of a store vlp can list and write (s3://, gs://, ...), not http(s) or a local path."""
+    return protocol(path) in OBJECT_PROTOCOLS
+
+
+def join(base: str, name: str) -> str:
+    """`base/name` for a URL or a local path."""
+    return posixpath.join(base.rstrip("/"), name) if protocol(base) else str(Path(base) / name)
+
+
+def _fs(url: str):
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as err:  # no fsspec implementation for the protocol
+        raise UserError(f"{url}: cannot open {protocol(url)}:// URLs ({_first(err)}); for s3:// "
+                        "pip install 'vlp[s3]'") from None
+
+
+def _first(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def describe(url: str, err: BaseException) -> str:
+    """One line: the URL and what went wrong, in the store's terms."""
+    text = _first(err)
+    name = type(err).__name__
+    bucket = url.split("://", 1)[-1].split("/", 1)[0]
+    if isinstance(err, FileNotFoundError):
+        if "bucket" in text.lower() and "not exist" in text.lower() or "NoSuchBucket" in text:
+            return f"{url}: no such bucket {bucket!r}"
+        return f"{url}: no such file"
+    if isinstance(err, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return f"{url}: access denied ({text})"
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError"):
+        return f"{url}: cannot reach the storage endpoint ({text})"
+    if "SlowDown" in text or "503" in text or "ServiceUnavailable" in text:
+        return f"{url}: the store kept answering 503 Slow Down after retries ({text})"
+    return f"{url}: {name}: {text}"
+
+
+@contextmanager
+def errors_in_one_line(url: str) -> Iterator[None]:
+    """Turn any storage error inside the block into a one-line UserError naming `url`."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:  # s3fs / botocore / aiohttp raise many types; all are storage errors here
+        raise UserError(describe(url, err)) from None
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """A whole file, local or remote (a missing one raises FileNotFoundError for the caller to phrase)."""
+    path = str(path)
+    if not protocol(path):
+        return Path(path).read_bytes()
+    fs, inner = _fs(path)
+    try:
+        return fs.cat_file(inner)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise UserError(describe(path, err)) from None
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """One object, written with one PUT: readers see all of it or nothing."""
+    fs, inner = _fs(url)
+    with errors_in_one_line(url):
+        fs.pipe_file(inner, data)
+
+
+def exists(path: str | Path) -> bool:
+    path = str(path)
+    if not protocol(path):
+        return Path(path).exists()
+    fs, inner = _fs(path)
+    with errors_in_one_line(path):
+        return fs.exists(inner)
+
+
+def names(url: str) -> list[str]:
+    """The file names directly under a URL 'folder' (an empty list if there is none)."""
+    fs, inner = _fs(url)
+    fs.invalidate_cache(inner)  # another process may have written since this one listed
+    with errors_in_one_line(url):
+        try:
+            return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(inner, detail=False))
+        except FileNotFoundError:
+            bucket = inner.split("/", 1)[0]
+            if not fs.exists(bucket):
+                raise UserError(f"{url}: no such bucket {bucket!r}") from None
+            return []
+
+
+def delete(url: str) -> None:
+    fs, inner = _fs(url)
+    with errors_in_one_line(url):
+        fs.rm_file(inner)
+
+
+def info(url: str) -> dict:
+    """size, and a version marker (ETag or mtime) for telling two versions of an input apart."""
+    fs, inner = _fs(url)
+    try:
+        meta = fs.info(inner)
+    except FileNotFoundError:
+        raise  # the caller's to phrase (a missing image is a row's failure, not the build's)
+    except Exception as err:
+        raise UserError(describe(url, err)) from None
+    return {"path": url, "size": meta.get("size"), "version": str(meta.get("ETag") or meta.get("mtime") or "")}
+
+
+def open_read(url: str) -> IO[bytes]:
+    """A streaming reader (webdataset's gopen handler for object-storage URLs)."""
+    fs, inner = _fs(url)
+    with errors_in_one_line(url):
+        return fs.open(inner, "rb", block_size=8 << 20)
+
+
+def _gopen_object_url(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> IO[bytes]:
+    return open_read(url)
+
+
+# webdataset opens shards through its gopen table, which knows files, http(s) and pipe: only; every
+# process that imports this module (the loader's workers are forked from one) reads these stores too.
+for _proto in OBJECT_PROTOCOLS:
+    webdataset.gopen_schemes.setdefault(_proto, _gopen_object_url)
