@@ -56,7 +56,7 @@ from vlp.data_tools.pipeline import RowOptions, RowResult, process_chunk
 from vlp.data_tools.readers import Row
 
 import vlp
-from vlp.core.errors import RowFailure, UserError
+from vlp.core.errors import RowFailure, UserError, first_line
 from vlp.core.fetch import FetchOptions, fetch, is_url
 
 MAX_RETRIES = 3  # Ray reruns a task whose worker or node died this many times
@@ -186,7 +186,7 @@ def _silence_fd2_keep_sys_stderr() -> None:
 def _connect_error(address: str, err: BaseException) -> BaseException:
     if isinstance(err, KeyboardInterrupt | UserError):
         return err
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    first = first_line(err)
     return UserError(f"--ray-address {address}: cannot connect to Ray ({first})")
 
 
@@ -205,7 +205,7 @@ def connect(address: str | None, num_cpus: int) -> bool:
     try:  # "local": a new instance even when another one runs on this machine
         ray.init(address="local", num_cpus=max(1, num_cpus), include_dashboard=False, **quiet)
     except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise UserError(f"--engine ray: cannot start a local Ray instance ({first})") from None
     return True
 

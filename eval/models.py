@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlp.core.config import ModelConfig
-from vlp.core.errors import UserError
-from vlp.core.models import make_tokenizer, register_model_configs
+from vlp.core.errors import UserError, first_line
+from vlp.core.models import MODEL_CONFIG_KEYS, make_tokenizer, register_model_configs
 from vlp.core.weights import META_CONFIG, META_NAME, checked_model_name, find_weights, read_metadata
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -68,7 +68,7 @@ def _register_config(name: str, config_json: str, path: Path) -> str:
         raise UserError(f"{path}: metadata '{META_CONFIG}' is not valid JSON") from None
     if config == {}:  # vlp.export writes {} for a model open_clip knows by name
         return name
-    if not isinstance(config, dict) or not all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")):
+    if not isinstance(config, dict) or not all(k in config for k in MODEL_CONFIG_KEYS):
         raise UserError(f"{path}: metadata '{META_CONFIG}' is not an open_clip model config")
     if open_clip.get_model_config(name) == config:
         return name
@@ -141,7 +141,7 @@ def _create(spec: ModelSpec) -> tuple[torch.nn.Module, Callable]:
             spec.name, pretrained=spec.weights, device="cpu", weights_only=True
         )
     except (RuntimeError, AssertionError) as err:  # load_state_dict / open_clip's resize checks
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise UserError(f"weights {spec.weights} do not fit model {spec.name}: {first}") from None
     except Exception as err:  # a corrupt file, or a pickle weights_only refuses
         raise UserError(f"cannot load weights {spec.weights}: {type(err).__name__}: {err}") from None

@@ -45,7 +45,7 @@ from vlp.checkpoint import (
 from vlp.core import distributed as vdist
 from vlp.core.atomic import write_atomic
 from vlp.core.config import RunConfig, dump_config
-from vlp.core.errors import UserError
+from vlp.core.errors import UserError, first_line
 from vlp.core.models import check_model, create_model, image_normalization
 from vlp.data import Batch, ShardLoader, normalize
 from vlp.dsconfig import (
@@ -181,7 +181,7 @@ class _Metrics:
                 )  # mode: wandb reads $WANDB_MODE (online, offline, disabled)
             except wandb.errors.Error as err:
                 self.close()
-                raise UserError(f"train.report_to: wandb could not start a run ({_first_line(err)}); "
+                raise UserError(f"train.report_to: wandb could not start a run ({first_line(err)}); "
                                 "run `wandb login`, or set WANDB_MODE=offline") from None
 
     def log(self, record: dict) -> None:
@@ -218,10 +218,6 @@ class _Metrics:
         if self.wandb is not None:
             self.wandb.finish(exit_code=1 if failed else 0)
             self.wandb = None
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _truncate_history(path: Path, step: int) -> None:

@@ -50,6 +50,7 @@ SOFTMAX_INIT_LOGIT_SCALE = math.log(1 / 0.07)
 SIGMOID_INIT_LOGIT_SCALE = math.log(10.0)
 SIGMOID_INIT_LOGIT_BIAS = -10.0
 
+MODEL_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # what every open_clip model config has
 CONFIG_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,122}\.json$")  # the stem becomes the model's name
 _registered = False
 
@@ -110,7 +111,7 @@ def register_config_file(cfg: ModelConfig) -> None:
         loaded = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{what}: not a JSON model config ({type(err).__name__})") from None
-    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(loaded, dict) or k not in loaded]
+    missing = [k for k in MODEL_CONFIG_KEYS if not isinstance(loaded, dict) or k not in loaded]
     if missing:
         raise UserError(f"{what}: an open_clip model config needs {', '.join(missing)}")
     register_model_configs()

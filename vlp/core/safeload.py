@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vlp.core.errors import UserError
+from vlp.core.errors import UserError, first_line
 
 
 class UnsafeFileError(UserError):
@@ -37,5 +37,5 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", allowed: list |
             f"{path}: refused to load: it holds Python objects other than tensors and checkpoint data ({detail})"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:  # truncated or not a torch file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise UserError(f"{path}: not a readable checkpoint file ({first})") from None

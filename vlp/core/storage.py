@@ -24,7 +24,7 @@ from typing import IO
 import fsspec
 import webdataset
 
-from vlp.core.errors import UserError
+from vlp.core.errors import UserError, first_line
 
 URL = re.compile(r"^([a-z][a-z0-9+.-]*)://")
 # The object stores vlp reads and writes through fsspec. An allowlist: fsspec also speaks ftp, ssh,
@@ -52,17 +52,13 @@ def _fs(url: str):
     try:
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as err:  # no fsspec implementation for the protocol
-        raise UserError(f"{url}: cannot open {protocol(url)}:// URLs ({_first(err)}); for s3:// "
+        raise UserError(f"{url}: cannot open {protocol(url)}:// URLs ({first_line(err)[:200]}); for s3:// "
                         "pip install 'vlp[s3]'") from None
-
-
-def _first(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def describe(url: str, err: BaseException) -> str:
     """One line: the URL and what went wrong, in the store's terms."""
-    text = _first(err)
+    text = first_line(err)[:200]
     name = type(err).__name__
     bucket = url.split("://", 1)[-1].split("/", 1)[0]
     if isinstance(err, FileNotFoundError):
@@ -79,12 +75,17 @@ def describe(url: str, err: BaseException) -> str:
 
 
 @contextmanager
-def errors_in_one_line(url: str) -> Iterator[None]:
-    """Turn any storage error inside the block into a one-line UserError naming `url`."""
+def errors_in_one_line(url: str, keep_missing: bool = False) -> Iterator[None]:
+    """Turn any storage error inside the block into a one-line UserError naming `url`
+    (FileNotFoundError passes through with `keep_missing`, for the caller to phrase)."""
     try:
         yield
     except UserError:
         raise
+    except FileNotFoundError as err:
+        if keep_missing:
+            raise
+        raise UserError(describe(url, err)) from None
     except Exception as err:  # s3fs / botocore / aiohttp raise many types; all are storage errors here
         raise UserError(describe(url, err)) from None
 
@@ -95,12 +96,8 @@ def read_bytes(path: str | Path) -> bytes:
     if not protocol(path):
         return Path(path).read_bytes()
     fs, inner = _fs(path)
-    try:
+    with errors_in_one_line(path, keep_missing=True):
         return fs.cat_file(inner)
-    except FileNotFoundError:
-        raise
-    except Exception as err:
-        raise UserError(describe(path, err)) from None
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -142,12 +139,8 @@ def delete(url: str) -> None:
 def info(url: str) -> dict:
     """size, and a version marker (ETag or mtime) for telling two versions of an input apart."""
     fs, inner = _fs(url)
-    try:
+    with errors_in_one_line(url, keep_missing=True):  # a missing image is a row's failure, not the build's
         meta = fs.info(inner)
-    except FileNotFoundError:
-        raise  # the caller's to phrase (a missing image is a row's failure, not the build's)
-    except Exception as err:
-        raise UserError(describe(url, err)) from None
     return {"path": url, "size": meta.get("size"), "version": str(meta.get("ETag") or meta.get("mtime") or "")}
 
 
