@@ -18,7 +18,22 @@ img2dataset pins webdataset < 0.3, so it runs from its own virtualenv
 compares vlp's two engines instead: the local process pool and `--engine ray`
 (tasks on a Ray instance the build starts on this machine with --workers CPUs,
 or on the cluster at --ray-address), on the same inputs and settings. The Ray
-figure includes starting or connecting to Ray, as a user's run does.
+figure includes starting or connecting to Ray, as a user's run does. With
+--two-nodes it also builds on the tests' two-node cluster (tests/ray_cluster.py:
+head + a node in its own network namespace, 1 CPU each; needs root).
+
+    python bench/shards.py --compare s3
+
+builds the same local-file inputs into a local folder and into s3:// on moto's
+S3 server on loopback (tests/s3_server.py, in this process), and checks the
+objects equal the local files.
+
+    python bench/shards.py --profile [--n 500]
+
+times each step of one image in one thread, for vlp (read, sha256, header +
+draft, decode, resize, encode) and for img2dataset's resizer (cv2 decode,
+resize, encode; in its virtualenv), on the first N source JPEGs: where a
+build's CPU time goes.
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -93,17 +109,18 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def run_vlp(csv_path: Path, out: Path, args, engine: str = "local") -> tuple[float, int]:
+def run_vlp(csv_path: Path, out: Path | str, args, engine: str = "local", env: dict | None = None,
+            address: str | None = None) -> tuple[float, int]:
     cmd = [sys.executable, "-m", "vlp", "shards", "build", str(csv_path), "--output", str(out), "--overwrite",
            "--image-size", str(args.image_size), "--resize-mode", "border", "--encode-quality", "95",
            "--workers", str(args.workers), "--threads", "16", "--shard-size", "500", "--quiet",
            "--engine", engine]
-    if engine == "ray" and args.ray_address:
-        cmd += ["--ray-address", args.ray_address]
+    if engine == "ray" and (address or args.ray_address):
+        cmd += ["--ray-address", address or args.ray_address]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    printed = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
     seconds = time.perf_counter() - start
-    return seconds, json.loads((out / "manifest.json").read_text())["written"]
+    return seconds, int(printed.split(" written=", 1)[1].split()[0])
 
 
 def run_img2dataset(csv_path: Path, out: Path, args) -> tuple[float, int]:
@@ -128,9 +145,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--work", default="/tmp/vlp-bench-shards")
-    parser.add_argument("--compare", choices=("img2dataset", "ray"), default="img2dataset",
-                        help="img2dataset: vlp vs img2dataset; ray: vlp's local engine vs --engine ray")
+    parser.add_argument("--compare", choices=("img2dataset", "ray", "s3"), default="img2dataset",
+                        help="img2dataset: vlp vs img2dataset; ray: vlp's local engine vs --engine ray; "
+                             "s3: a local folder vs s3:// on a loopback S3 server")
+    parser.add_argument("--profile", action="store_true", help="per-step CPU time of one image, vlp vs img2dataset")
     parser.add_argument("--ray-address", help="with --compare ray: a running cluster (default: start one here)")
+    parser.add_argument("--two-nodes", action="store_true",
+                        help="with --compare ray: also on a two-node cluster (second node in a netns)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run the file server
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,6 +162,10 @@ def main() -> None:
     images = make_images(work / "images", args.n)
     print(f"{args.n} source JPEGs ready ({sum(p.stat().st_size for p in images) / 1e6:.0f} MB, "
           f"{time.perf_counter() - t0:.0f}s)", flush=True)
+    if args.profile:
+        return profile(images[: args.n], args)
+    if args.compare == "s3":
+        return compare_s3(write_csv(work / "local.csv", [p.as_uri() for p in images]), work, args)
     if args.compare == "img2dataset":
         img2dataset_python()
     server, base = start_server(work / "images")
@@ -168,23 +193,131 @@ def main() -> None:
               f"{vlp_rate / i2d_rate:.2f}x |")
 
 
+def _same_files(a: Path, b: Path) -> bool:
+    return all((a / p.name).read_bytes() == p.read_bytes() for p in b.iterdir()
+               if p.is_file() and p.name != ".build.json")
+
+
 def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
+    cluster = None
+    if args.two_nodes:
+        sys.path.insert(0, str(ROOT.parent / "tests"))
+        import ray_cluster
+
+        cluster = ray_cluster.start(work / "ray-cluster")
     rows = []
-    for name, csv_path in sources.items():
-        local_s, local_n = run_vlp(csv_path, work / "out-local", args, "local")
-        ray_s, ray_n = run_vlp(csv_path, work / "out-ray", args, "ray")
-        same = all((work / "out-local" / p.name).read_bytes() == p.read_bytes()
-                   for p in (work / "out-ray").iterdir() if p.is_file() and p.name != ".build.json")
-        rows.append((name, local_n / local_s, local_n, ray_n / ray_s, ray_n, same))
-        print(f"  {name}: local {local_n} in {local_s:.1f}s, ray {ray_n} in {ray_s:.1f}s", flush=True)
-    where = args.ray_address or f"a Ray instance started here with {args.workers} CPUs"
+    try:
+        for name, csv_path in sources.items():
+            runs = {"local": run_vlp(csv_path, work / "out-local", args, "local"),
+                    "ray, 1 node": run_vlp(csv_path, work / "out-ray", args, "ray")}
+            same = _same_files(work / "out-local", work / "out-ray")
+            if cluster:
+                runs["ray, 2 nodes"] = run_vlp(csv_path, work / "out-ray2", args, "ray",
+                                               env={**os.environ, **cluster.env}, address=cluster.address)
+                same = same and _same_files(work / "out-local", work / "out-ray2")
+            rows.append((name, runs, same))
+            print(f"  {name}: " + ", ".join(f"{k} {n} in {t:.1f}s" for k, (t, n) in runs.items()), flush=True)
+    finally:
+        if cluster:
+            ray_cluster.stop(cluster)
+    where = args.ray_address or f"1 node: a Ray instance started here with {args.workers} CPUs"
+    if cluster:
+        where += "; 2 nodes: head + a node in a network namespace, 1 CPU each, on this machine's cores"
     print(f"\nshard building, {args.n} JPEGs 256-1024 px -> {args.image_size} px border, "
-          f"{args.workers} processes x 16 threads; ray: {where}")
-    print("| source | local images/s | ray images/s | ratio | same files |")
-    print("|---|---|---|---|---|")
-    for name, local_rate, local_n, ray_rate, ray_n, same in rows:
-        print(f"| {name} | {local_rate:.0f} ({local_n} written) | {ray_rate:.0f} ({ray_n} written) | "
-              f"{ray_rate / local_rate:.2f}x | {'yes' if same else 'NO'} |")
+          f"{args.workers} processes x 16 threads; ray {where}")
+    names = list(rows[0][1])
+    print("| source | " + " | ".join(f"{k} images/s" for k in names) + " | same files |")
+    print("|---|" + "---|" * len(names) + "---|")
+    for name, runs, same in rows:
+        base = runs["local"][1] / runs["local"][0]
+        cells = [f"{n / t:.0f} ({n / t / base:.2f}x)" for t, n in runs.values()]
+        print(f"| {name} | " + " | ".join(cells) + f" | {'yes' if same else 'NO'} |")
+
+
+def compare_s3(csv_path: Path, work: Path, args) -> None:
+    sys.path.insert(0, str(ROOT.parent / "tests"))
+    from s3_server import S3Server
+
+    server = S3Server().start()
+    try:
+        env = {**os.environ, **server.env()}
+        server.client().create_bucket(Bucket="bench")
+        local_s, local_n = run_vlp(csv_path, work / "out-local", args)
+        s3_s, s3_n = run_vlp(csv_path, "s3://bench/out", args, env=env)
+        client = server.client()
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket="bench", Prefix="out/")["Contents"]]
+        same = all(client.get_object(Bucket="bench", Key=k)["Body"].read() == (work / "out-local" / k[4:]).read_bytes()
+                   for k in keys)
+        puts = sum(n for (method, _), n in server.hits.items() if method == "PUT")
+    finally:
+        server.stop()
+    print(f"\nshard building to storage, {args.n} JPEGs -> {args.image_size} px border, {args.workers} processes")
+    print("| output | images/s | ratio | same files |")
+    print("|---|---|---|---|")
+    print(f"| local folder | {local_n / local_s:.0f} ({local_n} written) | 1.00x | |")
+    print(f"| s3:// (moto on loopback, {puts} PUTs for {len(keys)} objects) | {s3_n / s3_s:.0f} ({s3_n} written) | "
+          f"{(s3_n / s3_s) / (local_n / local_s):.2f}x | {'yes' if same else 'NO'} |")
+
+
+VLP_STEPS = ("read", "sha256", "header + draft", "decode", "resize", "encode")
+I2D_PROFILE = r"""
+import json, sys, time
+import cv2, numpy as np
+cv2.setNumThreads(1)
+from img2dataset.resizer import Resizer
+resizer = Resizer(image_size=int(sys.argv[1]), resize_mode="border", resize_only_if_bigger=False, encode_quality=95)
+t = dict.fromkeys(("read", "decode", "resize + encode"), 0.0)
+for path in sys.argv[2:]:
+    a = time.perf_counter(); data = open(path, "rb").read(); b = time.perf_counter()
+    cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED); c = time.perf_counter()
+    import io; resizer(io.BytesIO(data)); d = time.perf_counter()
+    t["read"] += b - a; t["decode"] += c - b; t["resize + encode"] += (d - c) - (c - b)  # resizer decodes again
+print(json.dumps(t))
+"""
+
+
+def profile(images: list[Path], args) -> None:
+    """Per-step time of one image in one thread: vlp's steps, and img2dataset's resizer in its venv."""
+    import hashlib
+
+    from vlp.data_tools import images as shard_images
+    from vlp.data_tools.build import image_options
+
+    from vlp.core.config import ShardsBuildConfig
+    from vlp.core.images import decoding, draft, open_image, to_rgb_pixels
+
+    opts = image_options(ShardsBuildConfig(inputs=["x.csv"], output="o", image_size=args.image_size,
+                                           resize_mode="border", encode_quality=95))
+    t = dict.fromkeys(VLP_STEPS, 0.0)
+    for path in images:
+        marks = [time.perf_counter()]
+        data = path.read_bytes()
+        marks.append(time.perf_counter())
+        hashlib.sha256(data).hexdigest()
+        marks.append(time.perf_counter())
+        img = open_image(data, ".jpg")
+        draft(img, shard_images._scale(*img.size, opts))
+        marks.append(time.perf_counter())
+        with decoding(img):
+            pixels = to_rgb_pixels(img)
+            marks.append(time.perf_counter())
+            small = shard_images._resize(pixels, opts)
+            marks.append(time.perf_counter())
+        shard_images._encode(small, opts)
+        marks.append(time.perf_counter())
+        for step, a, b in zip(VLP_STEPS, marks, marks[1:], strict=False):
+            t[step] += b - a
+    i2d = json.loads(subprocess.run([str(img2dataset_python()), "-c", I2D_PROFILE, str(args.image_size),
+                                     *map(str, images)], check=True, capture_output=True, text=True).stdout)
+    n = len(images)
+    print(f"\nms per image in one thread, {n} JPEGs 256-1024 px -> {args.image_size} px border, quality 95")
+    print("| step | vlp | img2dataset |")
+    print("|---|---|---|")
+    i2d_rows = {"read": i2d["read"], "decode": i2d["decode"], "resize": i2d["resize + encode"]}
+    for step in VLP_STEPS:
+        other = f"{1000 * i2d_rows[step] / n:.2f}" if step in i2d_rows else ("(in resize)" if step == "encode" else "-")
+        print(f"| {step} | {1000 * t[step] / n:.2f} | {other} |")
+    print(f"| total | {1000 * sum(t.values()) / n:.2f} | {1000 * sum(i2d.values()) / n:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`vlp shards index DIR`: a manifest.json for a webdataset folder vlp did not build.
+"""`vlp shards index DIR|URL`: a manifest.json for a webdataset folder vlp did not build.
 
 For img2dataset's output (`00000.tar`, `00000.parquet`, `00000_stats.json`
 per shard, no manifest) or a folder of bare tars, so `vlp shards inspect`,
@@ -21,6 +21,9 @@ vlp build. Nothing but manifest.json is written.
   atomically, with `"source": "index"`: its counts come from tar headers and
   `_stats.json`, and no failures.jsonl exists (readers check what is
   knowable). A shard's `stats` field says whether a `_stats.json` was used.
+- A folder on object storage (`s3://bucket/prefix`) is indexed the same way:
+  each tar is streamed once (one GET) to count its samples and find its
+  end-of-archive blocks, and the manifest is written with one PUT.
 - Refused: a folder that already has a manifest.json (unless overwrite), an
   unfinished vlp build (`.build.json`: rerun its build), a folder without tars.
 """
@@ -29,16 +32,18 @@ from __future__ import annotations
 
 import json
 import tarfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from vlp.core import storage
 from vlp.core.atomic import write_json
 from vlp.core.errors import UserError
 from vlp.core.manifest import MANIFEST, Manifest
-from vlp.core.tarformat import count_tar_samples
+from vlp.core.tarformat import count_tar_samples, split_member
 
 STATS_SUFFIX = "_stats.json"
 BUILD_STATE = ".build.json"  # an unfinished `vlp shards build` (data_tools.build.STATE_FILE)
@@ -58,7 +63,7 @@ class ShardStats:
 
 @dataclass
 class IndexSummary:
-    folder: Path
+    folder: str
     shards: int = 0
     samples: int = 0
     with_stats: int = 0
@@ -66,7 +71,7 @@ class IndexSummary:
 
     def line(self) -> str:
         where = f"{self.with_stats} with _stats.json, {self.shards - self.with_stats} from tar headers only"
-        text = f"index: wrote {self.folder / MANIFEST}: {self.shards} shards, {self.samples} samples ({where})"
+        text = f"index: wrote {storage.join(self.folder, MANIFEST)}: {self.shards} shards, {self.samples} samples ({where})"
         return "\n".join([text, *(f"index: note: {n}" for n in self.notes)])
 
 
@@ -74,21 +79,22 @@ def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def read_stats(tar: Path) -> tuple[ShardStats | None, str | None]:
+def read_stats(tar: str) -> tuple[ShardStats | None, str | None]:
     """The shard's usable stats, or (None, why not) for an unusable file, or (None, None) for none."""
-    path = tar.with_name(tar.name[: -len(".tar")] + STATS_SUFFIX)
-    if not path.is_file():
-        return None, None
+    path = tar[: -len(".tar")] + STATS_SUFFIX
+    name = path.rsplit("/", 1)[-1]
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(storage.read_bytes(path))
+    except (FileNotFoundError, IsADirectoryError):
+        return None, None
     except (OSError, ValueError) as err:
-        return None, f"{path.name}: not readable JSON ({type(err).__name__}); counted from the tar"
+        return None, f"{name}: not readable JSON ({type(err).__name__}); counted from the tar"
     if not isinstance(data, dict):
-        return None, f"{path.name}: not a JSON object; counted from the tar"
+        return None, f"{name}: not a JSON object; counted from the tar"
     samples, rows, duplicates = _count(data.get("successes")), _count(data.get("count")), _count(
         data.get("duplicates", 0))
     if samples is None or rows is None or duplicates is None or rows < samples + duplicates:
-        return None, f"{path.name}: no usable successes/count; counted from the tar"
+        return None, f"{name}: no usable successes/count; counted from the tar"
     status = data.get("status_dict")
     reasons = {str(k): v for k, v in status.items() if k != "success" and _count(v)} if isinstance(
         status, dict) else {}
@@ -111,31 +117,80 @@ def check_complete(path: Path) -> None:
                         f"which ends at byte {end}); download or copy it again")
 
 
-def _shard(tar: Path) -> tuple[dict, ShardStats | None, str | None]:
-    samples = count_tar_samples(str(tar))
-    check_complete(tar)
+class _Tail:
+    """A reader that remembers how many bytes passed through it and the last few of them."""
+
+    def __init__(self, fh, keep: int = 4 * tarfile.RECORDSIZE):
+        self.fh, self.size, self.last = fh, 0, deque(maxlen=keep)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.size += len(data)
+        self.last.extend(data)
+        return data
+
+
+def scan_streamed(url: str) -> int:
+    """count_tar_samples + check_complete for a tar in object storage, read front to back once."""
+    keys = set()
+    try:
+        with storage.open_read(url) as fh:
+            tail = _Tail(fh)
+            with tarfile.open(fileobj=tail, mode="r|") as tar:
+                end = 0
+                for member in tar:
+                    parts = split_member(member.name) if member.isfile() else None
+                    if parts:
+                        keys.add(parts[0])
+                    end = member.offset_data + -(-member.size // 512) * 512
+            while tail.read(1 << 20):  # the rest: end-of-archive blocks and the record's padding
+                pass
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise UserError(f"{url}: not a readable tar shard ({type(err).__name__}: {err})"[:300]) from None
+    trailing = tail.size - end  # bytes after the last member: end-of-archive blocks, then padding
+    last = bytes(tail.last)
+    after = last[-trailing:] if 0 < trailing <= len(last) else b""
+    if after[:END_OF_ARCHIVE] != bytes(END_OF_ARCHIVE):
+        raise UserError(f"{url}: cut short ({tail.size} bytes; no end-of-archive blocks after its last whole "
+                        f"member, which ends at byte {end}); upload or copy it again")
+    return len(keys)
+
+
+def _shard(tar: str) -> tuple[dict, ShardStats | None, str | None]:
+    if storage.is_object_url(tar):
+        samples = scan_streamed(tar)
+    else:
+        samples = count_tar_samples(tar)
+        check_complete(Path(tar))
     stats, note = read_stats(tar)
+    name = tar.rsplit("/", 1)[-1]
     if stats is not None and stats.samples != samples:
-        raise UserError(f"{tar}: {tar.stem}{STATS_SUFFIX} says {stats.samples} samples (successes), the tar holds "
+        raise UserError(f"{tar}: {name[:-len('.tar')]}{STATS_SUFFIX} says {stats.samples} samples (successes), the tar holds "
                         f"{samples}; the folder changed after it was written (delete that {STATS_SUFFIX} to "
                         f"index the tar as it is)")
-    entry = {"name": tar.name, "samples": samples, "rows": stats.rows if stats else None, "stats": stats is not None}
+    entry = {"name": name, "samples": samples, "rows": stats.rows if stats else None, "stats": stats is not None}
     return entry, stats, note
 
 
-def index_shards(folder: str | Path, overwrite: bool = False) -> IndexSummary:
-    """Write folder/manifest.json for the webdataset tars in it. See the module docstring."""
-    folder = Path(folder)
-    if not folder.is_dir():
+def _file_names(folder: str) -> list[str]:
+    if storage.is_object_url(folder):
+        return storage.names(folder)
+    if not Path(folder).is_dir():
         raise UserError(f"{folder}: no such folder")
-    if (folder / MANIFEST).exists() and not overwrite:
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_file())
+
+
+def index_shards(folder: str | Path, overwrite: bool = False) -> IndexSummary:
+    """Write manifest.json for the webdataset tars in a folder or URL prefix. See the module docstring."""
+    folder = str(folder).rstrip("/") if storage.is_object_url(folder) else str(folder)
+    files = set(_file_names(folder))
+    if MANIFEST in files and not overwrite:
         raise UserError(f"{folder}: has a {MANIFEST} already (a vlp build or an earlier index); "
                         f"--overwrite replaces it")
-    if (folder / BUILD_STATE).exists():
+    if BUILD_STATE in files:
         raise UserError(f"{folder}: an unfinished `vlp shards build` ({BUILD_STATE}); run the same build again "
                         f"to finish it, which writes the manifest")
-    tars = sorted(p for p in folder.iterdir() if p.name.endswith(".tar") and not p.name.startswith(".")
-                  and p.is_file())
+    tars = [storage.join(folder, n) for n in sorted(files) if n.endswith(".tar") and not n.startswith(".")]
     if not tars:
         raise UserError(f"{folder}: no .tar shards to index")
     with ThreadPoolExecutor(min(READERS, len(tars))) as pool:
@@ -157,6 +212,9 @@ def index_shards(folder: str | Path, overwrite: bool = False) -> IndexSummary:
     except ValidationError as err:  # a tar name the schema refuses (a backslash, ...)
         first = err.errors()[0]
         raise UserError(f"{folder}: {'.'.join(map(str, first['loc']))}: {first['msg']}"[:300]) from None
-    write_json(folder / MANIFEST, manifest.model_dump(mode="json"))
+    if storage.is_object_url(folder):  # one PUT: the manifest appears whole or not at all
+        storage.write_bytes(storage.join(folder, MANIFEST), json.dumps(manifest.model_dump(mode="json"), indent=2).encode())
+    else:
+        write_json(Path(folder) / MANIFEST, manifest.model_dump(mode="json"))
     notes = [note for _, _, note in shards if note]
     return IndexSummary(folder, len(shards), written, len(stats), notes)

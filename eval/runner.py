@@ -29,7 +29,7 @@ from vlp.eval.parallel import broadcast_from_main
 from vlp.eval.report import render_report
 from vlp.eval.suite import load_suite
 from vlp.eval.tasks import TASKS
-from vlp.eval.tasks.base import Context, Task
+from vlp.eval.tasks.base import Context, Task, default_cache_dir
 
 from vlp.core.atomic import write_atomic
 from vlp.core.config import EvalConfig
@@ -39,14 +39,6 @@ from vlp.core.ownership import claim
 
 SCHEMA_VERSION = 1
 SKIPS_SHOWN = 5  # per task on stderr; skipped.jsonl has them all, report.json up to MAX_LISTED_SKIPS
-
-
-def default_cache_dir() -> Path:
-    """$VLP_CACHE_DIR, else $XDG_CACHE_HOME/vlp/eval, else ~/.cache/vlp/eval."""
-    if os.environ.get("VLP_CACHE_DIR"):
-        return Path(os.environ["VLP_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "vlp" / "eval"
 
 
 def _device(choice: str, local_rank: int) -> str:

@@ -5,12 +5,13 @@
 usual AWS environment variables (`env()`), so vlp, s3fs and webdataset's subprocesses
 reach it exactly as they would reach AWS. The proxy counts requests per (method,
 path) and can answer `503 Slow Down` for the next N requests (a 503 storm), or for
-all of them, the way S3 throttles a prefix.
+all of them, the way S3 throttles a prefix, or cut a GET's body short (a dropped connection).
 """
 
 from __future__ import annotations
 
 import http.client
+import socket
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +30,7 @@ class S3Server:
         self.hits: Counter = Counter()
         self.throttle = 0  # answer 503 to this many coming requests (-1: to all) ...
         self.throttle_prefix = "/"  # ... whose path starts with this (e.g. "/bucket/images/")
+        self.cut_after = 0  # > 0: the next GET's body is cut off (connection closed) after this many bytes
         self._lock = threading.Lock()
         self.proxy: ThreadingHTTPServer | None = None
 
@@ -69,11 +71,16 @@ class S3Server:
         conn.request("POST", "/moto-api/reset")
         conn.getresponse().read()
         self.hits.clear()
-        self.throttle, self.throttle_prefix = 0, "/"
+        self.throttle, self.throttle_prefix, self.cut_after = 0, "/", 0
 
     def gets(self, suffix: str = "") -> int:
         """GET requests so far to paths ending in `suffix` (ranged reads included)."""
         return sum(n for (method, path), n in self.hits.items() if method == "GET" and path.endswith(suffix))
+
+    def _take_cut(self) -> int:
+        with self._lock:
+            cut, self.cut_after = self.cut_after, 0
+            return cut
 
     def _take_throttle(self, path: str) -> bool:
         with self._lock:
@@ -113,8 +120,16 @@ def _proxy_handler(server: S3Server, host: str, port: int):
                 self.send_header(k, v)
             self.send_header("Content-Length", length if head and length else str(len(data)))
             self.end_headers()
-            if not head:
-                self.wfile.write(data)
+            if head:
+                return
+            cut = server._take_cut() if self.command == "GET" else 0
+            if 0 < cut < len(data):  # a connection dropped mid-body: the client sees a short read
+                self.wfile.write(data[:cut])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            self.wfile.write(data)
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward  # noqa: N815 - the http.server API
 

@@ -220,3 +220,117 @@ def test_503_storm_is_retried_then_a_per_row_reason(store, pairs):
     assert len(failures) == ROWS and reasons <= {"storage_error", "missing_file"}, reasons
     assert any("503" in f["detail"] or "SlowDown" in f["detail"] for f in failures)
 
+
+
+# ------------------------------------------------------------------ reading: one GET per shard
+
+
+@pytest.fixture
+def s3_here(store, monkeypatch):
+    """This process's AWS settings pointed at the loopback server (for in-process readers)."""
+    import s3fs
+
+    for key, value in store.env().items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield store
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_an_object_past_fsspecs_block_size_is_read_with_one_get_and_resumed_after_a_drop(s3_here):
+    from vlp.core import storage
+
+    data = os.urandom(20 << 20)  # fsspec's file objects would fetch this in 3+ ranged GETs
+    s3_here.client().put_object(Bucket="shards", Key="big.tar", Body=data)
+    s3_here.hits.clear()
+    with storage.open_read("s3://shards/big.tar") as fh:
+        assert b"".join(iter(lambda: fh.read(65536), b"")) == data
+    assert s3_here.gets("big.tar") == 1
+    # the connection drops 5 MB into the body: the reader asks again from there, once
+    s3_here.cut_after = 5 << 20
+    with storage.open_read("s3://shards/big.tar") as fh:
+        assert fh.read() == data
+    assert s3_here.gets("big.tar") == 3 and s3_here.cut_after == 0
+
+
+def test_an_epoch_over_s3_gets_each_shard_once(s3_here, pairs, tmp_path):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from vlp.core.config import DataConfig, DataSource
+    from vlp.data import ShardLoader
+
+    _ok(_vlp(os.environ.copy(), "shards", "build", str(pairs / "pairs.csv"), "--output", str(tmp_path / "s"), *BUILD))
+    client = s3_here.client()
+    for path in sorted((tmp_path / "s").iterdir()):
+        client.upload_file(str(path), "shards", f"run/{path.name}")
+
+    def keys(shards: str) -> list[list[str]]:
+        cfg = DataConfig(sources=[DataSource(shards=shards)], workers=0, shuffle_buffer=8)
+        loader = ShardLoader(cfg, batch_size=4, image_size=24, tokenizer=SimpleTokenizer(context_length=16), seed=1)
+        return [b.keys for b in loader.epoch(0)]
+
+    local = keys(str(tmp_path / "s"))
+    s3_here.hits.clear()
+    assert keys("s3://shards/run") == local
+    assert {n: s3_here.gets(n) for n in ("00000.tar", "00001.tar", "00002.tar")} == dict.fromkeys(
+        ("00000.tar", "00001.tar", "00002.tar"), 1)
+
+
+def test_img2dataset_output_on_s3_is_indexed_like_a_local_copy_then_verified(store, tmp_path):
+    from test_shards_index import write_img2dataset_folder
+
+    local = tmp_path / "i2d"
+    write_img2dataset_folder(local)
+    client = store.client()
+    for path in sorted(local.iterdir()):
+        client.upload_file(str(path), "shards", f"i2d/{path.name}")
+    env = _env(store)
+    store.hits.clear()
+    printed = _ok(_vlp(env, "shards", "index", "s3://shards/i2d"))
+    assert printed.startswith("index: wrote s3://shards/i2d/manifest.json: 3 shards, 24 samples"), printed
+    assert {n: store.gets(n) for n in ("00000.tar", "00001.tar", "00002.tar")} == dict.fromkeys(
+        ("00000.tar", "00001.tar", "00002.tar"), 1)  # each tar streamed once
+    _ok(_vlp(env, "shards", "index", str(local)))
+    assert json.loads(_objects(store, "shards", "i2d/")["manifest.json"]) == json.loads(
+        (local / "manifest.json").read_text())
+    assert _ok(_vlp(env, "shards", "verify", "s3://shards/i2d", "--quiet")).startswith("verify: OK: 3 shards, 24 samples")
+    # a tar cut short on its way up is refused, by name, in one line
+    data = (local / "00001.tar").read_bytes()
+    client.put_object(Bucket="shards", Key="cut/00000.tar", Body=data[: len(data) // 2])
+    err = _one_line_error(_vlp(env, "shards", "index", "s3://shards/cut"))
+    assert err.startswith("vlp: error: s3://shards/cut/00000.tar:") and ("cut short" in err or "not a readable tar" in err), err
+
+
+def test_an_eval_set_on_s3_gives_the_report_of_its_local_copy(store, tmp_path):
+    """A SugarCrepe-format task whose JSON folder and images are s3:// URLs: mirrored, then read locally."""
+    from test_eval_support import export_tiny, noise, save, write_suite
+
+    coco, data = tmp_path / "val2017", tmp_path / "sugarcrepe"
+    for i in range(3):
+        save(noise(i), coco / f"{i:012d}.jpg", "JPEG")
+    data.mkdir()
+    entries = {str(k): {"filename": f"{k % 4:012d}.jpg", "caption": f"a thing {k}", "negative_caption": f"thing a {k}"}
+               for k in (0, 1, 3, 5)}  # "3" names a missing image: skipped with its id in both runs
+    (data / "swap_att.json").write_text(json.dumps(entries))
+    client = store.client()
+    client.create_bucket(Bucket="evals")
+    for path in [*coco.iterdir(), *data.iterdir()]:
+        client.upload_file(str(path), "evals", f"{path.parent.name}/{path.name}")
+    model = export_tiny(tmp_path / "tiny.safetensors", seed=0)
+    env = _env(store, VLP_CACHE_DIR=str(tmp_path / "cache"))
+    reports = {}
+    for where, folder, images in (("local", data, coco), ("s3", "s3://evals/sugarcrepe", "s3://evals/val2017")):
+        suite = write_suite(tmp_path / f"{where}.yaml", [{"name": "sc", "type": "sugarcrepe", "dataset": {
+            "format": "sugarcrepe", "path": str(folder), "image_root": str(images)}}])
+        _ok(_vlp(env, "eval", "--model", str(model), "--suite", str(suite), "--out", str(tmp_path / where), "--quiet"))
+        reports[where] = json.loads((tmp_path / where / "report.json").read_text())["tasks"]["sc"]
+    s3, local = reports["s3"], reports["local"]
+    assert (s3["n_items"], s3["n_scored"], s3["n_skipped"]) == (4, 3, 1)
+    assert s3["metrics"] == local["metrics"] and s3["skip_reasons"] == {"missing_file": 1}
+    assert (tmp_path / "cache" / "remote" / "s3" / "evals" / "val2017" / "000000000002.jpg").read_bytes() == (
+        coco / "000000000002.jpg").read_bytes()
+    # a second run fetches nothing again (ETags unchanged): only listings
+    store.hits.clear()
+    _ok(_vlp(env, "eval", "--model", str(model), "--suite", str(tmp_path / "s3.yaml"), "--out", str(tmp_path / "again"),
+             "--quiet"))
+    assert store.gets(".jpg") == 0 and store.gets(".json") == 0

@@ -42,7 +42,7 @@ from vlp.eval.features import FeatureStore
 from vlp.eval.images import ImageRef, resolve
 from vlp.eval.shuffle import PERTURBATIONS, perturb_all, pre_caption
 from vlp.eval.specs import Spec, SyntheticData, TaskSpec
-from vlp.eval.tasks.base import Task, TaskResult, read_json, require_keys, user_path
+from vlp.eval.tasks.base import Task, TaskResult, image_root, read_json, require_keys, user_path
 from vlp.eval.tasks.pairs import CaptionPair, PairTask
 from vlp.eval.tasks.retrieval import karpathy_groups
 
@@ -119,7 +119,7 @@ class _VgPairTask(PairTask):
     def read_pairs(self) -> list[CaptionPair]:
         data = self.dataset(_ARO_DATA)
         path = user_path(data.path)
-        root = user_path(data.image_root) if data.image_root else path.parent / "images"
+        root = image_root(data.path, data.image_root, "images")
         doc = read_json(path, "ARO")
         if not isinstance(doc, list):
             raise UserError(f"task {self.name}: {path} must hold a list of items")
@@ -248,7 +248,7 @@ class AroOrderTask(Task):
     def load(self) -> None:
         data = self.dataset(_ORDER_DATA)
         path = user_path(data.path)
-        root = user_path(data.image_root) if data.image_root else path.parent
+        root = image_root(data.path, data.image_root)
         self.items: list[ShuffledCaption] = []
         if isinstance(data, OrderKarpathy):
             rng = random.Random(self.spec.seed)

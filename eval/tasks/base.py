@@ -37,6 +37,7 @@ from vlp.eval.markup import esc, img, table
 from vlp.eval.specs import SyntheticData, TaskSpec
 from vlp.eval.synthetic import materialise
 
+from vlp.core import storage
 from vlp.core.errors import UserError
 from vlp.core.fetch import FetchOptions
 
@@ -269,9 +270,35 @@ def read_csv(path: Path, what: str, columns: tuple[str, ...]) -> list[tuple[int,
         raise UserError(f"{what}: {path} line {reader.line_num}: {err}") from None
 
 
+def default_cache_dir() -> Path:
+    """$VLP_CACHE_DIR, else $XDG_CACHE_HOME/vlp/eval, else ~/.cache/vlp/eval."""
+    if os.environ.get("VLP_CACHE_DIR"):
+        return Path(os.environ["VLP_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "vlp" / "eval"
+
+
 def user_path(text: str) -> Path:
-    """A path from the suite file: ~ and $VARS expanded, relative to the working directory."""
-    return Path(os.path.expandvars(text)).expanduser().resolve()
+    """A path from the suite file: ~ and $VARS expanded, relative to the working directory.
+
+    An object-storage URL (s3://bucket/prefix, a file or a whole prefix) is mirrored into the
+    eval cache first (only objects whose ETag changed are fetched again): the readers then
+    work on local files, with the random access they need.
+    """
+    text = os.path.expandvars(text)
+    if storage.is_object_url(text):
+        return storage.mirror(text, default_cache_dir() / "remote")
+    return Path(text).expanduser().resolve()
+
+
+def image_root(path: str, root: str | None, default: str = "") -> Path:
+    """A task's image folder: `root` if given, else `default` (e.g. "images") beside the file at `path`."""
+    if root:
+        return user_path(root)
+    if storage.is_object_url(path):
+        parent = path.rstrip("/").rsplit("/", 1)[0]
+        return user_path(f"{parent}/{default}" if default else parent)
+    return user_path(path).parent / default
 
 
 def require_keys(item: Any, keys: tuple[str, ...]) -> str | None:

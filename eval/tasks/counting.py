@@ -32,7 +32,7 @@ from vlp.eval.features import FeatureStore
 from vlp.eval.images import ImageRef, resolve
 from vlp.eval.markup import img
 from vlp.eval.specs import Spec, SyntheticData, TaskSpec
-from vlp.eval.tasks.base import Task, TaskResult, read_json, require_keys, user_path
+from vlp.eval.tasks.base import Task, TaskResult, image_root, read_json, require_keys, user_path
 
 from vlp.core.errors import UserError
 from vlp.core.fetch import FetchOptions
@@ -129,7 +129,7 @@ class CountingTask(Task):
         data = self.dataset(_DATA)
         self.numbers = list(range(lo, hi + 1))
         path = user_path(data.path)
-        root = user_path(data.image_root) if data.image_root else path.parent
+        root = image_root(data.path, data.image_root)
         doc = read_json(path, "CountBench")
         if not isinstance(doc, list):
             raise UserError(f"task {self.name}: {path} must hold a list of {{image_url, text, number}}")

@@ -36,7 +36,7 @@ from vlp.eval.features import FeatureStore
 from vlp.eval.images import ImageRef, resolve
 from vlp.eval.markup import img
 from vlp.eval.specs import Spec, SyntheticData, TaskSpec
-from vlp.eval.tasks.base import Task, TaskResult, read_csv, read_json, read_lines, user_path
+from vlp.eval.tasks.base import Task, TaskResult, image_root, read_csv, read_json, read_lines, user_path
 from vlp.eval.wds import find_shards, read_samples
 
 from vlp.core.errors import UserError
@@ -169,7 +169,7 @@ class RetrievalTask(Task):
         groups: dict[str, CaptionedImage] = {}  # by image id
         if isinstance(data, KarpathyData):
             path = user_path(data.path)
-            root = user_path(data.image_root) if data.image_root else path.parent
+            root = image_root(data.path, data.image_root)
             groups.update(karpathy_groups(path, root, data.split, self.skip))
         elif isinstance(data, CsvPairs):
             self._load_csv(data, groups)
@@ -206,7 +206,7 @@ class RetrievalTask(Task):
         path = user_path(data.path)
         if not path.is_file():
             raise UserError(f"task {self.name}: CSV file not found: {path}")
-        root = user_path(data.image_root) if data.image_root else path.parent
+        root = image_root(data.path, data.image_root)
         for _line, row in read_csv(path, f"task {self.name}", (data.image_column, data.caption_column)):
             image = row[data.image_column]
             known = groups.get(image) or CaptionedImage(resolve(image, root), ())

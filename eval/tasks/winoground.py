@@ -30,7 +30,7 @@ from vlp.eval.features import FeatureStore
 from vlp.eval.images import ImageRef, resolve
 from vlp.eval.markup import img
 from vlp.eval.specs import Spec, SyntheticData, TaskSpec
-from vlp.eval.tasks.base import Task, TaskResult, read_json, read_text, require_keys, user_path
+from vlp.eval.tasks.base import Task, TaskResult, image_root, read_json, read_text, require_keys, user_path
 
 from vlp.core.errors import UserError
 
@@ -90,7 +90,7 @@ class WinogroundTask(Task):
     def load(self) -> None:
         data = self.dataset(_DATA)
         path = user_path(data.path)
-        root = user_path(data.image_root) if data.image_root else path.parent / "images"
+        root = image_root(data.path, data.image_root, "images")
         self.items: list[WinogroundExample] = []
         for n, item in enumerate(_read_examples(path)):
             item_id = str(item.get("id", n)) if isinstance(item, dict) else str(n)

@@ -27,7 +27,7 @@ from vlp.eval.features import FeatureStore
 from vlp.eval.images import ImageRef, resolve
 from vlp.eval.markup import img
 from vlp.eval.specs import Spec, SyntheticData, TaskSpec
-from vlp.eval.tasks.base import Task, TaskResult, read_csv, read_lines, user_path
+from vlp.eval.tasks.base import Task, TaskResult, image_root, read_csv, read_lines, user_path
 from vlp.eval.templates import check_template, class_embeddings, load_templates, prompts
 from vlp.eval.wds import find_shards, read_samples
 
@@ -148,7 +148,7 @@ class ZeroShotTask(Task):
         path = user_path(data.path)
         if not path.is_file():
             raise UserError(f"task {self.name}: CSV file not found: {path}")
-        root = user_path(data.image_root) if data.image_root else path.parent
+        root = image_root(data.path, data.image_root)
         rows = [
             (line, r[data.image_column], r[data.label_column].strip())
             for line, r in read_csv(path, f"task {self.name}", (data.image_column, data.label_column))

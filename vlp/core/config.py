@@ -336,7 +336,8 @@ class VerifyConfig(Section):
 class IndexConfig(Section):
     """`vlp shards index`: write manifest.json for webdataset shards another tool wrote (img2dataset, bare tars)."""
 
-    dir: str = Field("", **positional("a folder of .tar shards (img2dataset's output: with .parquet and _stats.json)"))
+    dir: str = Field("", **positional("a folder or URL prefix (s3://...) of .tar shards (img2dataset's output: with .parquet and "
+                                        "_stats.json)"))
     overwrite: bool = Field(False, description="replace an existing manifest.json")
 
 
