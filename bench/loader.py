@@ -61,12 +61,12 @@ def make_shards(work: Path, n: int) -> Path:
     from shards import make_images, write_csv
 
     out = work / "shards"
-    if (out / "manifest.json").exists():
+    if (out / "manifest.json").exists() and json.loads((out / "manifest.json").read_text())["rows"] == n:
         return out
     images = make_images(work / "images", n)
     csv_path = write_csv(work / "pairs.csv", [str(p) for p in images])
     subprocess.run([sys.executable, "-m", "vlp", "shards", "build", str(csv_path), "--output", str(out),
-                    "--resize-mode", "no", "--encode-quality", "90", "--shard-size", "250", "--quiet"],
+                    "--resize-mode", "no", "--encode-quality", "90", "--shard-size", "250", "--quiet", "--overwrite"],
                    check=True)
     return out
 

@@ -42,6 +42,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -58,13 +59,13 @@ from baselines import img2dataset_python  # noqa: E402
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     paths = []
     for i in range(n):
         path = folder / f"{i:06d}.jpg"
         paths.append(path)
         if path.exists():
             continue
+        rng = np.random.default_rng([seed, i])  # its own: the same image whichever were made before
         w, h = (int(v) for v in rng.integers(256, 1025, size=2))
         field = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
         arr = np.asarray(field, dtype=np.int16) + rng.normal(0, 4, (h, w, 3)).astype(np.int16)
@@ -80,7 +81,7 @@ def write_csv(path: Path, urls: list[str]) -> Path:
     return path
 
 
-def serve(folder: str, port: int) -> None:
+def serve(folder: str, port: int, host: str = "127.0.0.1") -> None:
     """A threading file server with a deep accept queue: http.server's default of 5
     pending connections makes 32 concurrent clients wait for SYN retries (1 s each)."""
     import functools
@@ -94,19 +95,19 @@ def serve(folder: str, port: int) -> None:
         def log_message(self, *a) -> None:
             pass
 
-    Server(("127.0.0.1", port), functools.partial(Quiet, directory=folder)).serve_forever()
+    Server((host, port), functools.partial(Quiet, directory=folder)).serve_forever()
 
 
-def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
+def start_server(folder: Path, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
     """The file server in its own process, so it does not share a GIL with either tool."""
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(folder), "--port", str(port)])
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(folder), "--port", str(port), "--host", host])
     time.sleep(1.0)
-    return proc, f"http://127.0.0.1:{port}"
+    return proc, f"http://{host}:{port}"
 
 
 def run_vlp(csv_path: Path, out: Path | str, args, engine: str = "local", env: dict | None = None,
@@ -114,6 +115,7 @@ def run_vlp(csv_path: Path, out: Path | str, args, engine: str = "local", env: d
     cmd = [sys.executable, "-m", "vlp", "shards", "build", str(csv_path), "--output", str(out), "--overwrite",
            "--image-size", str(args.image_size), "--resize-mode", "border", "--encode-quality", "95",
            "--workers", str(args.workers), "--threads", "16", "--shard-size", "500", "--quiet",
+           "--resize-filter", args.resize_filter,
            "--engine", engine]
     if engine == "ray" and (address or args.ray_address):
         cmd += ["--ray-address", address or args.ray_address]
@@ -144,6 +146,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--resize-filter", default="lanczos", help="vlp's --resize-filter (box: img2dataset's "
+                                                                  "INTER_AREA when shrinking)")
     parser.add_argument("--work", default="/tmp/vlp-bench-shards")
     parser.add_argument("--compare", choices=("img2dataset", "ray", "s3"), default="img2dataset",
                         help="img2dataset: vlp vs img2dataset; ray: vlp's local engine vs --engine ray; "
@@ -154,9 +158,10 @@ def main() -> None:
                         help="with --compare ray: also on a two-node cluster (second node in a netns)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run the file server
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        return serve(args.serve, args.port)
+        return serve(args.serve, args.port, args.host)
     work = Path(args.work)
     t0 = time.perf_counter()
     images = make_images(work / "images", args.n)
@@ -168,7 +173,14 @@ def main() -> None:
         return compare_s3(write_csv(work / "local.csv", [p.as_uri() for p in images]), work, args)
     if args.compare == "img2dataset":
         img2dataset_python()
-    server, base = start_server(work / "images")
+    host = "127.0.0.1"
+    if args.compare == "ray" and args.two_nodes:  # the node in its namespace fetches from the bridge's address
+        sys.path.insert(0, str(ROOT.parent / "tests"))
+        import ray_cluster
+
+        ray_cluster.HOSTS.up()
+        host = ray_cluster.HEAD_IP
+    server, base = start_server(work / "images", host)
     try:
         sources = {
             "local (file://)": write_csv(work / "local.csv", [p.as_uri() for p in images]),
@@ -185,7 +197,7 @@ def main() -> None:
     finally:
         server.terminate()
     print(f"\nshard building, {args.n} JPEGs 256-1024 px -> {args.image_size} px border, "
-          f"{args.workers} processes x 16 threads")
+          f"{args.workers} processes x 16 threads; vlp --resize-filter {args.resize_filter}")
     print("| source | vlp images/s | img2dataset images/s | ratio |")
     print("|---|---|---|---|")
     for name, vlp_rate, vlp_n, i2d_rate, i2d_n in rows:
@@ -199,29 +211,33 @@ def _same_files(a: Path, b: Path) -> bool:
 
 
 def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
+    """Local and Ray on this machine per source; then, with --two-nodes, the two-node cluster (started only
+    for its runs: its idle daemons would slow the others down)."""
+    runs: dict[str, dict] = {name: {} for name in sources}
+    folders = {name: [work / f"out-{i}-{k}" for k in range(3)] for i, name in enumerate(sources)}
+    for name, csv_path in sources.items():
+        runs[name]["local"] = run_vlp(csv_path, folders[name][0], args, "local")
+        runs[name]["ray, 1 node"] = run_vlp(csv_path, folders[name][1], args, "ray")
     cluster = None
     if args.two_nodes:
-        sys.path.insert(0, str(ROOT.parent / "tests"))
         import ray_cluster
 
-        cluster = ray_cluster.start(work / "ray-cluster")
-    rows = []
-    try:
-        for name, csv_path in sources.items():
-            runs = {"local": run_vlp(csv_path, work / "out-local", args, "local"),
-                    "ray, 1 node": run_vlp(csv_path, work / "out-ray", args, "ray")}
-            same = _same_files(work / "out-local", work / "out-ray")
+        try:
+            cluster = ray_cluster.start(work / "ray-cluster", network_up=True)
+            for name, csv_path in sources.items():
+                runs[name]["ray, 2 nodes"] = run_vlp(csv_path, folders[name][2], args, "ray",
+                                                     env={**os.environ, **cluster.env}, address=cluster.address)
+        finally:
             if cluster:
-                runs["ray, 2 nodes"] = run_vlp(csv_path, work / "out-ray2", args, "ray",
-                                               env={**os.environ, **cluster.env}, address=cluster.address)
-                same = same and _same_files(work / "out-local", work / "out-ray2")
-            rows.append((name, runs, same))
-            print(f"  {name}: " + ", ".join(f"{k} {n} in {t:.1f}s" for k, (t, n) in runs.items()), flush=True)
-    finally:
-        if cluster:
-            ray_cluster.stop(cluster)
+                ray_cluster.stop(cluster)
+            ray_cluster.HOSTS.down()
+    rows = []
+    for name in sources:
+        same = all(_same_files(folders[name][0], folders[name][k]) for k in range(1, len(runs[name])))
+        rows.append((name, runs[name], same))
+        print(f"  {name}: " + ", ".join(f"{k} {n} in {t:.1f}s" for k, (t, n) in runs[name].items()), flush=True)
     where = args.ray_address or f"1 node: a Ray instance started here with {args.workers} CPUs"
-    if cluster:
+    if args.two_nodes:
         where += "; 2 nodes: head + a node in a network namespace, 1 CPU each, on this machine's cores"
     print(f"\nshard building, {args.n} JPEGs 256-1024 px -> {args.image_size} px border, "
           f"{args.workers} processes x 16 threads; ray {where}")
@@ -287,7 +303,7 @@ def profile(images: list[Path], args) -> None:
     from vlp.core.images import decoding, draft, open_image, to_rgb_pixels
 
     opts = image_options(ShardsBuildConfig(inputs=["x.csv"], output="o", image_size=args.image_size,
-                                           resize_mode="border", encode_quality=95))
+                                           resize_mode="border", encode_quality=95, resize_filter=args.resize_filter))
     t = dict.fromkeys(VLP_STEPS, 0.0)
     for path in images:
         marks = [time.perf_counter()]
@@ -318,6 +334,31 @@ def profile(images: list[Path], args) -> None:
         other = f"{1000 * i2d_rows[step] / n:.2f}" if step in i2d_rows else ("(in resize)" if step == "encode" else "-")
         print(f"| {step} | {1000 * t[step] / n:.2f} | {other} |")
     print(f"| total | {1000 * sum(t.values()) / n:.2f} | {1000 * sum(i2d.values()) / n:.2f} |")
+    driver_cost(images, args)
+
+
+def driver_cost(images: list[Path], args) -> None:
+    """CPU time of the build's single writer (this process: reading rows, dedup, tars, records) per image,
+    apart from its workers': what bounds a build however many machines decode (the Ray engine's driver)."""
+    from vlp.data_tools.build import build_shards
+
+    from vlp.core.config import ShardsBuildConfig
+
+    csv_path = write_csv(Path(args.work) / "profile.csv", [p.as_uri() for p in images])
+    cfg = ShardsBuildConfig(inputs=[str(csv_path)], output=str(Path(args.work) / "out-profile"), overwrite=True,
+                            image_size=args.image_size, resize_mode="border", encode_quality=95, resize_filter=args.resize_filter,
+                            workers=args.workers, shard_size=500, quiet=True)
+    def cpu() -> tuple[float, float]:  # (this process, its finished children: the workers once the pool is shut)
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+
+    before = cpu()
+    start = time.perf_counter()
+    summary = build_shards(cfg, progress=False)
+    seconds = time.perf_counter() - start
+    own, workers = (a - b for a, b in zip(cpu(), before, strict=True))
+    print(f"\nbuild of the same {len(images)} images, {args.workers} workers, in {seconds:.1f}s: writer process "
+          f"{1000 * own / summary.written:.2f} ms CPU per image, workers {1000 * workers / summary.written:.2f} ms")
 
 
 if __name__ == "__main__":

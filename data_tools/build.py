@@ -80,7 +80,7 @@ def fingerprint(cfg: ShardsBuildConfig) -> dict:
 def image_options(cfg: ShardsBuildConfig) -> ImageOptions:
     return ImageOptions(
         image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
-        encode_format=cfg.encode_format, encode_quality=cfg.encode_quality, min_image_size=cfg.min_image_size,
+        resize_filter=cfg.resize_filter, encode_format=cfg.encode_format, encode_quality=cfg.encode_quality, min_image_size=cfg.min_image_size,
         max_aspect_ratio=cfg.max_aspect_ratio, max_pixels=cfg.max_pixels,
     )
 

@@ -16,6 +16,11 @@ one image per sample that decodes, a UTF-8 .txt, and, where a sample has a
 object whose `key` and `caption`, when present, match the sample; and that
 every tar in the folder is listed. Keys need not be digits, and the row and
 failure accounting is not checked: failures were not recorded by vlp.
+
+A folder written by `vlp shards curate` holds its sources' samples unchanged
+(keys prefixed `SET_` when several shard sets were curated together): its
+samples are checked as an indexed folder's, its accounting as a build's, with
+removed.jsonl in place of failures.jsonl.
 """
 
 from __future__ import annotations
@@ -111,7 +116,8 @@ def _check_other_sample(sample: dict, problems: list[str], where: str) -> None:
     if not isinstance(meta, dict):
         problems.append(f"{where}: sample {key} json is not a JSON object")
         return
-    if "key" in meta and str(meta["key"]) != key:
+    # curating several shard sets together prefixes each key with its set ("1_000000012"); the json keeps the source's
+    if "key" in meta and str(meta["key"]) not in (key, key.partition("_")[2]):
         problems.append(f"{where}: sample {key} json key is {meta['key']!r}")
     if isinstance(meta.get("caption"), str) and meta["caption"] != caption:
         problems.append(f"{where}: sample {key} txt differs from json caption")
@@ -151,7 +157,8 @@ def verify_shards(folder: str | Path, progress: bool = True) -> VerifyResult:
         if not storage.exists(path):
             problems.append(f"{shard.name}: missing")
             continue
-        result.samples += _check_shard(path, shard.samples, keys, problems, indexed)
+        # a curated folder keeps its sources' samples as they were (img2dataset's too), keys prefixed per set
+        result.samples += _check_shard(path, shard.samples, keys, problems, indexed or manifest.source == "curate")
     if result.samples != manifest.written:
         problems.append(f"{result.samples} samples in shards, manifest says written={manifest.written}")
     if indexed:  # training reads the manifest's shards only: a tar added since would be left out silently
@@ -161,11 +168,12 @@ def verify_shards(folder: str | Path, progress: bool = True) -> VerifyResult:
             problems.append(f"{', '.join(unlisted[:3])}{' ...' if len(unlisted) > 3 else ''}: not in {MANIFEST} "
                             f"(index again with --overwrite)")
         return result
-    failures = storage.join(folder, "failures.jsonl")
+    name = "removed.jsonl" if manifest.source == "curate" else "failures.jsonl"  # one line per row not written
+    failures = storage.join(folder, name)
     not_written = manifest.failed + manifest.duplicates
     lines = len(storage.read_bytes(failures).splitlines()) if storage.exists(failures) else 0
     if lines != not_written:
-        problems.append(f"failures.jsonl has {lines} lines, expected failed + duplicates = {not_written}")
+        problems.append(f"{name} has {lines} lines, expected failed + duplicates = {not_written}")
     return result
 
 

@@ -91,6 +91,11 @@ class ShardWriter:
         self._tar.write({"__key__": key, ext: image, "txt": caption.encode("utf-8"), "json": meta_bytes})
         self.samples += 1
 
+    def add_members(self, key: str, members: dict[str, bytes]) -> None:
+        """A sample copied from another shard: its members' bytes unchanged (curation)."""
+        self._tar.write({"__key__": key, **members})
+        self.samples += 1
+
     def add_record(self, record: dict) -> None:
         record = {k: (_as_column_text(v) if k in self.keep_cols else v) for k, v in record.items()}
         self.records.append(record)

@@ -147,9 +147,10 @@ def _start_node(cluster: Cluster, name: str, argv: list[str]) -> None:
     log.close()
 
 
-def start(root: Path, netns: bool = True) -> Cluster:
-    """Head (1 CPU) + a second node (1 CPU); returns once `ray status` lists both."""
-    if netns:
+def start(root: Path, netns: bool = True, network_up: bool = False) -> Cluster:
+    """Head (1 CPU) + a second node (1 CPU); returns once `ray status` lists both. `network_up`: the
+    namespace and bridge exist already (HOSTS.up() was called: something listens on the bridge)."""
+    if netns and not network_up:
         HOSTS.up()
     host = HEAD_IP if netns else "127.0.0.1"
     port = _free_port()

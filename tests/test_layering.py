@@ -1,6 +1,8 @@
 """The floor plan, enforced: layers import downwards only, no import cycles, imports at the top.
 
     app      vlp.app.*  (the `vlp` command, demo, launch, the train-time eval hook)
+    curation vlp.data_tools.curation.*  (embed and curate shards: reads shards as training does,
+             encodes with eval's model loader, matches eval suites' images)
     shards | train | eval   each uses the core, none imports another
     core     vlp.core.*  (errors, config schemas, atomic writes, fetch, image decoding,
              distributed helpers, models, weights, tar format, the synthetic world)
@@ -20,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"vlp": "vlp", "data_tools": "vlp.data_tools", "eval": "vlp.eval"}
 TRAIN = {"vlp.data", "vlp.sources", "vlp.plan", "vlp.losses", "vlp.gradcache", "vlp.train", "vlp.checkpoint",
          "vlp.export", "vlp.schedule", "vlp.dsconfig"}
-RANK = {"core": 0, "shards": 1, "train": 1, "eval": 1, "app": 2}
+RANK = {"core": 0, "shards": 1, "train": 1, "eval": 1, "curation": 2, "app": 3}
 
 # Third-party imports that may sit inside functions: heavy or optional ones whose import
 # has a cost or a side effect the caller must control.
@@ -34,6 +36,8 @@ LAZY_THIRD_PARTY = {
     "pyarrow.parquet",
     "accelerate",  # optional: only under `accelerate launch`
     "ray",  # optional extra (vlp[ray]): only with `vlp shards build --engine ray`
+    "faiss",  # optional extra (vlp[curate]): only for semantic dedup and decontamination
+    "langdetect",  # optional extra (vlp[curate]): only for the languages filter
 }
 # Project imports that may sit inside functions: the `vlp` entry point imports a command's
 # module only when that command runs, so `vlp --help` and `vlp shards ...` never load
@@ -44,6 +48,8 @@ LAZY_PROJECT = {"vlp.app.cli"}
 def layer(module: str) -> str:
     if module.startswith(("vlp.app", "vlp.__main__")):
         return "app"
+    if module.startswith("vlp.data_tools.curation"):
+        return "curation"
     if module.startswith("vlp.data_tools"):
         return "shards"
     if module.startswith("vlp.eval"):

@@ -23,7 +23,9 @@ from vlp.core.config import (
     COMMAND_SCHEMAS,
     CompareConfig,
     ConfigError,
+    CurateConfig,
     DemoRunConfig,
+    EmbedConfig,
     EvalConfig,
     ExportConfig,
     IndexConfig,
@@ -125,6 +127,24 @@ def _build(args: argparse.Namespace) -> int:
     from vlp.data_tools.build import build_shards
 
     print(build_shards(cfg, progress=not cfg.quiet).line())
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    cfg = _config(args, EmbedConfig, positional="shards")
+    from vlp.core.distributed import detect_env
+    from vlp.data_tools.curation.embed import embed
+
+    env = detect_env()
+    print(embed(cfg, progress=not cfg.quiet).line(cfg.out, env.rank, env.world_size))
+    return 0
+
+
+def _curate(args: argparse.Namespace) -> int:
+    cfg = _config(args, CurateConfig, positional="shards")
+    from vlp.data_tools.curation.curate import curate
+
+    print(curate(cfg, progress=not cfg.quiet).line())
     return 0
 
 
@@ -253,6 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     _command(ssub, "index", _index, IndexConfig, "write manifest.json for img2dataset's (or any) webdataset tars", [
         "vlp shards index laion-subset/   # img2dataset output: .tar, .parquet, _stats.json per shard",
         "vlp shards index tars/ --overwrite && vlp shards verify tars/"], flags=True)
+    _command(ssub, "embed", _embed, EmbedConfig, "image/text embeddings and CLIP score of every sample", [
+        "vlp shards embed shards/ --model runs/demo --out emb/",
+        "vlp shards embed s3://bucket/shards --model ViT-B-32 --weights b32.bin --out emb/ --batch-size 512",
+        "torchrun --nproc_per_node 8 -m vlp shards embed shards/ --model runs/demo --out emb/"], flags=True)
+    _command(ssub, "curate", _curate, CurateConfig, "keep only the pairs that pass the filters; removed.jsonl", [
+        "vlp shards curate shards/ --output curated/ --embeddings emb/ --clip-score-top 0.3",
+        "vlp shards curate shards/ --output curated/ --embeddings emb/ --semdedup-threshold 0.95 "
+        "--min-clip-score 0.28",
+        "vlp shards curate a/ b/ --output curated/ --min-words 2 --languages en   # exact dedup across a/ and b/"],
+        flags=True)
     _command(ssub, "synth", _synth, SynthConfig, "synthetic shape/caption pairs (the embedded default)",
              ["vlp shards synth --out data/synth --n 10000 --seed 0",
               "vlp shards synth --out data/synth128 --n 2000 --image-size 128 && "

@@ -280,6 +280,9 @@ class ShardsBuildConfig(Section):
     resize_mode: Literal["no", "border", "keep_ratio", "center_crop"] = Field(
         "border", description="border: pad to a square; keep_ratio: shorter side; center_crop; no")
     resize_only_if_bigger: bool = Field(False, description="never upscale")
+    resize_filter: Literal["lanczos", "bicubic", "bilinear", "box"] = Field(
+        "lanczos", description="resampling filter: lanczos (sharpest), bicubic, bilinear, or box (area averaging, "
+                               "what img2dataset's cv2.INTER_AREA does when shrinking; the fastest)")
     encode_format: Literal["jpg", "webp", "png"] = Field("jpg", description="image format in the tar")
     encode_quality: int = Field(95, ge=1, le=100, description="jpg/webp quality")
     min_image_size: int = Field(0, ge=0, description="reject images whose smaller side is below this")
@@ -341,6 +344,68 @@ class IndexConfig(Section):
     overwrite: bool = Field(False, description="replace an existing manifest.json")
 
 
+class EmbedConfig(Section):
+    """`vlp shards embed`: image and text embeddings and the CLIP score of every sample, for curation."""
+
+    shards: list[str] = Field(default_factory=list, **positional(
+        "shard folders, URL prefixes or brace specs (as data.sources.N.shards)"))
+    out: str = Field("", description="output folder: img_emb/, text_emb/, metadata/, embed.json (required)")
+    model: str = Field("", description="a run or checkpoint folder, an exported .safetensors, or an open_clip name "
+                                       "with --weights (required)")
+    weights: str | None = Field(None, description="weights file for an open_clip model name")
+    random_init: bool = Field(False, description="an untrained model (tests and smoke runs only)")
+    batch_size: int = Field(256, gt=0, description="images per forward pass")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: this rank's GPU when there is one)")
+    workers: int = Field(4, ge=1, description="threads decoding and preprocessing images")
+    quiet: bool = Field(False, description="no progress bar")
+
+
+class CurateConfig(Section):
+    """`vlp shards curate`: new shards with only the samples that pass the filters, and removed.jsonl."""
+
+    shards: list[str] = Field(default_factory=list, **positional(
+        "shard folders, URL prefixes or brace specs: the set embedded by `vlp shards embed`, in the same order"))
+    output: str = Field("", description="output folder or URL for the curated shards (required)")
+    embeddings: str | None = Field(None, description="the `vlp shards embed` output of these shards (needed by "
+                                                     "the CLIP-score, semantic-dedup and decontamination filters)")
+    min_words: int = Field(0, ge=0, description="caption filter: fewer words are removed (caption_too_short)")
+    min_chars: int = Field(0, ge=0, description="caption filter: fewer characters are removed (caption_too_short)")
+    max_chars: int = Field(0, ge=0, description="caption filter: more characters are removed (0: no limit)")
+    languages: CommaList = Field(default_factory=list, description="caption filter: keep these languages only "
+                                 "(ISO 639-1, e.g. en,de; detected with langdetect; [] = any)")
+    language_min_words: int = Field(4, ge=1, description="languages filter: shorter captions are not judged "
+                                                         "(kept): detectors misjudge a few words")
+    language_min_confidence: float = Field(0.9, ge=0, le=1, description="languages filter: a caption is removed "
+                                           "only when the detector is at least this sure")
+    min_image_size: int = Field(0, ge=0, description="image filter: a smaller side is removed (image_too_small)")
+    max_aspect_ratio: float = Field(0.0, ge=0, description="image filter: a larger long/short side ratio is "
+                                                           "removed (0: no limit)")
+    dedup: bool = Field(True, description="remove exact duplicate images (same bytes) across all the shard sets, "
+                                          "keeping the first in shard order")
+    min_clip_score: float | None = Field(None, description="CLIP-score filter: remove pairs whose image-text "
+                                                           "cosine is below this (LAION-400M used 0.28 with ViT-B/32)")
+    clip_score_top: float | None = Field(None, gt=0, le=1, description="CLIP-score filter: keep this fraction of "
+                                         "the pairs left, the highest scores (DataComp's baseline: 0.3)")
+    decontaminate_suite: str | None = Field(None, description="eval decontamination: remove training images "
+                                            "that are near-duplicates of an image of this eval suite (a name "
+                                            "like `default`, or a suite file)")
+    decontaminate_threshold: float = Field(0.9, gt=0, le=1, description="eval decontamination: the cosine "
+                                           "(image embeddings) at which a training image matches an eval image")
+    semdedup_threshold: float | None = Field(None, gt=0, le=1, description="semantic dedup: remove an image whose "
+                                             "cosine to a kept image of its cluster is at least this (e.g. 0.95)")
+    semdedup_clusters: int = Field(0, ge=0, description="k-means clusters for semantic dedup (0: about one per "
+                                                        "1,000 samples)")
+    shard_size: int = Field(10_000, gt=0, description="samples per output shard")
+    overwrite: bool = Field(False, description="replace an existing curated folder")
+    quiet: bool = Field(False, description="no progress bar")
+
+    @model_validator(mode="after")
+    def _one_clip_rule(self) -> CurateConfig:
+        if self.min_clip_score is not None and self.clip_score_top is not None:
+            raise ValueError("give min_clip_score or clip_score_top, not both")
+        return self
+
+
 class EvalConfig(Section):
     """`vlp eval`: one model on a suite -> report.json + report.html."""
 
@@ -390,6 +455,8 @@ COMMAND_SCHEMAS: dict[str, type[Section]] = {
     "launch": LaunchRunConfig,
     "shards": ShardsBuildConfig,
     "synth": SynthConfig,
+    "embed": EmbedConfig,
+    "curate": CurateConfig,
     "eval": EvalConfig,
     "export": ExportConfig,
 }

@@ -1,0 +1,280 @@
+"""`vlp shards curate`: new shards holding only the pairs that pass the filters, every removal accounted for.
+
+The filters, each optional, in this order; a removed sample gets the reason of
+the first one that removes it:
+
+1. no usable image (`no_image`, or the decode reason: `corrupt_image`, ...);
+2. captions: `caption_too_short` (words or characters), `caption_too_long`,
+   `other_language` (langdetect; `detail` names the language found);
+3. images: `image_too_small`, `aspect_ratio_too_large`;
+4. `duplicate`: the same image bytes as an earlier sample of any of the shard
+   sets (`matched`: the kept one);
+5. `eval_contamination`: the image is a near-duplicate of an image of the
+   eval suite `decontaminate_suite` (decontaminate.py; `matched`: the task
+   and the eval image, `score`: the cosine);
+6. `semantic_duplicate`: SemDeDup on the image embeddings (dedup.py;
+   `matched` and `score`: the kept sample and the cosine);
+7. `low_clip_score`: below `min_clip_score`, or outside the top
+   `clip_score_top` fraction of what is left (one exact global threshold
+   over every shard; `score`: the sample's CLIP score).
+
+Decisions are made first, over the metadata of every sample (from `vlp shards
+embed`, or read from the shards when no filter needs embeddings); then one
+pass over the shards copies each kept sample's tar members unchanged into new
+shards and writes removed.jsonl (key, shard, reason, score, matched,
+matched_shard, detail).
+The manifest says rows == written + failed + duplicates, as a build's does
+(`source: "curate"`, with the filters and the CLIP threshold used), so `vlp
+shards verify` and `vlp train` take the output as they take a build.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+from vlp.data_tools.curation import dedup, embeddings, filters
+from vlp.data_tools.curation.decontaminate import eval_images, matches
+from vlp.data_tools.curation.samples import ShardRef, batches, describe, list_shards, read_samples
+from vlp.data_tools.output import BuildOutput
+from vlp.data_tools.writer import ShardWriter
+from vlp.eval.models import load_encoder
+
+from vlp.core.config import CurateConfig
+from vlp.core.errors import UserError
+from vlp.core.manifest import MANIFEST, Manifest
+
+REMOVED = "removed.jsonl"
+BATCH = 256  # samples decoded at once when scanning
+FILTER_ORDER = ("unusable_image", "caption_too_short", "caption_too_long", "other_language", "image_too_small",
+                "aspect_ratio_too_large", "duplicate", "eval_contamination", "semantic_duplicate", "low_clip_score")
+
+
+@dataclass
+class Removal:
+    reason: str
+    score: float | None = None
+    matched: str | None = None  # the key of the kept sample (or the eval image) it matched
+    matched_shard: str | None = None  # and that sample's shard
+    detail: str = ""
+
+
+@dataclass
+class Decisions:
+    """What happens to every row (rows: every sample of every shard, in shard order)."""
+
+    removed: dict[int, Removal] = field(default_factory=dict)
+    clip_threshold: float | None = None
+
+    def remove(self, mask: np.ndarray, reason: str, **fields) -> None:
+        for row in np.nonzero(mask)[0]:
+            self.removed.setdefault(int(row), Removal(reason, **fields))
+
+    def alive(self, n: int) -> np.ndarray:
+        mask = np.ones(n, bool)
+        mask[list(self.removed)] = False
+        return mask
+
+
+@dataclass
+class CurateSummary:
+    output: str
+    rows: int
+    kept: int
+    reasons: Counter
+    shards: int
+    clip_threshold: float | None
+
+    def line(self) -> str:
+        removed = sum(self.reasons.values())
+        why = ", ".join(f"{r}: {n}" for r, n in sorted(self.reasons.items())) or "none"
+        ok = "ok" if self.rows == self.kept + removed else "MISMATCH"
+        clip = f"; CLIP-score threshold {self.clip_threshold:.4f}" if self.clip_threshold is not None else ""
+        return (f"curate: rows={self.rows} kept={self.kept} removed={removed} ({why}) (rows == kept + removed: "
+                f"{ok}); {self.shards} shards{clip} -> {self.output}")
+
+
+def _needs_embeddings(opts: CurateConfig) -> list[str]:
+    return [name for name, on in (("min_clip_score", opts.min_clip_score is not None),
+                                  ("clip_score_top", opts.clip_score_top is not None),
+                                  ("semdedup_threshold", opts.semdedup_threshold is not None),
+                                  ("decontaminate_suite", opts.decontaminate_suite is not None)) if on]
+
+
+def scan(shards: list[ShardRef], workers: int, progress: bool) -> pa.Table:
+    """The metadata of every sample, read from the shards (when no filter needs embeddings)."""
+    tables = []
+    bar = tqdm(total=sum(s.samples for s in shards), unit="sample", desc="scan", disable=not progress)
+    with ThreadPoolExecutor(workers) as pool:
+        for shard in shards:
+            rows: list[dict] = []
+            for batch in batches(read_samples(shard.url), BATCH):
+                rows += [row for row, _ in pool.map(describe, batch, range(len(rows), len(rows) + len(batch)))]
+            table = pa.Table.from_pylist(rows, schema=embeddings.METADATA_SCHEMA)
+            tables.append(table.append_column("shard", pa.array(np.full(len(rows), shard.index), pa.int64())))
+            bar.update(shard.samples)
+    bar.close()
+    return pa.concat_tables(tables)
+
+
+def decide(table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings | None, urls: list[str]) -> Decisions:
+    """Every filter in FILTER_ORDER over the whole table (urls: every shard's, by index)."""
+    n = table.num_rows
+    keys = table.column("key").to_pylist()
+    shard_col = table.column("shard").to_numpy()
+
+    def sample(row: int) -> dict:
+        return {"matched": keys[row], "matched_shard": urls[shard_col[row]]}
+
+    d = Decisions()
+    errors = table.column("error").to_pylist()
+    for row, error in enumerate(errors):
+        if error is not None:
+            d.removed[row] = Removal(error, detail="the image could not be used")
+    d.remove(filters.caption_too_short(table, opts), "caption_too_short")
+    d.remove(filters.caption_too_long(table, opts), "caption_too_long")
+    other, languages = filters.other_language(table, opts)
+    for row in np.nonzero(other & d.alive(n))[0]:
+        d.removed[int(row)] = Removal("other_language", detail=languages[row])
+    d.remove(filters.image_too_small(table, opts), "image_too_small")
+    d.remove(filters.aspect_ratio_too_large(table, opts), "aspect_ratio_too_large")
+    if opts.dedup:
+        for row, first in dedup.exact_duplicates(table.column("sha256").to_pylist(), d.alive(n)).items():
+            d.removed[row] = Removal("duplicate", **sample(first))
+    if opts.decontaminate_suite is not None:
+        decontaminate(d, table, opts, emb)
+    scores = table.column("clip_score").to_numpy(zero_copy_only=False)
+    if opts.semdedup_threshold is not None:
+        rows = np.nonzero(d.alive(n))[0]
+        k = opts.semdedup_clusters or max(1, round(len(rows) / 1000))
+        found = dedup.semantic_duplicates(emb.image_embeddings(rows), scores[rows], opts.semdedup_threshold, k)
+        for i, (j, cosine) in found.items():
+            d.removed[int(rows[i])] = Removal("semantic_duplicate", score=round(cosine, 6), **sample(rows[j]))
+    if opts.min_clip_score is not None or opts.clip_score_top is not None:
+        alive = d.alive(n)
+        d.clip_threshold = opts.min_clip_score
+        if opts.clip_score_top is not None:  # exact: the score of the last pair inside the top fraction
+            ranked = np.sort(scores[alive])[::-1]
+            keep = max(1, math.ceil(len(ranked) * opts.clip_score_top)) if len(ranked) else 0
+            d.clip_threshold = float(ranked[keep - 1]) if keep else None
+        if d.clip_threshold is not None:
+            low = alive & (scores < d.clip_threshold)
+            for row in np.nonzero(low)[0]:
+                d.removed[int(row)] = Removal("low_clip_score", score=round(float(scores[row]), 6))
+    return d
+
+
+def decontaminate(d: Decisions, table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings) -> None:
+    """Remove what is left that matches an eval image; shard by shard, so memory stays one shard's."""
+    encoder, _ = load_encoder(emb.model_spec())
+    evals = eval_images(opts.decontaminate_suite, encoder)
+    alive = d.alive(table.num_rows)
+    shard_col = table.column("shard").to_numpy()
+    for shard in np.unique(shard_col):
+        rows = np.nonzero(alive & (shard_col == shard))[0]
+        for i, (name, cosine) in matches(emb.image_embeddings(rows), evals, opts.decontaminate_threshold).items():
+            d.removed[int(rows[i])] = Removal("eval_contamination", score=round(cosine, 6), matched=name)
+
+
+def _prepare_output(output: BuildOutput, overwrite: bool) -> None:
+    names = output.names()
+    if names and not overwrite:
+        raise UserError(f"{output}: not empty ({len(names)} files); --overwrite replaces a curated folder")
+    for name in names:
+        if name == MANIFEST or name == REMOVED or name.endswith((".tar", ".parquet", "_stats.json")):
+            output.delete(name)
+    output.local.mkdir(parents=True, exist_ok=True)  # shards are written here (staged, for a URL output)
+
+
+def _output_key(key: str, shard: ShardRef, several_sets: bool) -> str:
+    """Keys stay as they were; with several shard sets they are prefixed by the set, so they stay unique."""
+    return f"{shard.set}_{key}" if several_sets else key
+
+
+def write(shards: list[ShardRef], table: pa.Table, d: Decisions, opts: CurateConfig, progress: bool
+          ) -> tuple[list[dict], BuildOutput]:
+    """One pass over the shards: kept samples into new shards, removals into removed.jsonl."""
+    output = BuildOutput(opts.output)
+    output.check_writable()
+    _prepare_output(output, opts.overwrite)
+    keys = table.column("key").to_pylist()
+    shard_col = table.column("shard").to_numpy()
+    starts = np.searchsorted(shard_col, np.arange(len(shards)))
+    several = len({s.set for s in shards}) > 1
+    written: list[dict] = []
+    removed_lines: list[str] = []
+    writer: ShardWriter | None = None
+
+    def finish() -> None:
+        nonlocal writer
+        if writer is not None and writer.samples:
+            stats = writer.close()
+            output.publish([f"{writer.name}.tar", f"{writer.name}.parquet", f"{writer.name}_stats.json"])
+            written.append({"name": f"{writer.name}.tar", "samples": stats["successes"], "rows": stats["count"]})
+        writer = None
+
+    bar = tqdm(total=table.num_rows, unit="sample", desc="curate", disable=not progress)
+    for shard in shards:
+        start, expected = int(starts[shard.index]), int(np.sum(shard_col == shard.index))
+        seen = 0
+        for position, sample in enumerate(read_samples(shard.url)):
+            if position >= expected or keys[start + position] != sample.key:
+                raise UserError(f"{shard.url}: sample {position} is {sample.key!r}, the metadata says "
+                                f"{keys[start + position] if position < expected else 'the shard ends'}; the "
+                                f"shards changed since they were embedded")
+            row, seen = start + position, position + 1
+            removal = d.removed.get(row)
+            if removal is not None:
+                removed_lines.append(json.dumps({"key": sample.key, "shard": shard.url, "reason": removal.reason,
+                                                 "score": removal.score, "matched": removal.matched,
+                                                 "matched_shard": removal.matched_shard, "detail": removal.detail}, ensure_ascii=False))
+                continue
+            if writer is None:
+                writer = ShardWriter(output.local, len(written), ())
+            key = _output_key(sample.key, shard, several)
+            writer.add_members(key, sample.members)
+            writer.add_record({"row": row, "input": shard.url, "line": None, "key": key, "url": None,
+                               "caption": sample.caption, "status": "success", "error_message": None,
+                               "detail": None, "sha256": table.column("sha256")[row].as_py(),
+                               "width": None, "height": None, "original_width": None, "original_height": None})
+            if writer.samples >= opts.shard_size:
+                finish()
+        if seen != expected:
+            raise UserError(f"{shard.url}: {seen} samples read, {expected} embedded; the shards changed since")
+        bar.update(expected)
+    finish()
+    bar.close()
+    output.write(REMOVED, "".join(line + "\n" for line in removed_lines).encode())
+    return written, output
+
+
+def curate(opts: CurateConfig, progress: bool = True) -> CurateSummary:
+    if not opts.shards or not opts.output:
+        raise UserError("vlp shards curate: give SHARDS and --output")
+    need = _needs_embeddings(opts)
+    if need and not opts.embeddings:
+        raise UserError(f"vlp shards curate: {', '.join(need)} need --embeddings (from `vlp shards embed`)")
+    shards = list_shards(opts.shards)
+    emb = embeddings.load(opts.embeddings, [s.url for s in shards]) if opts.embeddings else None
+    table = emb.table if emb else scan(shards, 4, progress)
+    d = decide(table, opts, emb, [s.url for s in shards])
+    written, output = write(shards, table, d, opts, progress)
+    reasons = Counter(r.reason for r in d.removed.values())
+    kept = sum(s["samples"] for s in written)
+    manifest = Manifest.model_validate({
+        "rows": table.num_rows, "written": kept, "failed": sum(n for r, n in reasons.items() if r != "duplicate"),
+        "duplicates": reasons.get("duplicate", 0),
+        "failure_reasons": {r: n for r, n in sorted(reasons.items()) if r != "duplicate"},
+        "shards": written, "inputs": opts.shards, "source": "curate",
+    }).model_dump(mode="json")
+    manifest["curation"] = {"order": list(FILTER_ORDER), "clip_threshold": d.clip_threshold,
+                            "embeddings": opts.embeddings, "options": opts.model_dump(mode="json")}
+    output.write(MANIFEST, json.dumps(manifest, indent=2).encode())
+    output.close()
+    return CurateSummary(opts.output, table.num_rows, kept, reasons, len(written), d.clip_threshold)

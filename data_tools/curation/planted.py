@@ -1,0 +1,141 @@
+"""Synthetic pairs with planted defects, and the truth about them: what curation should find.
+
+`plant(root, n, ...)` writes n clean synthetic pairs (vlp.data_tools.synth), then
+plants three kinds of defect and records each in truth.json:
+
+- mismatched: a fraction of the rows get another row's caption (rotated within
+  the chosen rows, so every one of them describes a different image);
+- near_duplicate: new rows whose image is another row's image cropped (90-95%
+  of each side, at a random offset), resized back and re-encoded as JPEG at
+  quality 70-90, with that row's caption; truth names both rows of each pair;
+- eval: new rows holding images of an eval suite's tasks, as they are, with a
+  plain caption; truth names the row and the eval image.
+
+The result is a pairs.csv for `vlp shards build`; bench/curation.py and
+tests/test_curation.py score curation against truth.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+from vlp.data_tools.synth import generate
+from vlp.eval.images import load_image
+from vlp.eval.suite import load_suite
+from vlp.eval.tasks import TASKS
+from vlp.eval.tasks.base import Context, default_cache_dir
+
+TRUTH = "truth.json"
+
+
+def _rotate_captions(rows: list[dict], chosen: np.ndarray) -> list[int]:
+    """Give each chosen row the next one's caption; rows whose caption did not change are not defects."""
+    captions = [rows[i]["caption"] for i in chosen]
+    for i, text in zip(chosen, captions[1:] + captions[:1], strict=True):
+        rows[i]["caption"] = text
+    return [int(i) for i, old in zip(chosen, captions, strict=True) if rows[i]["caption"] != old]
+
+
+def _near_copy(image: Image.Image, rng: np.random.Generator, path: Path) -> None:
+    w, h = image.size
+    scale = rng.uniform(0.90, 0.95)
+    cw, ch = round(w * scale), round(h * scale)
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    crop = image.convert("RGB").crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BICUBIC)
+    crop.save(path, "JPEG", quality=int(rng.integers(70, 91)))
+
+
+def eval_suite_images(suite: str, count: int, rng: np.random.Generator) -> list[tuple[str, Image.Image]]:
+    """`count` distinct images drawn from every task of the suite: (task: where, image)."""
+    pool = []
+    for spec in load_suite(suite).tasks:
+        task = TASKS[spec.type](spec, Context(cache_dir=default_cache_dir()))
+        task.load()
+        refs, _ = task.inputs()
+        pool += [(task.name, r) for r in {r.key: r for r in refs}.values() if r.crop is None]
+    picked = rng.choice(len(pool), size=min(count, len(pool)), replace=False)
+    out = []
+    for i in sorted(picked):
+        name, ref = pool[i]
+        image = load_image(ref)
+        if isinstance(image, Image.Image):
+            out.append((f"{name}: {ref.describe()}", image))
+    return out
+
+
+def plant(root: str | Path, n: int, seed: int = 0, image_size: int = 64, mismatched: float = 0.2,
+          near_duplicates: int = 50, eval_suite: str | None = "default", eval_images: int = 30) -> Path:
+    """Write root/pairs.csv (clean rows, then planted ones) and root/truth.json; return the CSV path."""
+    root = Path(root)
+    csv_path = generate(root, n=n, seed=seed, image_size=image_size, progress=False)
+    with open(csv_path, newline="") as fh:
+        rows = [{"url": r["url"], "caption": r["caption"]} for r in csv.DictReader(fh)]
+    rng = np.random.default_rng([seed, 7])
+    chosen = rng.choice(n, size=int(n * mismatched), replace=False)
+    truth: dict = {"clean_rows": n, "mismatched": _rotate_captions(rows, chosen), "near_duplicate": [], "eval": []}
+    for j, source in enumerate(rng.choice(n, size=near_duplicates, replace=False)):
+        name = f"images/near{j:05d}.jpg"
+        with Image.open(root / rows[source]["url"]) as image:
+            _near_copy(image, rng, root / name)
+        truth["near_duplicate"].append([int(source), len(rows)])
+        rows.append({"url": name, "caption": rows[source]["caption"]})
+    if eval_suite and eval_images:
+        for j, (where, image) in enumerate(eval_suite_images(eval_suite, eval_images, rng)):
+            name = f"images/eval{j:05d}.png"
+            image.save(root / name, "PNG")
+            truth["eval"].append({"row": len(rows), "image": where})
+            rows.append({"url": name, "caption": "a picture"})
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["url", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (root / TRUTH).write_text(json.dumps(truth, indent=1))
+    return csv_path
+
+
+def score(csv_dir: str | Path, build_dir: str | Path, curated_dir: str | Path) -> dict:
+    """How much of each planted defect curation removed, and how many good pairs it removed with them.
+
+    Rows map to sample keys through the build's per-shard parquet records; a
+    near-duplicate pair counts as found when either of its rows was removed as
+    a (semantic) duplicate of the other. Good pairs: clean rows neither
+    mismatched nor part of a near-duplicate pair.
+    """
+    truth = json.loads((Path(csv_dir) / TRUTH).read_text())
+    key_of = {}
+    for path in sorted(Path(build_dir).glob("*.parquet")):
+        table = pq.read_table(path, columns=["row", "key", "status"])
+        key_of.update({r: k for r, k, s in zip(*(table.column(c).to_pylist() for c in ("row", "key", "status")),
+                                               strict=True) if s == "success"})
+    removed = {}
+    for line in (Path(curated_dir) / "removed.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        removed[entry["key"]] = entry
+    mismatched = [r for r in truth["mismatched"] if r in key_of]
+    pairs = [(a, b) for a, b in truth["near_duplicate"] if a in key_of and b in key_of]
+    in_pairs = {r for pair in pairs for r in pair}
+    good = [r for r in range(truth["clean_rows"]) if r in key_of and r not in in_pairs and r not in set(mismatched)]
+
+    def gone(row: int, *reasons: str) -> bool:
+        entry = removed.get(key_of[row])
+        return entry is not None and (not reasons or entry["reason"] in reasons)
+
+    def pair_found(a: int, b: int) -> bool:
+        dup = ("semantic_duplicate", "duplicate")
+        return (gone(a, *dup) and removed[key_of[a]]["matched"] == key_of[b]) or (
+            gone(b, *dup) and removed[key_of[b]]["matched"] == key_of[a])
+
+    evals = [e["row"] for e in truth["eval"] if e["row"] in key_of]
+    return {
+        "mismatched_removed": sum(gone(r) for r in mismatched) / max(1, len(mismatched)),
+        "good_removed": sum(gone(r) for r in good) / max(1, len(good)),
+        "near_duplicates_removed": sum(pair_found(a, b) for a, b in pairs) / max(1, len(pairs)),
+        "eval_removed": sum(gone(r, "eval_contamination") for r in evals) / max(1, len(evals)),
+        "counts": {"mismatched": len(mismatched), "good": len(good), "near_duplicate_pairs": len(pairs),
+                   "eval": len(evals)},
+    }

@@ -1,0 +1,228 @@
+"""Curation for real: `vlp shards embed` and `vlp shards curate` on shards the builder wrote.
+
+Every removed sample must be in removed.jsonl with its reason, rows in == kept +
+removed, kept samples are byte-for-byte the source's, and the curated folder
+verifies and trains like a build.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from shard_helpers import build, noise_image, save, write_csv
+from vlp.data_tools.curation import dedup, embeddings
+from vlp.data_tools.synth import generate
+
+from vlp.app.cli import main
+
+ROWS = 40
+SHORT = {3, 17}  # captions cut to one word
+GERMAN = {5, 22}  # captions in German
+WIDE = {9}  # a 96x16 image: aspect ratio 6
+COPIES = (0, 1, 2, 4, 6, 7)  # set B repeats six of set A's images (new captions), none removed in A
+
+
+def _rows(root: Path) -> list[dict]:
+    csv_path = generate(root, n=ROWS, seed=11, image_size=32, progress=False)
+    with open(csv_path, newline="") as fh:
+        rows = [{"url": r["url"], "caption": r["caption"]} for r in csv.DictReader(fh)]
+    for i in SHORT:
+        rows[i]["caption"] = rows[i]["caption"].split()[-1]
+    for i in GERMAN:
+        rows[i]["caption"] = "ein kleines rotes Quadrat neben zwei blauen Kreisen auf einem grauen Hintergrund"
+    for i in WIDE:
+        save(noise_image(96, 16, seed=i), root / "images" / f"wide{i}.png")
+        rows[i]["url"] = f"images/wide{i}.png"
+    return rows
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> tuple[Path, Path]:
+    """Two shard sets built by vlp: A (40 rows with planted caption/image defects), B (A's first images again)."""
+    root = tmp_path_factory.mktemp("curation")
+    rows = _rows(root / "pairs")
+    a_csv = write_csv(root / "pairs" / "a.csv", rows)
+    b_csv = write_csv(root / "pairs" / "b.csv", [{"url": rows[i]["url"], "caption": f"another view {i}"}
+                                                 for i in COPIES])
+    build([a_csv], root / "a", shard_size=16, resize_mode="no")
+    build([b_csv], root / "b", shard_size=16, resize_mode="no")
+    return root / "a", root / "b"
+
+
+def _samples(folder: Path) -> dict[str, dict]:
+    out = {}
+    for tar in sorted(folder.glob("*.tar")):
+        for s in wds.WebDataset(str(tar), shardshuffle=False):
+            out[s["__key__"]] = {k: v for k, v in s.items() if not k.startswith("__")}
+    return out
+
+
+def _removed(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "removed.jsonl").read_text().splitlines()]
+
+
+def _run(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_caption_image_and_exact_duplicate_filters_account_for_every_row(sets, tmp_path, capsys):
+    a, b = sets
+    out = tmp_path / "curated"
+    printed = _run(capsys, "shards", "curate", str(a), str(b), "--output", str(out), "--min-words", "2",
+                   "--languages", "en", "--max-aspect-ratio", "4", "--quiet")
+    removed = _removed(out)
+    reasons = Counter(r["reason"] for r in removed)
+    assert reasons == {"caption_too_short": len(SHORT), "other_language": len(GERMAN),
+                       "aspect_ratio_too_large": len(WIDE), "duplicate": len(COPIES)}, removed
+    kept = ROWS + len(COPIES) - len(removed)
+    assert f"rows={ROWS + len(COPIES)} kept={kept} removed={len(removed)}" in printed
+    assert "(rows == kept + removed: ok)" in printed
+    # the duplicates are set B's samples, each naming the set A sample it repeats (the first is kept)
+    a_samples, b_samples = _samples(a), _samples(b)
+    dups = [r for r in removed if r["reason"] == "duplicate"]
+    assert {r["shard"].rsplit("/", 2)[-2] for r in dups} == {"b"}
+    for r in dups:
+        assert r["matched_shard"].rsplit("/", 2)[-2] == "a"
+        assert b_samples[r["key"]]["jpg"] == a_samples[r["matched"]]["jpg"]
+    assert {r["detail"][:2] for r in removed if r["reason"] == "other_language"} == {"de"}
+    # kept: byte-identical members under keys prefixed by their set; nothing else
+    curated = _samples(out)
+    removed_ids = {(r["shard"].rsplit("/", 2)[-2], r["key"]) for r in removed}
+    expected = {f"0_{k}": v for k, v in a_samples.items() if ("a", k) not in removed_ids}
+    expected |= {f"1_{k}": v for k, v in b_samples.items() if ("b", k) not in removed_ids}
+    assert curated == expected
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["rows"], manifest["written"], manifest["failed"], manifest["duplicates"]) == (
+        ROWS + len(COPIES), kept, len(SHORT) + len(GERMAN) + len(WIDE), len(COPIES))
+    assert manifest["source"] == "curate"
+    assert _run(capsys, "shards", "verify", str(out), "--quiet").startswith(f"verify: OK: 1 shards, {kept} samples")
+
+
+def test_refuses_a_full_output_and_filters_that_need_embeddings(sets, tmp_path, capsys):
+    a, _ = sets
+    assert main(["shards", "curate", str(a), "--output", str(tmp_path / "o"), "--clip-score-top", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "vlp: error: vlp shards curate: clip_score_top need --embeddings (from `vlp shards embed`)"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("mine")
+    assert main(["shards", "curate", str(a), "--output", str(tmp_path / "full"), "--quiet"]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def embedded(sets, tmp_path_factory) -> Path:
+    a, _ = sets
+    out = tmp_path_factory.mktemp("emb") / "emb"
+    assert main(["shards", "embed", str(a), "--out", str(out), "--model", "vlp-micro", "--random-init",
+                 "--batch-size", "8", "--quiet"]) == 0
+    return out
+
+
+def test_embed_writes_clip_retrieval_layout_with_scores_that_match_the_embeddings(sets, embedded):
+    a, _ = sets
+    meta = json.loads((embedded / "embed.json").read_text())
+    assert [s["samples"] for s in meta["shards"]] == [16, 16, ROWS - 32]
+    import pyarrow.parquet as pq
+
+    for s in meta["shards"]:
+        img = np.load(embeddings.img_path(embedded, s["index"]))
+        txt = np.load(embeddings.text_path(embedded, s["index"]))
+        table = pq.read_table(embeddings.metadata_path(embedded, s["index"]))
+        assert img.dtype == np.float16 and img.shape == txt.shape and img.shape[0] == s["samples"] == table.num_rows
+        assert np.allclose(np.linalg.norm(img.astype(np.float32), axis=1), 1, atol=2e-3)
+        scores = table.column("clip_score").to_numpy()
+        assert np.allclose(scores, (img.astype(np.float32) * txt.astype(np.float32)).sum(1), atol=5e-3)
+    keys = [k for s in meta["shards"] for k in pq.read_table(embeddings.metadata_path(embedded, s["index"]))
+            .column("key").to_pylist()]
+    assert keys == list(_samples(a))
+
+
+def test_embed_resumes_at_the_missing_shard_only(sets, embedded, tmp_path, capsys):
+    a, _ = sets
+    copy = tmp_path / "emb"
+    shutil.copytree(embedded, copy)
+    embeddings.metadata_path(copy, 1).unlink()
+    printed = _run(capsys, "shards", "embed", str(a), "--out", str(copy), "--model", "vlp-micro", "--random-init",
+                   "--batch-size", "8", "--quiet")
+    assert "1 shards embedded" in printed and "2 complete already" in printed
+    for i in range(3):
+        assert np.array_equal(np.load(embeddings.img_path(copy, i)), np.load(embeddings.img_path(embedded, i)))
+    err_out = main(["shards", "embed", str(a), "--out", str(copy), "--model", "vlp-tiny", "--random-init", "--quiet"])
+    assert err_out == 2 and "holds embeddings of another model" in capsys.readouterr().err
+
+
+def test_clip_score_top_fraction_is_one_exact_global_threshold(sets, embedded, tmp_path, capsys):
+    a, _ = sets
+    out = tmp_path / "top"
+    printed = _run(capsys, "shards", "curate", str(a), "--output", str(out), "--embeddings", str(embedded),
+                   "--clip-score-top", "0.5", "--quiet")
+    import pyarrow.parquet as pq
+
+    scores = np.concatenate([pq.read_table(embeddings.metadata_path(embedded, i)).column("clip_score").to_numpy()
+                             for i in range(3)])
+    keys = [k for i in range(3) for k in pq.read_table(embeddings.metadata_path(embedded, i)).column("key").to_pylist()]
+    want = {k for k, s in zip(keys, scores, strict=True) if s >= np.sort(scores)[::-1][ROWS // 2 - 1]}
+    assert set(_samples(out)) == want and len(want) == ROWS // 2
+    removed = _removed(out)
+    assert {r["key"] for r in removed} == set(keys) - want and all(r["reason"] == "low_clip_score" for r in removed)
+    assert all(r["score"] < min(s for k, s in zip(keys, scores, strict=True) if k in want) for r in removed)
+    assert f"rows={ROWS} kept={ROWS // 2}" in printed and "CLIP-score threshold" in printed
+
+
+def test_curate_refuses_embeddings_of_other_shards(sets, embedded, tmp_path, capsys):
+    _, b = sets
+    assert main(["shards", "curate", str(b), "--output", str(tmp_path / "o"), "--embeddings", str(embedded),
+                 "--min-clip-score", "0.1"]) == 2
+    assert "embeddings of other shards" in capsys.readouterr().err
+
+
+def test_semantic_dedup_keeps_the_best_caption_of_each_near_duplicate_group():
+    """Real faiss k-means on planted groups: 30 groups of 1-4 near-identical unit vectors in 64-d."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(30, 64))
+    sizes = rng.integers(1, 5, size=30)
+    x = np.concatenate([c + rng.normal(scale=0.01, size=(n, 64)) for c, n in zip(centres, sizes, strict=True)])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    group = np.repeat(np.arange(30), sizes)
+    scores = rng.random(len(x)).astype(np.float32)
+    removed = dedup.semantic_duplicates(x, scores, threshold=0.95, k=6)
+    kept = sorted(set(range(len(x))) - set(removed))
+    # exactly one per group survives: the one with the highest score; each removed names a kept one of its group
+    assert sorted(group[kept]) == list(range(30))
+    for g in range(30):
+        members = np.nonzero(group == g)[0]
+        assert set(members) & set(kept) == {members[np.argmax(scores[members])]}
+    for i, (j, cosine) in removed.items():
+        assert group[i] == group[j] and j in kept and cosine >= 0.95
+
+
+@pytest.mark.slow
+def test_embed_over_two_torchrun_ranks_writes_the_single_process_files(sets, embedded, tmp_path):
+    """Each rank embeds every second shard; together they write what one process writes."""
+    import os
+    import subprocess
+    import sys
+
+    a, _ = sets
+    out = tmp_path / "emb2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "0", "-m", "vlp", "shards", "embed", str(a), "--out", str(out), "--model", "vlp-micro",
+                           "--random-init", "--batch-size", "8", "--quiet"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0/2: 2 shards embedded" in done.stdout and "rank 1/2: 1 shards embedded" in done.stdout
+    for i in range(3):
+        for path in (embeddings.img_path, embeddings.text_path):
+            # the same model and batches; float16 files, and thread counts may differ in the last bit
+            assert np.allclose(np.load(path(out, i)), np.load(path(embedded, i)), atol=2e-3)
+    assert json.loads((out / "embed.json").read_text())["shards"] == json.loads(
+        (embedded / "embed.json").read_text())["shards"]
