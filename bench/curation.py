@@ -3,11 +3,12 @@
     python bench/curation.py --model runs/demo [--n 4000] [--ab]
 
 1. Plants defects into N synthetic pairs (vlp.data_tools.curation.planted: 20%
-   captions swapped, 5% near-duplicates by crop + JPEG, 50 images of the
-   default eval suite), builds shards, embeds them with --model (a trained
-   run: `vlp demo` makes runs/demo) and curates with decontamination against
-   the default suite, SemDeDup and a CLIP-score cut; prints what fraction of
-   each defect was removed and of good pairs with them.
+   captions swapped, 5% near-duplicates by a 1-4% crop + JPEG, 50 images of
+   the default eval suite), builds shards, embeds them with --model (a trained
+   run: `vlp demo` makes runs/demo) and curates three ways (CLIP-score cut
+   alone; with decontamination against the default suite and SemDeDup on
+   embeddings alone; the same confirmed by perceptual hashes); prints what
+   fraction of each defect was removed and of good pairs with them.
 2. With --ab: trains the same recipe on the raw and on the curated shards for
    the same number of samples and evaluates both on the default suite.
 
@@ -57,14 +58,17 @@ def planted(args) -> None:
     samples = int(printed.split("(", 1)[1].split()[0])
     print(f"embed: {samples} samples in {seconds:.1f}s = {samples / seconds:.0f} samples/s (incl. start-up; CPU)")
     rows = []
-    for name, extra in [("decontaminate + SemDeDup 0.95 + CLIP top 75%",
-                         ["--semdedup-threshold", "0.95", "--clip-score-top", "0.75"]),
-                        ("decontaminate + SemDeDup 0.95 + CLIP top 80%",
-                         ["--semdedup-threshold", "0.95", "--clip-score-top", "0.8"])]:
+    hashes = ["--decontaminate-hash-distance", "2", "--semdedup-hash-distance", "10"]
+    for name, extra in [("CLIP top 80% only", ["--clip-score-top", "0.8"]),
+                        ("decontaminate + SemDeDup 0.9 (embeddings only) + CLIP top 80%",
+                         ["--decontaminate-suite", "default", "--semdedup-threshold", "0.9", "--clip-score-top", "0.8"]),
+                        ("decontaminate + SemDeDup 0.9, both with pHash + CLIP top 80%",
+                         ["--decontaminate-suite", "default", "--semdedup-threshold", "0.9", *hashes,
+                          "--clip-score-top", "0.8"])]:
         out = work / "curated"
         start = time.perf_counter()
         printed = vlp("shards", "curate", str(work / "shards"), "--output", str(out), "--embeddings",
-                      str(work / "emb"), "--decontaminate-suite", "default", *extra, "--overwrite", "--quiet")
+                      str(work / "emb"), *extra, "--overwrite", "--quiet")
         print(printed.strip(), f"({time.perf_counter() - start:.1f}s)")
         rows.append((name, score(pairs, work / "shards", out)))
     counts = rows[0][1]["counts"]
@@ -82,8 +86,8 @@ def planted(args) -> None:
 def ab(work: Path, args) -> None:
     """The same recipe on raw and curated shards, the same samples seen, then the default suite."""
     vlp("shards", "curate", str(work / "shards"), "--output", str(work / "curated"), "--embeddings", str(work / "emb"),
-        "--decontaminate-suite", "default", "--semdedup-threshold", "0.95", "--clip-score-top", "0.75",
-        "--overwrite", "--quiet")
+        "--decontaminate-suite", "default", "--decontaminate-hash-distance", "2", "--semdedup-threshold", "0.9",
+        "--semdedup-hash-distance", "10", "--clip-score-top", "0.8", "--overwrite", "--quiet")
     results = {}
     for name in ("raw", "curated"):
         run = work / f"run-{name}"

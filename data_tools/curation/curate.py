@@ -153,7 +153,9 @@ def decide(table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings | Non
     if opts.semdedup_threshold is not None:
         rows = np.nonzero(d.alive(n))[0]
         k = opts.semdedup_clusters or max(1, round(len(rows) / 1000))
-        found = dedup.semantic_duplicates(emb.image_embeddings(rows), scores[rows], opts.semdedup_threshold, k)
+        hashes = table.column("phash").fill_null(0).to_numpy()[rows]
+        found = dedup.semantic_duplicates(emb.image_embeddings(rows), scores[rows], opts.semdedup_threshold, k,
+                                          hashes, opts.semdedup_hash_distance)
         for i, (j, cosine) in found.items():
             d.removed[int(rows[i])] = Removal("semantic_duplicate", score=round(cosine, 6), **sample(rows[j]))
     if opts.min_clip_score is not None or opts.clip_score_top is not None:
@@ -176,9 +178,12 @@ def decontaminate(d: Decisions, table: pa.Table, opts: CurateConfig, emb: embedd
     evals = eval_images(opts.decontaminate_suite, encoder)
     alive = d.alive(table.num_rows)
     shard_col = table.column("shard").to_numpy()
+    hashes = table.column("phash").fill_null(0).to_numpy()
     for shard in np.unique(shard_col):
         rows = np.nonzero(alive & (shard_col == shard))[0]
-        for i, (name, cosine) in matches(emb.image_embeddings(rows), evals, opts.decontaminate_threshold).items():
+        found = matches(emb.image_embeddings(rows), hashes[rows], evals, opts.decontaminate_threshold,
+                        opts.decontaminate_hash_distance)
+        for i, (name, cosine) in found.items():
             d.removed[int(rows[i])] = Removal("eval_contamination", score=round(cosine, 6), matched=name)
 
 

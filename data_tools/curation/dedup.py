@@ -10,18 +10,20 @@ then within each cluster compare every pair by cosine. Inside a cluster the
 samples are visited from the highest CLIP score down (ties: shard order); a
 sample whose cosine to an already kept one reaches the threshold is removed
 and names that one. So of a group of near-duplicates the pair whose caption
-fits its image best is kept.
+fits its image best is kept. With a hash distance, a pair must also have
+perceptual hashes (phash.py) within that many bits: for a model that embeds
+alike pictures as closely as copies (see decontaminate.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from vlp.data_tools.curation.phash import distances
 
 from vlp.core.errors import UserError
 
 KMEANS_ITERATIONS = 20
 POINTS_PER_CENTROID = 256  # faiss's default cap: k-means trains on a sample of k * 256 points
-BLOCK = 4096  # rows of a cluster's similarity matrix computed at once
 
 
 def exact_duplicates(sha256: list[str | None], candidates: np.ndarray) -> dict[int, int]:
@@ -60,39 +62,37 @@ def clusters(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return assigned[:, 0]
 
 
-def semantic_duplicates(x: np.ndarray, scores: np.ndarray, threshold: float, k: int) -> dict[int, tuple[int, float]]:
-    """{removed index: (kept index it is a near-duplicate of, cosine)} over the rows of x."""
+def semantic_duplicates(x: np.ndarray, scores: np.ndarray, threshold: float, k: int,
+                        hashes: np.ndarray | None = None, hash_distance: int | None = None
+                        ) -> dict[int, tuple[int, float]]:
+    """{removed index: (kept index it is a near-duplicate of, cosine)} over the rows of x. With
+    `hash_distance`, a pair counts only if the images' perceptual hashes are that close too."""
     assigned = clusters(x, k)
     removed: dict[int, tuple[int, float]] = {}
     for c in np.unique(assigned):
         members = np.nonzero(assigned == c)[0]
         # best caption fit first; np.lexsort sorts by the last key first
         members = members[np.lexsort((members, -np.nan_to_num(scores[members], nan=-np.inf)))]
-        removed.update(_greedy(x, members, threshold))
+        removed.update(_greedy(x, members, threshold, hashes, hash_distance))
     return removed
 
 
-def _greedy(x: np.ndarray, members: np.ndarray, threshold: float) -> dict[int, tuple[int, float]]:
-    """Visit members in order; remove one within `threshold` of a member kept before it."""
-    kept: list[int] = []
+def _greedy(x: np.ndarray, members: np.ndarray, threshold: float, hashes: np.ndarray | None,
+            hash_distance: int | None) -> dict[int, tuple[int, float]]:
+    """Visit members in order; remove one that is a near-duplicate of a member kept before it."""
+    kept = np.empty(len(members), np.int64)  # indices of the kept members, the first n of them
+    kept_x = np.empty((len(members), x.shape[1]), x.dtype)  # their embeddings, contiguous
+    n = 0
     removed: dict[int, tuple[int, float]] = {}
-    for start in range(0, len(members), BLOCK):
-        block = members[start:start + BLOCK]
-        sims_to_kept = x[block] @ x[kept].T if kept else np.zeros((len(block), 0), np.float32)
-        sims_inside = x[block] @ x[block].T
-        kept_inside: list[int] = []  # positions in block
-        for i, row in enumerate(block):
-            best, best_sim = -1, -np.inf
-            if sims_to_kept.shape[1]:
-                j = int(np.argmax(sims_to_kept[i]))
-                best, best_sim = kept[j], float(sims_to_kept[i, j])
-            if kept_inside:
-                j = int(np.argmax(sims_inside[i, kept_inside]))
-                if sims_inside[i, kept_inside[j]] > best_sim:
-                    best, best_sim = int(block[kept_inside[j]]), float(sims_inside[i, kept_inside[j]])
-            if best_sim >= threshold:
-                removed[int(row)] = (best, best_sim)
-            else:
-                kept_inside.append(i)
-        kept += [int(block[i]) for i in kept_inside]
+    for row in members:
+        sims = kept_x[:n] @ x[row]
+        close = sims >= threshold
+        if hash_distance is not None and close.any():
+            close &= distances(np.full(n, hashes[row]), hashes[kept[:n]]) <= hash_distance
+        if close.any():
+            j = int(np.argmax(np.where(close, sims, -np.inf)))
+            removed[int(row)] = (int(kept[j]), float(sims[j]))
+        else:
+            kept[n], kept_x[n] = row, x[row]
+            n += 1
     return removed

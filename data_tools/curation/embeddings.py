@@ -3,7 +3,7 @@
     EMB/embed.json                       the model, the shard sets, every shard (index, set, url, samples)
     EMB/img_emb/img_emb_00000.npy        float16 (samples, dim), L2-normalised, in the shard's sample order
     EMB/text_emb/text_emb_00000.npy      the same for the captions
-    EMB/metadata/metadata_00000.parquet  key, position, caption, clip_score, sha256, width, height, error
+    EMB/metadata/metadata_00000.parquet  key, position, caption, clip_score, sha256, width, height, phash, error
 
 One file triple per input shard, numbered by the shard's index in embed.json.
 The metadata file is written last: its presence marks the shard complete, so
@@ -38,6 +38,7 @@ METADATA_SCHEMA = pa.schema([
     ("sha256", pa.string()),  # of the image member's bytes (exact dedup)
     ("width", pa.int64()),
     ("height", pa.int64()),
+    ("phash", pa.int64()),  # perceptual hash of the image (phash.py): confirms copies of eval images
     ("error", pa.string()),  # null, or why the sample has no embedding (no_image, corrupt_image, ...)
 ])
 

@@ -5,9 +5,10 @@ plants three kinds of defect and records each in truth.json:
 
 - mismatched: a fraction of the rows get another row's caption (rotated within
   the chosen rows, so every one of them describes a different image);
-- near_duplicate: new rows whose image is another row's image cropped (90-95%
-  of each side, at a random offset), resized back and re-encoded as JPEG at
-  quality 70-90, with that row's caption; truth names both rows of each pair;
+- near_duplicate: new rows whose image is another row's image cropped (to
+  `crop` = 96-99% of each side by default, at a random offset), resized back and
+  re-encoded as JPEG at quality 70-90, with that row's caption; truth names
+  both rows of each pair;
 - eval: new rows holding images of an eval suite's tasks, as they are, with a
   plain caption; truth names the row and the eval image.
 
@@ -41,9 +42,9 @@ def _rotate_captions(rows: list[dict], chosen: np.ndarray) -> list[int]:
     return [int(i) for i, old in zip(chosen, captions, strict=True) if rows[i]["caption"] != old]
 
 
-def _near_copy(image: Image.Image, rng: np.random.Generator, path: Path) -> None:
+def _near_copy(image: Image.Image, rng: np.random.Generator, path: Path, crop: tuple[float, float]) -> None:
     w, h = image.size
-    scale = rng.uniform(0.90, 0.95)
+    scale = rng.uniform(*crop)
     cw, ch = round(w * scale), round(h * scale)
     x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
     crop = image.convert("RGB").crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BICUBIC)
@@ -69,7 +70,8 @@ def eval_suite_images(suite: str, count: int, rng: np.random.Generator) -> list[
 
 
 def plant(root: str | Path, n: int, seed: int = 0, image_size: int = 64, mismatched: float = 0.2,
-          near_duplicates: int = 50, eval_suite: str | None = "default", eval_images: int = 30) -> Path:
+          near_duplicates: int = 50, eval_suite: str | None = "default", eval_images: int = 30,
+          crop: tuple[float, float] = (0.96, 0.99)) -> Path:
     """Write root/pairs.csv (clean rows, then planted ones) and root/truth.json; return the CSV path."""
     root = Path(root)
     csv_path = generate(root, n=n, seed=seed, image_size=image_size, progress=False)
@@ -81,7 +83,7 @@ def plant(root: str | Path, n: int, seed: int = 0, image_size: int = 64, mismatc
     for j, source in enumerate(rng.choice(n, size=near_duplicates, replace=False)):
         name = f"images/near{j:05d}.jpg"
         with Image.open(root / rows[source]["url"]) as image:
-            _near_copy(image, rng, root / name)
+            _near_copy(image, rng, root / name, crop)
         truth["near_duplicate"].append([int(source), len(rows)])
         rows.append({"url": name, "caption": rows[source]["caption"]})
     if eval_suite and eval_images:

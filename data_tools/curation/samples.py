@@ -13,11 +13,13 @@ import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
+from vlp.data_tools.curation.phash import phash
 from webdataset import tariterators
 
-from vlp.core import storage  # noqa: F401 - registers the object-storage URL handlers with webdataset
+from vlp.core import storage  # also registers the object-storage URL handlers with webdataset
 from vlp.core.config import DataSource
 from vlp.core.images import SHARD_IMAGE_EXTS, ImageError, decode_rgb
 from vlp.sources import resolve_source
@@ -33,12 +35,17 @@ class ShardRef:
     samples: int  # from the set's manifest, stats or tar headers
 
 
+def _absolute(url: str) -> str:
+    """A local shard by its absolute path: embed and curate may run from different folders."""
+    return url if storage.protocol(url) or url.startswith("pipe:") else str(Path(url).resolve())
+
+
 def list_shards(specs: list[str]) -> list[ShardRef]:
     """Every shard of every set, in order, with its sample count (a one-line error for a bad spec)."""
     out: list[ShardRef] = []
     for set_index, spec in enumerate(specs):
         for shard in resolve_source(DataSource(shards=spec), set_index):
-            out.append(ShardRef(len(out), set_index, shard.url, shard.samples))
+            out.append(ShardRef(len(out), set_index, _absolute(shard.url), shard.samples))
     return out
 
 
@@ -82,7 +89,7 @@ def describe(sample: Sample, position: int) -> tuple[dict, Image.Image | None]:
     """A sample's metadata row (embeddings.METADATA_SCHEMA, no CLIP score yet) and its decoded image
     (None, with `error` set, when there is no usable image: it cannot be embedded or judged)."""
     row = {"key": sample.key, "position": position, "caption": sample.caption or "", "clip_score": math.nan,
-           "sha256": None, "width": None, "height": None, "error": None}
+           "sha256": None, "width": None, "height": None, "phash": None, "error": None}
     image = sample.image
     if image is None:
         row["error"] = "no_image"
@@ -95,4 +102,5 @@ def describe(sample: Sample, position: int) -> tuple[dict, Image.Image | None]:
         row["error"] = err.reason
         return row, None
     row["width"], row["height"] = pixels.size
+    row["phash"] = phash(pixels)
     return row, pixels

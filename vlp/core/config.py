@@ -391,8 +391,13 @@ class CurateConfig(Section):
                                             "like `default`, or a suite file)")
     decontaminate_threshold: float = Field(0.9, gt=0, le=1, description="eval decontamination: the cosine "
                                            "(image embeddings) at which a training image matches an eval image")
+    decontaminate_hash_distance: int | None = Field(None, ge=0, le=63, description="eval decontamination: also "
+                                                    "require the perceptual hashes within this many bits (e.g. 4): for "
+                                                    "a model that embeds alike pictures as closely as copies")
     semdedup_threshold: float | None = Field(None, gt=0, le=1, description="semantic dedup: remove an image whose "
                                              "cosine to a kept image of its cluster is at least this (e.g. 0.95)")
+    semdedup_hash_distance: int | None = Field(None, ge=0, le=63, description="semantic dedup: also require the "
+                                               "perceptual hashes within this many bits (near-copies only)")
     semdedup_clusters: int = Field(0, ge=0, description="k-means clusters for semantic dedup (0: about one per "
                                                         "1,000 samples)")
     shard_size: int = Field(10_000, gt=0, description="samples per output shard")
