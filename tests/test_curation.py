@@ -263,3 +263,23 @@ def test_planted_defects_are_found_with_few_good_pairs_lost(tmp_path):
     assert found["mismatched_removed"] >= 0.9 and found["good_removed"] <= 0.05
     assert found["near_duplicates_removed"] >= 0.95 and found["eval_removed"] == 1.0
     assert "(rows == kept + removed: ok)" in printed
+
+
+@pytest.mark.slow
+def test_a_curated_folder_trains_unchanged(sets, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    a, b = sets
+    out = tmp_path / "curated"
+    _run(capsys, "shards", "curate", str(a), str(b), "--output", str(out), "--min-words", "2", "--quiet")
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "vlp", "train", f"data.sources=[{{shards: '{out}'}}]",
+                           "data.workers=0", "model.name=vlp-micro", "train.batch_size=8", "train.steps=2",
+                           "train.log_keys=true", f"train.output_dir={run}"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    curated = set(_samples(out))
+    assert all(k in curated for line in lines for k in line["keys"])

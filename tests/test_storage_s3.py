@@ -334,3 +334,20 @@ def test_an_eval_set_on_s3_gives_the_report_of_its_local_copy(store, tmp_path):
     _ok(_vlp(env, "eval", "--model", str(model), "--suite", str(tmp_path / "s3.yaml"), "--out", str(tmp_path / "again"),
              "--quiet"))
     assert store.gets(".jpg") == 0 and store.gets(".json") == 0
+
+
+def test_embed_and_curate_read_s3_shards_and_curate_writes_to_s3(store, pairs, tmp_path):
+    env = _env(store)
+    _ok(_vlp(env, "shards", "build", str(pairs / "pairs.csv"), "--output", "s3://shards/run", *BUILD))
+    _ok(_vlp(env, "shards", "embed", "s3://shards/run", "--out", str(tmp_path / "emb"), "--model", "vlp-micro",
+             "--random-init", "--batch-size", "8", "--quiet"))
+    printed = _ok(_vlp(env, "shards", "curate", "s3://shards/run", "--output", "s3://shards/curated", "--embeddings",
+                       str(tmp_path / "emb"), "--clip-score-top", "0.5", "--quiet"))
+    written = ROWS - 1  # the row with the missing image was never written
+    kept = -(-written // 2)
+    assert f"rows={written} kept={kept} removed={written - kept}" in printed, printed
+    objects = _objects(store, "shards", "curated/")
+    manifest = json.loads(objects["manifest.json"])
+    assert (manifest["rows"], manifest["written"], manifest["source"]) == (written, kept, "curate")
+    assert len(objects["removed.jsonl"].decode().splitlines()) == written - kept
+    assert _ok(_vlp(env, "shards", "verify", "s3://shards/curated", "--quiet")).startswith("verify: OK")
