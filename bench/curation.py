@@ -56,7 +56,8 @@ def planted(args) -> None:
     seconds = time.perf_counter() - start
     print(printed.strip())
     samples = int(printed.split("(", 1)[1].split()[0])
-    print(f"embed: {samples} samples in {seconds:.1f}s = {samples / seconds:.0f} samples/s (incl. start-up; CPU)")
+    if samples:  # 0 when an earlier run embedded everything already
+        print(f"embed: {samples} samples in {seconds:.1f}s = {samples / seconds:.0f} samples/s (incl. start-up; CPU)")
     rows = []
     hashes = ["--decontaminate-hash-distance", "2", "--semdedup-hash-distance", "10"]
     for name, extra in [("CLIP top 80% only", ["--clip-score-top", "0.8"]),
