@@ -46,7 +46,7 @@ from vlp.data_tools.readers import InputFile, Row, iter_rows, open_inputs
 from vlp.data_tools.writer import RECORD_FIELDS, ShardWriter, printable, shard_name
 
 from vlp.core import storage
-from vlp.core.atomic import TMP_PREFIX
+from vlp.core.atomic import TMP_PREFIX, json_bytes
 from vlp.core.config import ShardsBuildConfig
 from vlp.core.errors import UserError
 from vlp.core.fetch import FetchOptions
@@ -134,10 +134,6 @@ def _input_fingerprint(inputs: list[InputFile], origins: dict[str, str]) -> list
     return out
 
 
-def _json_bytes(value) -> bytes:
-    return json.dumps(value, indent=2).encode()  # as vlp.core.atomic.write_json writes it
-
-
 def prepare_output(output: BuildOutput, state: dict, overwrite: bool) -> None:
     """Refuse to mix two different builds in one (claimed, locked) output folder or URL."""
     names = output.names()
@@ -156,7 +152,7 @@ def prepare_output(output: BuildOutput, state: dict, overwrite: bool) -> None:
         for p in output.local.glob(TMP_PREFIX + "*"):  # leftovers of a killed build (only vlp's own temp files)
             if p.is_file() and OWN_FILE.match(p.name):
                 p.unlink()
-    output.write(STATE_FILE, _json_bytes(state))
+    output.write(STATE_FILE, json_bytes(state))
 
 
 def completed_shards(names: set[str]) -> int:
@@ -356,7 +352,7 @@ def _finish(output: BuildOutput, opts: ShardsBuildConfig, inputs: list[str]) -> 
         "inputs": inputs,
         "options": fingerprint(opts),
     }
-    output.write("manifest.json", _json_bytes(manifest))
+    output.write("manifest.json", json_bytes(manifest))
     return manifest
 
 

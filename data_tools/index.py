@@ -40,10 +40,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from vlp.core import storage
-from vlp.core.atomic import write_json
+from vlp.core.atomic import json_bytes
 from vlp.core.errors import UserError
 from vlp.core.manifest import MANIFEST, Manifest
-from vlp.core.tarformat import count_tar_samples, split_member
+from vlp.core.tarformat import count_samples, count_tar_samples
 
 STATS_SUFFIX = "_stats.json"
 BUILD_STATE = ".build.json"  # an unfinished `vlp shards build` (data_tools.build.STATE_FILE)
@@ -101,12 +101,17 @@ def read_stats(tar: str) -> tuple[ShardStats | None, str | None]:
     return ShardStats(samples, rows, duplicates, reasons), None
 
 
+def _data_end(members: list[tarfile.TarInfo]) -> int:
+    """Where the last member's data (padded to tar's 512-byte blocks) ends."""
+    return max((m.offset_data + -(-m.size // 512) * 512 for m in members), default=0)
+
+
 def check_complete(path: Path) -> None:
     """Refuse a tar cut short: the last member's data past the end, or no end-of-archive blocks after it."""
     try:
         size = path.stat().st_size
         with tarfile.open(path) as tar:
-            end = max((m.offset_data + -(-m.size // 512) * 512 for m in tar.getmembers()), default=0)
+            end = _data_end(tar.getmembers())
         with open(path, "rb") as fh:
             fh.seek(end)
             tail = fh.read(END_OF_ARCHIVE)
@@ -132,17 +137,12 @@ class _Tail:
 
 def scan_streamed(url: str) -> int:
     """count_tar_samples + check_complete for a tar in object storage, read front to back once."""
-    keys = set()
     try:
         with storage.open_read(url) as fh:
             tail = _Tail(fh)
             with tarfile.open(fileobj=tail, mode="r|") as tar:
-                end = 0
-                for member in tar:
-                    parts = split_member(member.name) if member.isfile() else None
-                    if parts:
-                        keys.add(parts[0])
-                    end = member.offset_data + -(-member.size // 512) * 512
+                members = list(tar)  # headers only: the data is read past, not kept
+            end = _data_end(members)
             while tail.read(1 << 20):  # the rest: end-of-archive blocks and the record's padding
                 pass
     except (tarfile.TarError, OSError, EOFError) as err:
@@ -153,7 +153,7 @@ def scan_streamed(url: str) -> int:
     if after[:END_OF_ARCHIVE] != bytes(END_OF_ARCHIVE):
         raise UserError(f"{url}: cut short ({tail.size} bytes; no end-of-archive blocks after its last whole "
                         f"member, which ends at byte {end}); upload or copy it again")
-    return len(keys)
+    return count_samples(members)
 
 
 def _shard(tar: str) -> tuple[dict, ShardStats | None, str | None]:
@@ -212,9 +212,6 @@ def index_shards(folder: str | Path, overwrite: bool = False) -> IndexSummary:
     except ValidationError as err:  # a tar name the schema refuses (a backslash, ...)
         first = err.errors()[0]
         raise UserError(f"{folder}: {'.'.join(map(str, first['loc']))}: {first['msg']}"[:300]) from None
-    if storage.is_object_url(folder):  # one PUT: the manifest appears whole or not at all
-        storage.write_bytes(storage.join(folder, MANIFEST), json.dumps(manifest.model_dump(mode="json"), indent=2).encode())
-    else:
-        write_json(Path(folder) / MANIFEST, manifest.model_dump(mode="json"))
+    storage.write_bytes(storage.join(folder, MANIFEST), json_bytes(manifest.model_dump(mode="json")))
     notes = [note for _, _, note in shards if note]
     return IndexSummary(folder, len(shards), written, len(stats), notes)

@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 from vlp.core import storage
-from vlp.core.atomic import write_atomic
 from vlp.core.errors import UserError
 
 
@@ -43,10 +42,7 @@ class BuildOutput:
         return storage.read_bytes(storage.join(self.target, name))
 
     def write(self, name: str, data: bytes) -> None:
-        if self.remote:
-            storage.write_bytes(storage.join(self.target, name), data)
-        else:
-            write_atomic(self.local / name, data)
+        storage.write_bytes(storage.join(self.target, name), data)
 
     def delete(self, name: str) -> None:
         if self.remote:

@@ -46,6 +46,7 @@ from vlp.data_tools.output import BuildOutput
 from vlp.data_tools.writer import ShardWriter
 from vlp.eval.models import load_encoder
 
+from vlp.core.atomic import json_bytes
 from vlp.core.config import CurateConfig
 from vlp.core.errors import UserError
 from vlp.core.manifest import MANIFEST, Manifest
@@ -208,7 +209,7 @@ def write(shards: list[ShardRef], table: pa.Table, d: Decisions, opts: CurateCon
     output = BuildOutput(opts.output)
     output.check_writable()
     _prepare_output(output, opts.overwrite)
-    keys = table.column("key").to_pylist()
+    keys, sha256 = table.column("key").to_pylist(), table.column("sha256").to_pylist()
     shard_col = table.column("shard").to_numpy()
     starts = np.searchsorted(shard_col, np.arange(len(shards)))
     several = len({s.set for s in shards}) > 1
@@ -246,7 +247,7 @@ def write(shards: list[ShardRef], table: pa.Table, d: Decisions, opts: CurateCon
             writer.add_members(key, sample.members)
             writer.add_record({"row": row, "input": shard.url, "line": None, "key": key, "url": None,
                                "caption": sample.caption, "status": "success", "error_message": None,
-                               "detail": None, "sha256": table.column("sha256")[row].as_py(),
+                               "detail": None, "sha256": sha256[row],
                                "width": None, "height": None, "original_width": None, "original_height": None})
             if writer.samples >= opts.shard_size:
                 finish()
@@ -280,6 +281,6 @@ def curate(opts: CurateConfig, progress: bool = True) -> CurateSummary:
     }).model_dump(mode="json")
     manifest["curation"] = {"order": list(FILTER_ORDER), "clip_threshold": d.clip_threshold,
                             "embeddings": opts.embeddings, "options": opts.model_dump(mode="json")}
-    output.write(MANIFEST, json.dumps(manifest, indent=2).encode())
+    output.write(MANIFEST, json_bytes(manifest))
     output.close()
     return CurateSummary(opts.output, table.num_rows, kept, reasons, len(written), d.clip_threshold)

@@ -41,14 +41,21 @@ class EvalImages:
 BATCH = 64
 
 
-def eval_images(suite: str, encoder: Encoder) -> EvalImages:
-    """Every distinct image of every task of the suite: embedded, hashed and named."""
-    refs: dict[str, tuple[str, ImageRef]] = {}
+def suite_images(suite: str) -> list[tuple[str, ImageRef]]:
+    """(task name, image) for every task of the suite, in order; an image once per task."""
+    out = []
     for spec in load_suite(suite).tasks:
         task = TASKS[spec.type](spec, Context(cache_dir=default_cache_dir()))
         task.load()
-        for ref in task.inputs()[0]:
-            refs.setdefault(ref.key, (task.name, ref))  # an image shared by tasks counts once
+        out += [(task.name, ref) for ref in {r.key: r for r in task.inputs()[0]}.values()]
+    return out
+
+
+def eval_images(suite: str, encoder: Encoder) -> EvalImages:
+    """Every distinct image of every task of the suite: embedded, hashed and named."""
+    refs: dict[str, tuple[str, ImageRef]] = {}
+    for name, ref in suite_images(suite):
+        refs.setdefault(ref.key, (name, ref))  # an image shared by tasks counts once
     features, hashes, names, failed = [], [], [], 0
     for batch in batches(list(refs.values()), BATCH):
         loaded = [(name, ref, load_image(ref)) for name, ref in batch]

@@ -54,8 +54,7 @@ def _prepare(encoder: Encoder, sample: Sample, position: int) -> tuple[dict, tor
 def embed_shard(encoder: Encoder, shard: ShardRef, batch_size: int, pool: ThreadPoolExecutor
                 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     rows: list[dict] = []
-    image_out = np.zeros((0, encoder.dim), np.float32)
-    text_out = np.zeros((0, encoder.dim), np.float32)
+    image_out, text_out = [np.zeros((0, encoder.dim), np.float32)], [np.zeros((0, encoder.dim), np.float32)]
     for batch in batches(read_samples(shard.url), batch_size):
         prepared = list(pool.map(lambda s, i: _prepare(encoder, s, i), batch, range(len(rows), len(rows) + len(batch))))
         image = np.zeros((len(batch), encoder.dim), np.float32)
@@ -66,8 +65,9 @@ def embed_shard(encoder: Encoder, shard: ShardRef, batch_size: int, pool: Thread
         for i in ok:
             prepared[i][0]["clip_score"] = float(image[i] @ text[i])
         rows += [row for row, _ in prepared]
-        image_out, text_out = np.concatenate([image_out, image]), np.concatenate([text_out, text])
-    return image_out, text_out, rows
+        image_out.append(image)
+        text_out.append(text)
+    return np.concatenate(image_out), np.concatenate(text_out), rows
 
 
 def _absolute(path: str) -> str:

@@ -25,11 +25,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
+from vlp.data_tools.curation.decontaminate import suite_images
 from vlp.data_tools.synth import generate
 from vlp.eval.images import load_image
-from vlp.eval.suite import load_suite
-from vlp.eval.tasks import TASKS
-from vlp.eval.tasks.base import Context, default_cache_dir
 
 TRUTH = "truth.json"
 
@@ -53,12 +51,7 @@ def _near_copy(image: Image.Image, rng: np.random.Generator, path: Path, crop: t
 
 def eval_suite_images(suite: str, count: int, rng: np.random.Generator) -> list[tuple[str, Image.Image]]:
     """`count` distinct images drawn from every task of the suite: (task: where, image)."""
-    pool = []
-    for spec in load_suite(suite).tasks:
-        task = TASKS[spec.type](spec, Context(cache_dir=default_cache_dir()))
-        task.load()
-        refs, _ = task.inputs()
-        pool += [(task.name, r) for r in {r.key: r for r in refs}.values() if r.crop is None]
+    pool = [(name, ref) for name, ref in suite_images(suite) if ref.crop is None]
     picked = rng.choice(len(pool), size=min(count, len(pool)), replace=False)
     out = []
     for i in sorted(picked):

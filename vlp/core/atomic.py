@@ -58,6 +58,11 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
         fh.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
+def json_bytes(value: Any, indent: int | None = 2) -> bytes:
+    """The one JSON format vlp writes (manifests, stats, state), for files written elsewhere too."""
+    return json.dumps(value, indent=indent).encode("utf-8")
+
+
 def write_json(path: str | Path, value: Any, indent: int | None = 2) -> None:
     """`value` as JSON at `path`, all or nothing."""
-    write_atomic(path, json.dumps(value, indent=indent))
+    write_atomic(path, json_bytes(value, indent))

@@ -102,10 +102,14 @@ def read_bytes(path: str | Path) -> bytes:
         return fs.cat_file(inner)
 
 
-def write_bytes(url: str, data: bytes) -> None:
-    """One object, written with one PUT: readers see all of it or nothing."""
-    fs, inner = _fs(url)
-    with errors_in_one_line(url):
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """A whole file, all or nothing: one PUT to an object store, write-then-rename locally."""
+    path = str(path)
+    if not protocol(path):
+        write_atomic(path, data)
+        return
+    fs, inner = _fs(path)
+    with errors_in_one_line(path):
         fs.pipe_file(inner, data)
 
 

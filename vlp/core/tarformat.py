@@ -10,6 +10,7 @@ why the shard builder writes digit-only keys.
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Iterable
 
 from webdataset.tariterators import base_plus_ext
 
@@ -22,15 +23,15 @@ def split_member(name: str) -> tuple[str, str] | None:
     return None if key is None else (key, ext)
 
 
+def count_samples(members: Iterable[tarfile.TarInfo]) -> int:
+    """Samples among a tar's members: its distinct keys."""
+    return len({parts[0] for m in members if m.isfile() and (parts := split_member(m.name))})
+
+
 def count_tar_samples(path: str) -> int:
-    """Samples in a local tar: its distinct keys."""
-    keys = set()
+    """Samples in a local tar."""
     try:
         with tarfile.open(path) as tar:
-            for member in tar:
-                parts = split_member(member.name) if member.isfile() else None
-                if parts:
-                    keys.add(parts[0])
+            return count_samples(tar)
     except (tarfile.TarError, OSError, EOFError) as err:  # not a tar, truncated, unreadable
         raise UserError(f"{path}: not a readable tar shard ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    return len(keys)
