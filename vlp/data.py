@@ -283,13 +283,15 @@ def normalize(
     std: tuple[float, ...],
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
     """uint8 [B,3,H,W] from the loader -> normalised float model input, on the device.
 
     (x / 255 - mean) / std, computed in `dtype`; take mean and std from
-    `vlp.core.models.image_normalization(model)`.
+    `vlp.core.models.image_normalization(model)`. `memory_format`: channels_last
+    for a tower converted by `vlp.speedups.use_channels_last`.
     """
-    x = images.to(device, non_blocking=True).to(dtype).div_(255.0)
+    x = images.to(device, non_blocking=True).to(dtype, memory_format=memory_format).div_(255.0)
     mean_t = torch.tensor(mean, device=x.device, dtype=dtype).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=x.device, dtype=dtype).view(1, 3, 1, 1)
     return x.sub_(mean_t).div_(std_t)

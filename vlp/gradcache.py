@@ -51,11 +51,23 @@ from vlp.core.models import ModelOutput, forward, unwrap
 
 @dataclass
 class StepResult:
-    """Loss of this rank (mean over ranks = global loss) and its logged parts, as floats."""
+    """Loss of this rank (mean over ranks = global loss) and its logged parts.
 
-    loss: float
-    terms: dict[str, float] = field(default_factory=dict)
+    Held as detached tensors: reading them as floats (`loss`, `terms`) waits for the
+    device, so a trainer reads them only on the steps it logs.
+    """
+
+    loss_tensor: torch.Tensor
+    term_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     chunks: int = 1
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_tensor)
+
+    @property
+    def terms(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.term_tensors.items()}
 
 
 class RngState:
@@ -317,7 +329,7 @@ def _dot_or_zero(e: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor
 
 def _result(terms: dict[str, torch.Tensor], chunks: int) -> StepResult:
     return StepResult(
-        loss=float(terms["loss"].detach()),
-        terms={k: float(v.detach()) for k, v in terms.items() if k != "loss"},
+        loss_tensor=terms["loss"].detach(),
+        term_tensors={k: v.detach() for k, v in terms.items() if k != "loss"},
         chunks=chunks,
     )

@@ -59,6 +59,7 @@ from vlp.gradcache import GradCache
 from vlp.losses import ContrastiveLoss
 from vlp.schedule import lr_at, make_optimizer, param_groups, set_lr
 from vlp.sources import resolve_sources
+from vlp.speedups import allow_trimmed_text, compile_engine, compile_seconds, trim_tokens, use_channels_last
 
 
 @dataclass
@@ -73,6 +74,24 @@ class Position:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+class _Window:
+    """The steps since the last metrics line: their samples, bad samples replaced on this rank, time
+    and compile time (compile_s is logged apart, so the first steps' rate shows what compiling cost)."""
+
+    def __init__(self) -> None:
+        self.start, self.samples, self.replaced = time.perf_counter(), 0, 0
+        self.compiled_before = compile_seconds()
+
+    def add(self, samples: int, replaced: int) -> None:
+        self.samples += samples
+        self.replaced += replaced
+
+    def rates(self) -> dict:
+        seconds = time.perf_counter() - self.start
+        return {"samples_per_s": self.samples / seconds,
+                "compile_s": round(compile_seconds() - self.compiled_before, 3)}
 
 
 @dataclass
@@ -286,6 +305,10 @@ class Trainer:
         cfg, env = self.cfg, self.env
         deepspeed.init_distributed(dist_backend=vdist.pick_backend(), verbose=False)
         model, _, _, tokenizer = create_model(cfg.model, cfg.loss)
+        if cfg.train.trim_text:
+            allow_trimmed_text(model, cfg.model.name)
+        if cfg.train.channels_last:
+            use_channels_last(model)
         self.ds_config = deepspeed_config(cfg, env.world_size)
         self.precision = precision_of(self.ds_config)
         optimizer = None if offloads_optimizer(self.ds_config) else make_optimizer(model, cfg.optim)
@@ -299,6 +322,8 @@ class Trainer:
             model=model, optimizer=optimizer, model_parameters=params, config=self.ds_config
         )
         use_safe_loading(self.engine)  # resuming never unpickles more than tensors and plain data
+        if cfg.train.compile:
+            compile_engine(self.engine)  # compiles lazily, at the first forward of each kind
         joined = vdist.joined_hosts()  # in every log: did every node join?
         if self.is_main:
             print(f"vlp train: {joined}", file=sys.stderr)
@@ -315,7 +340,8 @@ class Trainer:
         self.loss = ContrastiveLoss.from_config(cfg.loss)
         self.gradcache = GradCache(
             self.engine, self.loss, cfg.train.micro_batch_size,
-            normalize_images=partial(normalize, mean=mean, std=std, device=self.device),
+            normalize_images=partial(normalize, mean=mean, std=std, device=self.device, memory_format=(
+                torch.channels_last if cfg.train.channels_last else torch.contiguous_format)),
         )
         self.total_steps = total_steps(cfg, env.world_size)
 
@@ -347,14 +373,21 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def _step(self, batch: Batch, pos: Position) -> tuple[dict, bool]:
+    def _step(self, batch: Batch, pos: Position):
+        """Forwards, backwards and the update; nothing is read off the device here."""
         lr = lr_at(pos.step, self.cfg.optim, self.total_steps)
         set_lr(self.engine.optimizer, lr)
-        texts = batch.texts.to(self.device)
-        result = self.gradcache.step(batch.images, texts, batch.hard_negatives, batch.hard_negative_mask)
+        texts, negatives = batch.texts, batch.hard_negatives
+        if self.cfg.train.trim_text:  # on the host tensors: finding the length costs no device sync
+            texts, negatives = trim_tokens(texts, negatives)
+        result = self.gradcache.step(batch.images, texts.to(self.device), negatives, batch.hard_negative_mask)
         self.engine.step()
-        # one small all-reduce: global loss, bad samples, and whether any rank was asked to stop
-        shared = torch.tensor([result.loss, float(batch.replaced), float(self.stop.requested)])
+        return result, lr
+
+    def _sync(self, result, lr: float, replaced: int) -> tuple[dict, bool]:
+        """Read the step's numbers off the device, in one small all-reduce across ranks: global loss,
+        bad samples replaced since the last sync, and whether any rank was asked to stop."""
+        shared = torch.tensor([result.loss, float(replaced), float(self.stop.requested)])
         if dist.is_initialized() and self.env.world_size > 1:
             dist.all_reduce(shared)
             shared[0] /= self.env.world_size
@@ -385,27 +418,33 @@ class Trainer:
         stream = self.loader.stream(pos.epoch, pos.batch + 1)
         last_saved = pos.step
         failed = True  # until the loop ends normally or by a requested stop
+        window = _Window()  # what happened since the last metrics line
         try:
             while pos.step < self.total_steps:
-                tick = time.perf_counter()
                 batch = next(stream)
-                record, stop = self._step(batch, pos)
-                keys = self._keys_digest(batch)
+                step, lr = self._step(batch, pos)
                 pos.step += 1
                 pos.epoch, pos.batch = batch.epoch, batch.index
                 pos.samples += global_batch
+                window.add(global_batch, batch.replaced)
+                bar.update(1)
+                evaluate = self._eval_due(pos)
+                checkpoint_due = pos.step % self.cfg.train.checkpoint_every == 0
+                if pos.step % self.cfg.train.log_every and not (
+                        checkpoint_due or evaluate or pos.step == self.total_steps):
+                    continue  # nothing read off the device on this step: it runs ahead of the host
+                record, stop = self._sync(step, lr, window.replaced)
                 pos.replaced += record.pop("replaced")
-                seconds = time.perf_counter() - tick
                 record = {"step": pos.step, "epoch": pos.epoch, "samples": pos.samples, **record,
-                          "samples_per_s": global_batch / seconds, "skipped_samples": pos.replaced,
-                          "peak_memory_mb": _peak_memory_mb(self.device), **keys}
+                          **window.rates(), "skipped_samples": pos.replaced,
+                          "peak_memory_mb": _peak_memory_mb(self.device), **self._keys_digest(batch)}
+                window = _Window()
                 metrics.log(record)
                 result.losses.append(record["loss"])
-                bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                 sps=f"{record['samples_per_s']:.0f}", refresh=False)
-                evaluate = self._eval_due(pos) and not stop
-                if stop or evaluate or pos.step % self.cfg.train.checkpoint_every == 0:
+                evaluate = evaluate and not stop
+                if stop or evaluate or checkpoint_due:
                     checkpoint = self.save(pos)
                     last_saved = pos.step
                     if evaluate:

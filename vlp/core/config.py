@@ -190,6 +190,16 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, gt=0, description="steps between zero-shot evals")
     eval_suite: str | None = None
     log_keys: bool = Field(False, description="write every step's sample keys to metrics.jsonl")
+    log_every: int = Field(1, gt=0, description="steps between metrics lines; the loss is read off the device "
+                           "(a host-device sync) and a stop request (signal, stop file) honoured only on these "
+                           "steps and on checkpoint steps")
+    compile: bool = Field(False, description="torch.compile the model as DeepSpeed trains it (inductor, CPU or "
+                          "GPU; both gradient-cache passes); compile time is logged as compile_s")
+    channels_last: bool = Field(False, description="image tower and images in channels-last memory format "
+                                "(faster convolutions: ResNet / ConvNeXt towers)")
+    trim_text: bool = Field(False, description="cut each batch's token ids after its longest caption (rounded up "
+                            "to 8): exact for causal text towers that pool at the end-of-text token, and the text "
+                            "tower does only the work the captions need")
     report_to: Annotated[list[Literal["tensorboard", "wandb"]], BeforeValidator(_split_commas)] = Field(
         default_factory=list, description="where metrics go besides metrics.jsonl (always written), rank 0: "
         "tensorboard, wandb (a,b; pip install 'vlp[tensorboard]' / 'vlp[wandb]')")

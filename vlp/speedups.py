@@ -1,0 +1,112 @@
+"""Faster training steps that keep the numbers (to float rounding): trimmed text, channels-last, compile.
+
+- Trimmed text (`train.trim_text`): open_clip pads every caption to the model's context
+  (77 for CLIP, 32 for vlp-tiny) and its text tower does the work for every pad. In a
+  causal text tower that pools at the end-of-text token, no position attends to a later
+  one, so the pads after a batch's longest caption change nothing the model returns: the
+  batch is cut there (rounded up to a multiple of 8, so a compiled model sees a few shapes)
+  and the text tower does only the work the captions need. open_clip's `CLIP.encode_text`
+  adds the full-length positional embedding and mask, so such models get an
+  `encode_text` that slices both to the length it is given (same modules, same weights).
+- Channels-last (`train.channels_last`): convolutions (ResNet, ConvNeXt towers) run
+  faster on NHWC tensors with oneDNN and cuDNN; the image tower's weights and its input
+  images take that layout. Under ZeRO >= 1 DeepSpeed flattens the weights into its own
+  buffers (contiguous again), so only the inputs keep it there.
+- Compile (`train.compile`): `engine.compile()` compiles the module DeepSpeed trains in
+  place (state-dict keys unchanged), so both gradient-cache passes and every rank run the
+  compiled graphs; `compile_seconds()` is what the trainer logs as compile_s.
+- The optimizer step is already one fused kernel (vlp.schedule.make_optimizer).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from open_clip.transformer import TextTransformer, text_global_pool
+
+from vlp.core.errors import UserError
+from vlp.core.models import unwrap
+
+PAD_ID = 0  # open_clip's tokenizers pad with 0
+TRIM_MULTIPLE = 8
+
+
+def _text_tower(model) -> tuple[object, torch.Tensor | None, str, bool] | None:
+    """(tower, causal mask, pooling, appends a class token) of open_clip's own text towers; None for others."""
+    m = unwrap(model)
+    text = getattr(m, "text", None)
+    if text is None:  # CLIP: the tower's parts live on the model itself
+        return m, getattr(m, "attn_mask", None), getattr(m, "text_pool_type", "argmax"), False
+    if isinstance(text, TextTransformer):  # CustomTextCLIP
+        return text, text.attn_mask, text.pool_type, text.cls_emb is not None
+    return None  # a Hugging Face text tower: bidirectional, its own padding
+
+
+def allow_trimmed_text(model, name: str) -> None:
+    """Make the model take token ids shorter than its context, or a one-line UserError if that is not exact."""
+    tower = _text_tower(model)
+    if tower is None or tower[1] is None or tower[2] not in ("argmax", "eos") or tower[3]:
+        raise UserError(f"config key 'train.trim_text': model {name!r}'s text tower is not causal with end-of-text "
+                        "pooling, so cutting its padding would change what it computes; set train.trim_text=false")
+    module = unwrap(model)
+    if getattr(module, "text", None) is None:  # TextTransformer slices its own embedding and mask
+        module.encode_text = types.MethodType(_encode_text_any_length, module)
+
+
+def _encode_text_any_length(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """open_clip's CLIP.encode_text, with the positional embedding and causal mask cut to the input's length."""
+    cast_dtype = self.transformer.get_cast_dtype()
+    n = text.shape[1]
+    x = self.token_embedding(text).to(cast_dtype) + self.positional_embedding[:n].to(cast_dtype)
+    x = self.transformer(x, attn_mask=self.attn_mask[:n, :n])
+    x = self.ln_final(x)
+    x = text_global_pool(x, text, self.text_pool_type, eos_token_id=getattr(self, "text_eos_id", None))
+    if self.text_projection is not None:
+        x = self.text_projection(x) if isinstance(self.text_projection, torch.nn.Linear) else x @ self.text_projection
+    return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+
+def trim_tokens(texts: torch.Tensor, hard_negatives: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids [B, L] (and hard negatives [B, k, L]) cut after the last column any caption uses.
+
+    Both are cut to the same length (the step encodes them together). Call it on the host tensors
+    the loader made: finding the length reads them, which on a device would be a sync.
+    """
+    used = (texts != PAD_ID).any(0)
+    if hard_negatives is not None:
+        used |= (hard_negatives != PAD_ID).flatten(0, 1).any(0)
+    nonzero = used.nonzero()
+    last = int(nonzero.max()) + 1 if len(nonzero) else 1
+    length = min(texts.shape[1], -(-last // TRIM_MULTIPLE) * TRIM_MULTIPLE)
+    return texts[:, :length], None if hard_negatives is None else hard_negatives[..., :length]
+
+
+def use_channels_last(model) -> None:
+    """The image tower's weights in NHWC layout (its inputs must be made channels-last too)."""
+    unwrap(model).visual.to(memory_format=torch.channels_last)
+
+
+def compile_engine(engine) -> None:
+    """torch.compile the engine's module in place (inductor on CPU and GPU)."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    # Each text length (trimmed batches), grad mode (the two gradient-cache passes) and tower
+    # subset is its own graph; the default limit of 8 would fall back to eager partway.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # Random ops (patch dropout's mask) drawn as eager draws them, from the global generator: the
+    # gradient cache's replay of pass 1's RNG and the equality with an eager run both rely on it.
+    torch._inductor.config.fallback_random = True
+    engine.compile()
+
+
+def compile_seconds() -> float:
+    """Seconds spent compiling so far in this process (forward and backward graphs)."""
+    try:
+        from torch._dynamo.utils import calculate_time_spent
+
+        return float(calculate_time_spent().get("total_wall_time", 0.0))
+    except Exception:  # a private API: its absence costs only the metric
+        return 0.0
