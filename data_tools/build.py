@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from tqdm import tqdm
+from vlp.data_tools.captions import CaptionError, normalise_caption
 from vlp.data_tools.images import ImageOptions
 from vlp.data_tools.output import BuildOutput, localize_inputs
 from vlp.data_tools.pipeline import RowOptions, RowResult, init_worker, process_chunk
@@ -68,6 +69,7 @@ def fingerprint(cfg: ShardsBuildConfig) -> dict:
         "url_col": cfg.url_col,
         "caption_col": cfg.caption_col,
         "keep_cols": list(cfg.keep_cols),
+        "caption_cols": list(cfg.caption_cols),
         "image": dataclasses.asdict(image_options(cfg)) | {"max_aspect_ratio": str(cfg.max_aspect_ratio)},
         "fetch": dataclasses.asdict(fetch_options(cfg)),
         "caption_max_chars": cfg.caption_max_chars,
@@ -273,11 +275,33 @@ def _record(row: Row, key: str, result: RowResult) -> dict:
     }
 
 
-def _sample_meta(record: dict, keep_cols: tuple[str, ...], extra: dict) -> dict:
+def _sample_meta(record: dict, opts: ShardsBuildConfig, extra: dict) -> dict:
     meta = {k: record[k] for k in ("key", "url", "caption", "status", "error_message", "width", "height",
                                    "original_width", "original_height", "sha256", "row")}
-    meta.update({c: extra.get(c) for c in keep_cols})
+    meta.update({c: extra.get(c) for c in opts.keep_cols})
+    if opts.caption_cols:
+        meta["captions"] = [record["caption"], *more_captions(extra, opts)]
     return meta
+
+
+def more_captions(extra: dict, opts: ShardsBuildConfig) -> list[str]:
+    """The row's further captions (--caption-cols), each a caption or a JSON list of them, cleaned like the
+    main caption; empty or unusable ones are left out (the main caption alone still makes the sample)."""
+    found = []
+    for col in opts.caption_cols:
+        value = extra.get(col)
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass  # a caption that starts with a bracket
+        for raw in value if isinstance(value, list) else [value]:
+            try:
+                found.append(normalise_caption(None if raw is None else str(raw), opts.caption_max_chars,
+                                               opts.caption_reject_chars))
+            except CaptionError:
+                continue
+    return found
 
 
 class _Writer:
@@ -292,7 +316,7 @@ class _Writer:
         shard = row.index // self.opts.shard_size
         if self.current is None or self.current.shard != shard:
             self.close()
-            self.current = ShardWriter(self.out, shard, tuple(self.opts.keep_cols))
+            self.current = ShardWriter(self.out, shard, columns_read(self.opts))
         key = f"{shard_name(shard)}{row.index % self.opts.shard_size:0{self.digits}d}"
         record = _record(row, key, result)
         if result.reason is None:
@@ -301,7 +325,7 @@ class _Writer:
                 record.update(status="duplicate", error_message="duplicate", detail=f"same image as row {first}")
             else:
                 self.seen[result.sha256] = row.index
-                meta = _sample_meta(record, tuple(self.opts.keep_cols), row.extra)
+                meta = _sample_meta(record, self.opts, row.extra)
                 self.current.add_sample(key, result.image.data, result.image.ext, result.caption, meta)
         self.current.add_record(record)
 
@@ -363,8 +387,8 @@ def build_shards(opts: ShardsBuildConfig, progress: bool = True) -> BuildSummary
         raise UserError("vlp shards build: give at least one input file or folder")
     if not opts.output:
         raise UserError("vlp shards build: --output DIR is required")
-    keep = tuple(opts.keep_cols)
-    clash = sorted(set(keep) & RESERVED_FIELDS)
+    keep = columns_read(opts)
+    clash = sorted(set(keep) & (RESERVED_FIELDS | {"captions"}))
     if clash:
         raise UserError(f"--keep-cols {','.join(clash)}: the sample json already has a field of that name "
                         f"(vlp writes {', '.join(sorted(RESERVED_FIELDS))}); rename the column in the input")
@@ -383,6 +407,11 @@ def build_shards(opts: ShardsBuildConfig, progress: bool = True) -> BuildSummary
             return _build(opts, files, output, keep, start, progress)
     finally:
         output.close()
+
+
+def columns_read(opts: ShardsBuildConfig) -> tuple[str, ...]:
+    """The input columns read besides url and caption: --keep-cols, then --caption-cols."""
+    return tuple(dict.fromkeys([*opts.keep_cols, *opts.caption_cols]))
 
 
 def _build(opts: ShardsBuildConfig, files: list[InputFile], output: BuildOutput, keep: tuple[str, ...],

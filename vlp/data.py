@@ -34,7 +34,7 @@ import math
 import random
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -42,7 +42,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
-from vlp.core.config import DataConfig
+from vlp.augment import allows_flip, allows_grayscale, augment_text, pick_caption
+from vlp.core.config import AugmentConfig, DataConfig, TextAugmentConfig
 from vlp.core.errors import UserError
 from vlp.core.images import SHARD_IMAGE_EXTS, decoding, draft, open_image, to_rgb_pixels
 from vlp.core.processes import die_with_parent
@@ -219,6 +220,13 @@ class TrainTransform:
     scale: tuple[float, float] = (0.9, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     color_jitter: float = 0.0
+    flip: float = 0.0  # probability, where the caption allows (vlp.augment.allows_flip)
+    grayscale: float = 0.0  # probability, where the caption allows (vlp.augment.allows_grayscale)
+
+    @classmethod
+    def from_config(cls, image_size: int, aug: AugmentConfig) -> TrainTransform:
+        return cls(image_size, (aug.scale_min, aug.scale_max), (aug.ratio_min, aug.ratio_max), aug.color_jitter,
+                   aug.flip, aug.grayscale)
 
     def open(self, data: bytes) -> Image.Image:
         """The sample's image, opened (header only), set to decode no larger than the crop needs."""
@@ -260,13 +268,15 @@ class TrainTransform:
         left, top = (width - w) // 2, (height - h) // 2
         return left, top, left + w, top + h
 
-    def __call__(self, data: bytes, seed: int) -> torch.Tensor:
+    def __call__(self, data: bytes, seed: int, caption: str = "") -> torch.Tensor:
         img = self.open(data)
         rng = random.Random(seed)
         size = (self.image_size, self.image_size)
         with decoding(img):
             img = to_rgb_pixels(img)
             img = img.resize(size, Image.Resampling.BICUBIC, box=self.crop_box(*img.size, rng))
+        if self.flip and allows_flip(caption) and rng.random() < self.flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.color_jitter > 0:
             from torchvision.transforms import ColorJitter
 
@@ -274,6 +284,8 @@ class TrainTransform:
                 torch.manual_seed(seed)
                 j = self.color_jitter
                 img = ColorJitter(j, j, j, min(j, 0.5) / 4)(img)
+        if self.grayscale and allows_grayscale(caption) and rng.random() < self.grayscale:
+            img = img.convert("L").convert("RGB")
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
@@ -377,6 +389,8 @@ class BatchSpec:
     tokenizer: Callable[[list[str]], torch.Tensor]
     hard_negatives: int = 0
     hard_negatives_from_step: int = 0  # earlier batches carry none (they cost text-tower compute)
+    text_augment: TextAugmentConfig = field(default_factory=TextAugmentConfig)
+    multi_caption: bool = False  # pick from the sample json's `captions` (vlp.augment.pick_caption)
 
 
 class _EpochDataset(IterableDataset):
@@ -417,8 +431,13 @@ class _EpochDataset(IterableDataset):
             reader.close()
 
     def _decode(self, sample: dict, seed: int) -> tuple[torch.Tensor, str] | None:
+        """(image, caption) as the step sees them: the epoch's caption, augmented with the caption's leave."""
         try:
-            return self.batch.transform(_image_bytes(sample), seed), _text(sample)
+            caption = _text(sample)
+            if self.batch.multi_caption:
+                caption = pick_caption(caption, _meta(sample), self.spec.seed, self.epoch, sample["__key__"])
+            image = self.batch.transform(_image_bytes(sample), seed, caption)
+            return image, augment_text(caption, self.batch.text_augment, random.Random(seed ^ 0x5EED))
         except Exception:  # a corrupt image or caption: replaced and counted by the caller
             return None
 
@@ -553,13 +572,13 @@ class ShardLoader:
         )
         if cfg.split == "exact" and len({s.weight for s in cfg.sources}) > 1:
             raise UserError("config key 'data.sources': mixing weights need data.split=resampled")
-        aug = cfg.augment
         self.batch = BatchSpec(
-            TrainTransform(image_size, (aug.scale_min, aug.scale_max), (aug.ratio_min, aug.ratio_max),
-                           aug.color_jitter),
+            TrainTransform.from_config(image_size, cfg.augment),
             tokenizer,
             cfg.hard_negatives,
             cfg.hard_negatives_from_step,
+            cfg.text_augment,
+            cfg.multi_caption,
         )
         self.steps_per_epoch = steps_per_epoch(self.spec, self.sources)
 
@@ -567,6 +586,10 @@ class ShardLoader:
         """The batches of one epoch from batch `start` (a DataLoader over the plan)."""
         dataset = _EpochDataset(self.spec, self.sources, self.batch, epoch, start)
         workers = self.cfg.workers
+        # Its own generator: a DataLoader otherwise draws its workers' base seed from torch's global
+        # RNG, so a run resumed mid-epoch would be one draw off the original in everything that
+        # uses that RNG after (patch dropout masks). Our workers seed every sample themselves.
+        generator = torch.Generator().manual_seed(hash((self.spec.seed, self.spec.rank, epoch)) & 0x7FFFFFFF)
         return DataLoader(
             dataset,
             batch_size=None,
@@ -574,6 +597,7 @@ class ShardLoader:
             prefetch_factor=4 if workers else None,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=_ignore_stop_signals,
+            generator=generator,
         )
 
     def stream(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:

@@ -60,6 +60,7 @@ from vlp.losses import ContrastiveLoss
 from vlp.schedule import lr_at, make_optimizer, param_groups, set_lr
 from vlp.sources import resolve_sources
 from vlp.speedups import allow_trimmed_text, compile_engine, compile_seconds, trim_tokens, use_channels_last
+from vlp.tokendrop import TokenDrop, truncate_tokens
 
 
 @dataclass
@@ -309,6 +310,9 @@ class Trainer:
             allow_trimmed_text(model, cfg.model.name)
         if cfg.train.channels_last:
             use_channels_last(model)
+        self.total_steps = total_steps(cfg, env.world_size)
+        self.token_drop = TokenDrop(cfg, self.total_steps)
+        self.token_drop.prepare(model)
         self.ds_config = deepspeed_config(cfg, env.world_size)
         self.precision = precision_of(self.ds_config)
         optimizer = None if offloads_optimizer(self.ds_config) else make_optimizer(model, cfg.optim)
@@ -343,7 +347,6 @@ class Trainer:
             normalize_images=partial(normalize, mean=mean, std=std, device=self.device, memory_format=(
                 torch.channels_last if cfg.train.channels_last else torch.contiguous_format)),
         )
-        self.total_steps = total_steps(cfg, env.world_size)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -378,6 +381,10 @@ class Trainer:
         lr = lr_at(pos.step, self.cfg.optim, self.total_steps)
         set_lr(self.engine.optimizer, lr)
         texts, negatives = batch.texts, batch.hard_negatives
+        text_length = self.token_drop.at(pos.step, self.engine)
+        if text_length is not None:
+            texts = truncate_tokens(texts, text_length)
+            negatives = None if negatives is None else truncate_tokens(negatives, text_length)
         if self.cfg.train.trim_text:  # on the host tensors: finding the length costs no device sync
             texts, negatives = trim_tokens(texts, negatives)
         result = self.gradcache.step(batch.images, texts.to(self.device), negatives, batch.hard_negative_mask)

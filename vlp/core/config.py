@@ -78,11 +78,16 @@ class DataSource(Section):
 
 
 class AugmentConfig(Section):
-    scale_min: float = Field(0.9, gt=0, le=1)
+    """Image augmentation in the loader, seeded per sample (vlp.data.TrainTransform)."""
+
+    scale_min: float = Field(0.9, gt=0, le=1, description="random resized crop: smallest area fraction")
     scale_max: float = Field(1.0, gt=0, le=1)
     ratio_min: float = Field(3 / 4, gt=0)
     ratio_max: float = Field(4 / 3, gt=0)
-    color_jitter: float = Field(0.0, ge=0, le=1)
+    color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation jitter (hue a quarter)")
+    flip: float = Field(0.0, ge=0, le=1, description="horizontal flip probability, for captions that name no "
+                        "side (left/right) and no written text")
+    grayscale: float = Field(0.0, ge=0, le=1, description="grayscale probability, for captions that name no colour")
 
     @model_validator(mode="after")
     def _ordered(self) -> AugmentConfig:
@@ -91,6 +96,15 @@ class AugmentConfig(Section):
         if self.ratio_min > self.ratio_max:
             raise ValueError("ratio_min must be <= ratio_max")
         return self
+
+
+class TextAugmentConfig(Section):
+    """EDA-style caption augmentation in the loader, seeded per sample (vlp.augment)."""
+
+    word_dropout: float = Field(0.0, ge=0, lt=1, description="each word dropped with this probability")
+    word_mask: float = Field(0.0, ge=0, lt=1, description="each word replaced by mask_word with this probability")
+    mask_word: str = Field("*", min_length=1)
+    word_swap: float = Field(0.0, ge=0, le=1, description="probability that two words of a caption swap places")
 
 
 class DataConfig(Section):
@@ -102,6 +116,9 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(1000, ge=0)
     workers: int = Field(2, ge=0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    text_augment: TextAugmentConfig = Field(default_factory=TextAugmentConfig)
+    multi_caption: bool = Field(False, description="pick one of the sample json's `captions` per sample per "
+                                "epoch (vlp shards build --caption-cols; LaCLIP)")
     hard_negatives: int = Field(0, ge=0, description="extra negative captions per image")
     hard_negatives_from_step: int = Field(
         0, ge=0, description="first step whose batches carry hard negatives (learn the easy facts first)"
@@ -169,6 +186,15 @@ class OptimConfig(Section):
         return self
 
 
+class TokenDropConfig(Section):
+    """A first phase with fewer tokens (FLIP's patch dropout, CLIPA's short text), then full size to the end."""
+
+    until: float = Field(0.0, ge=0, le=1, description="fraction of the steps in the first phase (0: none)")
+    patch_dropout: float = Field(0.0, ge=0, lt=1, description="image patches dropped in the first phase (ViT towers)")
+    text_length: int | None = Field(None, ge=2, description="token ids kept per caption in the first phase "
+                                    "(cut, with the end-of-text token kept)")
+
+
 class TrainConfig(Section):
     batch_size: int = Field(128, gt=0, description="contrastive batch per rank")
     micro_batch_size: int | None = Field(
@@ -197,6 +223,7 @@ class TrainConfig(Section):
                           "GPU; both gradient-cache passes); compile time is logged as compile_s")
     channels_last: bool = Field(False, description="image tower and images in channels-last memory format "
                                 "(faster convolutions: ResNet / ConvNeXt towers)")
+    token_drop: TokenDropConfig = Field(default_factory=TokenDropConfig)
     trim_text: bool = Field(False, description="cut each batch's token ids after its longest caption (rounded up "
                             "to 8): exact for causal text towers that pool at the end-of-text token, and the text "
                             "tower does only the work the captions need")
@@ -286,6 +313,9 @@ class ShardsBuildConfig(Section):
     url_col: str = Field("url", description="column holding the image path or URL")
     caption_col: str = Field("caption", description="column holding the caption")
     keep_cols: CommaList = Field(default_factory=list, description="extra columns copied into each sample's json (a,b)")
+    caption_cols: CommaList = Field(default_factory=list, description="more captions of the same image: columns "
+                                    "holding a caption or a JSON list of captions (a,b); the sample json gets "
+                                    "`captions`, the main caption first, for data.multi_caption (LaCLIP)")
     image_size: int = Field(256, gt=0, description="target side in pixels")
     resize_mode: Literal["no", "border", "keep_ratio", "center_crop"] = Field(
         "border", description="border: pad to a square; keep_ratio: shorter side; center_crop; no")
