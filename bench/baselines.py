@@ -44,7 +44,7 @@ def open_clip_python() -> Path:
     py = venv_python("openclip", OPEN_CLIP_PACKAGES)
     site = subprocess.run([str(py), "-c", "import open_clip, os; print(os.path.dirname(open_clip.__file__))"],
                           check=True, capture_output=True, text=True).stdout.strip()
-    for config in (REPO / "vlp" / "model_configs").glob("*.json"):  # its CLI has no flag for a config path
+    for config in (REPO / "vlp" / "core" / "model_configs").glob("*.json"):  # its CLI has no flag for a config path
         shutil.copy(config, Path(site) / "model_configs" / config.name)
     return py
 
@@ -109,25 +109,30 @@ def train_vlp(shards: Path, out: Path, r: Recipe, *, batch: int | None = None, m
     return TrainRun("vlp", median_after_warmup([m["samples_per_s"] for m in lines]), peak, seconds, ckpt)
 
 
-def train_open_clip(shards: Path, out: Path, r: Recipe, *, accum: int = 1, save: bool = False) -> TrainRun:
-    """open_clip_train.main with the same recipe; `accum` > 1 is its feature-caching accumulation."""
+def train_open_clip(shards: Path, out: Path, r: Recipe, *, accum: int = 1, save: bool = False, epochs: int = 1,
+                    every: int = 1, compile: bool = False) -> TrainRun:
+    """open_clip_train.main with the same recipe; `accum` > 1 is its feature-caching accumulation.
+
+    r.steps steps in all, over `epochs` epochs (when `save`, a checkpoint every `every` epochs);
+    `compile`: its --torchcompile."""
     py = open_clip_python()
     manifest = json.loads((shards / "manifest.json").read_text())
     last = len(manifest["shards"]) - 1
     shutil.rmtree(out, ignore_errors=True)
     precision = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}[r.precision]
     cmd = [str(py), "-m", "open_clip_train.main", "--train-data", f"{shards}/{{00000..{last:05d}}}.tar",
-           "--dataset-type", "webdataset", "--train-num-samples", str(r.steps * r.batch * accum),
-           "--batch-size", str(r.batch), "--accum-freq", str(accum), "--epochs", "1", "--model", r.model,
+           "--dataset-type", "webdataset", "--train-num-samples", str(r.steps * r.batch * accum // epochs),
+           "--batch-size", str(r.batch), "--accum-freq", str(accum), "--epochs", str(epochs), "--model", r.model,
            "--lr", str(r.lr), "--wd", str(r.weight_decay), "--warmup", str(r.warmup),
            "--grad-clip-norm", str(r.grad_clip), "--workers", str(r.workers), "--precision", precision,
-           "--report-to", "none", "--save-frequency", "1" if save else "0", "--log-every-n-steps", "1",
-           "--logs", str(out), "--name", "bench", "--device", "cpu", "--seed", "0"]
+           "--report-to", "none", "--save-frequency", str(every) if save else "0", "--log-every-n-steps", "1",
+           "--logs", str(out), "--name", "bench", "--device", "cpu", "--seed", "0",
+           *(["--torchcompile"] if compile else [])]
     log, peak, seconds = measured(cmd)
     rates = [float(m) for m in re.findall(r"Batch \(t\): [\d.]+, ([\d.]+)/s,", log)]
     if not rates:
         raise RuntimeError(f"no throughput lines in open_clip_train's log:\n{log[-3000:]}")
-    weights = out / "bench" / "checkpoints" / "epoch_1.pt"
+    weights = out / "bench" / "checkpoints" / f"epoch_{epochs}.pt"
     return TrainRun("open_clip_train", median_after_warmup(rates), peak, seconds, weights if save else None)
 
 

@@ -7,10 +7,12 @@ Both train the same open_clip model config from scratch on the same shards
 number of steps, data workers, AdamW settings and precision, in one process.
 Throughput is the median of the per-step samples/s each tool reports (data
 wait included), skipping the first 5 steps (start-up, allocator warm-up).
-Then the same at 4x the contrastive batch through gradient caching (vlp:
-batch 4B in chunks of B; open_clip_train: --accum-freq 4 at batch B, its own
-feature-caching accumulation). Last, a profile of where one vlp step's time
-goes.
+vlp runs three ways: as it is by default, with the step speed-ups that keep
+the numbers (train.trim_text; train.channels_last for conv towers), and with
+train.compile on top, against open_clip_train --torchcompile. Then the same at
+4x the contrastive batch through gradient caching (vlp: batch 4B in chunks of
+B; open_clip_train: --accum-freq 4 at batch B, its own feature-caching
+accumulation). Last, a profile of where one vlp step's time goes.
 
 Model FLOPs utilisation (MFU) is printed when the peak is known: on a GPU
 from its name (dense bf16/fp16 tensor-core peak), or given by --peak-tflops.
@@ -101,6 +103,15 @@ def profile_vlp_step(shards: Path, out: Path, r: Recipe) -> list[tuple[str, floa
     return [(name, seconds / (steps - 2)) for name, seconds in parts.items()]
 
 
+def speedups(model: str) -> tuple[str, ...]:
+    """The step speed-ups that keep the numbers, as overrides: channels-last only helps conv towers."""
+    from vlp.core.models import model_config
+
+    conv = "layers" in (model_config(model) or {}).get("vision_cfg", {}) and isinstance(
+        model_config(model)["vision_cfg"]["layers"], list)  # ModifiedResNet: a list of stage depths
+    return ("train.trim_text=true", *(["train.channels_last=true"] if conv else []))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40)
@@ -110,20 +121,32 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--work", default="/tmp/vlp-bench-train")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled pair (compiling takes minutes on a CPU)")
     parser.add_argument("--peak-tflops", type=float, help="the accelerator's peak, for MFU (default: from the GPU)")
     args = parser.parse_args()
     work = Path(args.work)
     shards = ensure_synthetic_shards(work)
     r = Recipe(model=args.model, batch=args.batch, steps=args.steps, workers=args.workers,
                precision=args.precision, lr=1e-3, warmup=10)
+    fast = speedups(args.model)
     rows = []
-    for label, micro, accum in [(f"batch {args.batch}", None, 1),
-                                (f"batch {4 * args.batch} via gradient caching (chunks of {args.batch})",
-                                 args.batch, 4)]:
-        oc = train_open_clip(shards, work / "open_clip", r, accum=accum)
-        ours = train_vlp(shards, work / "vlp", r, batch=args.batch * accum, micro=micro)
+    oc = train_open_clip(shards, work / "open_clip", r)
+    for label, extra in [(f"batch {args.batch}", ()), (f"batch {args.batch}, speed-ups: {' '.join(fast)}", fast)]:
+        ours = train_vlp(shards, work / "vlp", r, extra=extra)
         rows.append((label, ours.samples_per_s, oc.samples_per_s))
         print(f"  {label}: vlp {ours.samples_per_s:.1f}/s, open_clip_train {oc.samples_per_s:.1f}/s", flush=True)
+    if not args.no_compile:
+        label = f"batch {args.batch}, compiled: vlp speed-ups + train.compile vs open_clip_train --torchcompile"
+        oc_compiled = train_open_clip(shards, work / "open_clip", r, compile=True)
+        ours = train_vlp(shards, work / "vlp", r, extra=(*fast, "train.compile=true"))
+        rows.append((label, ours.samples_per_s, oc_compiled.samples_per_s))
+        print(f"  {label}: vlp {ours.samples_per_s:.1f}/s, open_clip_train {oc_compiled.samples_per_s:.1f}/s",
+              flush=True)
+    label = f"batch {4 * args.batch} via gradient caching (chunks of {args.batch}), speed-ups"
+    oc = train_open_clip(shards, work / "open_clip", r, accum=4)
+    ours = train_vlp(shards, work / "vlp", r, batch=args.batch * 4, micro=args.batch, extra=fast)
+    rows.append((label, ours.samples_per_s, oc.samples_per_s))
+    print(f"  {label}: vlp {ours.samples_per_s:.1f}/s, open_clip_train {oc.samples_per_s:.1f}/s", flush=True)
     print(f"\ntraining throughput, {args.model}, {args.precision}, {args.steps} steps, {args.workers} data workers, "
           "1 process (median samples/s after 5 steps)")
     flops = model_flops_per_pair(args.model)
