@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Folder -> import name (pyproject's package-dir).
 PACKAGES = {"vlp": "vlp", "data_tools": "vlp.data_tools", "eval": "vlp.eval"}
 TRAIN = {"vlp.data", "vlp.sources", "vlp.plan", "vlp.losses", "vlp.gradcache", "vlp.train", "vlp.checkpoint",
-         "vlp.export", "vlp.schedule", "vlp.dsconfig"}
+         "vlp.export", "vlp.schedule", "vlp.dsconfig", "vlp.speedups", "vlp.augment", "vlp.tokendrop"}
 RANK = {"core": 0, "shards": 1, "train": 1, "eval": 1, "curation": 2, "app": 3}
 
 # Third-party imports that may sit inside functions: heavy or optional ones whose import

@@ -23,6 +23,9 @@ from __future__ import annotations
 import types
 
 import torch
+import torch._dynamo
+import torch._dynamo.utils
+import torch._inductor.config
 from open_clip.transformer import TextTransformer, text_global_pool
 
 from vlp.core.errors import UserError
@@ -90,9 +93,6 @@ def use_channels_last(model) -> None:
 
 def compile_engine(engine) -> None:
     """torch.compile the engine's module in place (inductor on CPU and GPU)."""
-    import torch._dynamo
-    import torch._inductor.config
-
     # Each text length (trimmed batches), grad mode (the two gradient-cache passes) and tower
     # subset is its own graph; the default limit of 8 would fall back to eager partway.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -105,8 +105,6 @@ def compile_engine(engine) -> None:
 def compile_seconds() -> float:
     """Seconds spent compiling so far in this process (forward and backward graphs)."""
     try:
-        from torch._dynamo.utils import calculate_time_spent
-
-        return float(calculate_time_spent().get("total_wall_time", 0.0))
+        return float(torch._dynamo.utils.calculate_time_spent().get("total_wall_time", 0.0))
     except Exception:  # a private API: its absence costs only the metric
         return 0.0
