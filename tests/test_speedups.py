@@ -166,9 +166,11 @@ def _train(shards: Path, out: Path, *extra: str) -> list[dict]:
 
 def test_log_every_logs_fewer_lines_and_trim_text_keeps_the_losses(shards, tmp_path):
     """log_every=3: lines at steps 3, 4 (checkpoint), 6 and 7 (the last), with the every-step run's losses;
-    trim_text on top changes the losses only by float rounding."""
+    trim_text and channels-last (the patch embedding's conv) on top, under the real DeepSpeed engine,
+    change the losses only by float rounding."""
     every = _train(shards, tmp_path / "every")
-    sparse = _train(shards, tmp_path / "sparse", "train.log_every=3", "train.trim_text=true")
+    sparse = _train(shards, tmp_path / "sparse", "train.log_every=3", "train.trim_text=true",
+                    "train.channels_last=true")
     assert [m["step"] for m in every] == list(range(1, 8))
     assert [m["step"] for m in sparse] == [3, 4, 6, 7]
     by_step = {m["step"]: m for m in every}
@@ -177,3 +179,14 @@ def test_log_every_logs_fewer_lines_and_trim_text_keeps_the_losses(shards, tmp_p
         assert m["keys_sha1"] == by_step[m["step"]]["keys_sha1"]
         assert m["samples"] == by_step[m["step"]]["samples"]
         assert m["compile_s"] == 0
+
+
+def test_channels_last_under_zero_is_refused_before_training(shards, tmp_path):
+    from vlp.core.config import load_config
+    from vlp.train import preflight
+
+    cfg = load_config(None, [f"data.sources=[{{shards: '{shards}'}}]", "model.name=vlp-micro", "train.zero_stage=2",
+                             "train.channels_last=true", f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match="train.channels_last.*ZeRO stage 0 only"):
+        preflight(cfg)
+    assert not (tmp_path / "run").exists()

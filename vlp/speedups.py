@@ -10,8 +10,9 @@
   `encode_text` that slices both to the length it is given (same modules, same weights).
 - Channels-last (`train.channels_last`): convolutions (ResNet, ConvNeXt towers) run
   faster on NHWC tensors with oneDNN and cuDNN; the image tower's weights and its input
-  images take that layout. Under ZeRO >= 1 DeepSpeed flattens the weights into its own
-  buffers (contiguous again), so only the inputs keep it there.
+  images take that layout, after `deepspeed.initialize` (its broadcast of the weights views
+  them as dense bytes). ZeRO stage 0 only: ZeRO >= 1 points the weights into its own flat
+  buffers, and a new layout would cut them loose from the optimizer's updates.
 - Compile (`train.compile`): `engine.compile()` compiles the module DeepSpeed trains in
   place (state-dict keys unchanged), so both gradient-cache passes and every rank run the
   compiled graphs; `compile_seconds()` is what the trainer logs as compile_s.

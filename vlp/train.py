@@ -275,6 +275,9 @@ def preflight(cfg: RunConfig) -> None:
     resolve_sources(cfg.data.sources)
     check_model(cfg.model)
     check_deepspeed_config(cfg)
+    if cfg.train.channels_last and zero_stage_of(deepspeed_config(cfg, 1)) > 0:
+        # ZeRO points the weights into its flat buffers; a new layout would cut them loose from the update
+        raise UserError("config key 'train.channels_last': works with ZeRO stage 0 only (train.zero_stage=0)")
     if cfg.train.resume not in (None, "auto"):
         resolve_resume(cfg.train.resume, Path(cfg.train.output_dir) / "checkpoints")
 
@@ -308,8 +311,6 @@ class Trainer:
         model, _, _, tokenizer = create_model(cfg.model, cfg.loss)
         if cfg.train.trim_text:
             allow_trimmed_text(model, cfg.model.name)
-        if cfg.train.channels_last:
-            use_channels_last(model)
         self.total_steps = total_steps(cfg, env.world_size)
         self.token_drop = TokenDrop(cfg, self.total_steps)
         self.token_drop.prepare(model)
@@ -330,6 +331,8 @@ class Trainer:
             # Alone, DeepSpeed's gradient "all-reduce" copies every gradient into a flat buffer and back
             # (about 6% of a vlp-tiny step on a CPU) to average over one rank: the same numbers, skipped.
             self.engine.enable_backward_allreduce = False
+        if cfg.train.channels_last:  # after initialize: DeepSpeed's broadcast of the weights needs them dense
+            use_channels_last(self.engine.module)
         if cfg.train.compile:
             compile_engine(self.engine)  # compiles lazily, at the first forward of each kind
         joined = vdist.joined_hosts()  # in every log: did every node join?
