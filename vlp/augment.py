@@ -60,14 +60,20 @@ def augment_text(caption: str, cfg: TextAugmentConfig, rng: random.Random) -> st
     return " ".join(kept)
 
 
+def json_field(meta: dict, name: str):
+    """A sample json's field that a CSV column may have stored as JSON text: decoded; None if unreadable."""
+    value = meta.get(name)
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return None
+    return value
+
+
 def captions_of(meta: dict) -> list[str]:
     """The sample json's `captions` (a list, or a JSON string of one); [] if absent or unusable."""
-    found = meta.get("captions")
-    if isinstance(found, str):
-        try:
-            found = json.loads(found)
-        except ValueError:
-            return []
+    found = json_field(meta, "captions")
     return [str(c) for c in found if str(c).strip()] if isinstance(found, list) else []
 
 

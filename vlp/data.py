@@ -42,7 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
-from vlp.augment import allows_flip, allows_grayscale, augment_text, pick_caption
+from vlp.augment import allows_flip, allows_grayscale, augment_text, json_field, pick_caption
 from vlp.core.config import AugmentConfig, DataConfig, TextAugmentConfig
 from vlp.core.errors import UserError
 from vlp.core.images import SHARD_IMAGE_EXTS, decoding, draft, open_image, to_rgb_pixels
@@ -336,12 +336,7 @@ def hard_negative_captions(meta: dict, k: int, rng: random.Random) -> list[str]:
     synthetic generator writes: count / attribute_swap / relation_swap), or a
     JSON string of either. Kinds are taken in turn so a small k mixes them.
     """
-    field = meta.get("hard_negatives")
-    if isinstance(field, str):
-        try:
-            field = json.loads(field)
-        except ValueError:
-            return []
+    field = json_field(meta, "hard_negatives")
     if isinstance(field, dict):
         pools = [[str(c) for c in v] for v in field.values() if isinstance(v, list) and v]
         for pool in pools:
