@@ -307,3 +307,20 @@ def test_backend():
     x = torch.randn(3, 2, requires_grad=True)
     assert vdist.all_gather_with_grad(x) is x and vdist.all_gather_replicated(x) is x
     assert math.isclose(reduce_mean(2.5), 2.5)
+
+
+def test_deepspeed_op_builds_use_the_ninja_of_this_environment(tmp_path, monkeypatch):
+    """Two ninja versions reading one build folder each rebuild the other's ops: this environment's wins."""
+    import os
+    import sys
+
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    vdist.use_this_environments_ninja()
+    assert os.environ["PATH"] == "/usr/bin:/bin"  # no ninja installed here: PATH untouched
+    (bin_dir / "ninja").write_text("#!/bin/sh\n")
+    vdist.use_this_environments_ninja()
+    vdist.use_this_environments_ninja()
+    assert os.environ["PATH"] == f"{bin_dir}:/usr/bin:/bin"  # first, and only once

@@ -117,6 +117,7 @@ def _compile_worker(rank: int, world: int) -> None:
     import deepspeed
 
     vdist.use_cpu_accelerator_if_no_gpu()
+    vdist.use_this_environments_ninja()
     config = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True,
               "steps_per_print": 10**9}

@@ -28,6 +28,7 @@ import atexit
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,22 @@ def use_cpu_accelerator_if_no_gpu() -> None:
     """Make DeepSpeed choose its CPU accelerator when there is no GPU; call before `import deepspeed`."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def use_this_environments_ninja() -> None:
+    """Put this interpreter's bin folder first on PATH when DeepSpeed's ninja is installed there.
+
+    DeepSpeed compiles its ops (CPU Adam, the shared-memory all-reduce) on first use with
+    whichever `ninja` PATH finds. Ninja versions hash build commands differently, so a run
+    started from an activated virtualenv (its ninja) and one started as `.venv/bin/vlp` (the
+    system's ninja) each took the other's build as stale and recompiled it: about a minute of
+    both cores per op, every time the two alternated.
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    if os.path.isfile(os.path.join(bin_dir, "ninja")):
+        path = os.environ.get("PATH", "")
+        if path.split(os.pathsep)[0] != bin_dir:
+            os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> DistEnv:
