@@ -136,15 +136,18 @@ def test_a_full_disk_is_one_line_and_older_checkpoints_stay(shards, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["/tmp/evil/x", "../../x", "a/b"])
-def test_a_model_name_from_metadata_is_never_a_path(run, tmp_path, name):
+def test_a_model_name_from_metadata_is_never_a_path(run, tmp_path, name, capsys):
+    from vlp.app.cli import main
+
     weights = run / "checkpoints" / "step_00000002" / "model.safetensors"
     meta = read_metadata(weights)
     hostile = tmp_path / "hostile.safetensors"
     save_file(load_file(str(weights)), str(hostile), metadata={**meta, META_NAME: name})
     for args in (["export", str(hostile), "--out", str(tmp_path / "x" / "m.safetensors")],
                  ["eval", "--model", str(hostile), "--out", str(tmp_path / "report"), "--quiet"]):
-        proc = _vlp(*args, check=False)
-        assert proc.returncode == 2 and "is not a model name" in proc.stderr.strip().splitlines()[-1], proc.stderr
+        code = main(args)  # in this process: the check comes before any work, as the command's
+        err = capsys.readouterr().err
+        assert code == 2 and "is not a model name" in err.strip().splitlines()[-1], err
     assert not (tmp_path / "x").exists() and not (tmp_path / "report").exists()
     assert not Path("/tmp/evil").exists()
 

@@ -14,6 +14,7 @@ from ranks import reduce_mean, run_local_ranks
 
 import vlp.losses as vl
 from vlp.core import distributed as vdist
+from vlp.core.config import LossConfig
 from vlp.losses import ContrastiveLoss
 
 
@@ -58,6 +59,23 @@ def test_matches_open_clip_single_process(kind, blocks):
         torch.testing.assert_close(x.grad.reshape(y.grad.shape), y.grad, rtol=1e-5, atol=1e-6)
     if kind == "sigmoid":
         torch.testing.assert_close(bias.grad.reshape(()), bias2.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_label_smoothing_is_cross_entropys(eps, blocks):
+    img, txt, _ = feats(33)
+    a, b, s = leaves(img, txt, SCALE)
+    ours = ContrastiveLoss("softmax", label_smoothing=eps)(a, b, s)["loss"]
+    ours.backward()
+    a2, b2, s2 = leaves(img, txt, SCALE.reshape(()))
+    logits, labels = s2 * a2 @ b2.T, torch.arange(33)
+    ref = (F.cross_entropy(logits, labels, label_smoothing=eps) + F.cross_entropy(logits.T, labels,
+                                                                                  label_smoothing=eps)) / 2
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert ours.item() > ContrastiveLoss("softmax")(img, txt, SCALE)["loss"].item()  # smoothing costs on a fit
+    for x, y in ((a, a2), (b, b2), (s, s2)):
+        torch.testing.assert_close(x.grad.reshape(y.grad.shape), y.grad, rtol=1e-5, atol=1e-6)
 
 
 def _softmax_by_hand(img, txt, scale, hn=None, w=1.0, decoupled=False):
@@ -191,6 +209,11 @@ def test_invalid_combinations_are_refused():
     img, txt, _ = feats(4)
     with pytest.raises(ValueError, match="logit_bias"):
         ContrastiveLoss("sigmoid")(img, txt, SCALE)
+    for kind, decoupled in (("sigmoid", False), ("softmax", True)):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            ContrastiveLoss(kind, decoupled=decoupled, label_smoothing=0.1)
+        with pytest.raises(ValueError, match="label_smoothing"):
+            LossConfig(kind=kind, decoupled=decoupled, label_smoothing=0.1)
 
 
 # ------------------------------------------------------------------ several ranks

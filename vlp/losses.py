@@ -16,6 +16,9 @@ Kinds:
   travel around the ring, B x B logits per step), like open_clip's `SigLipLoss`.
 Opt-in terms:
 - decoupled (DCL): the positive pair is removed from the softmax denominators.
+- label_smoothing (softmax): each row's target keeps 1 - eps on its positive and spreads eps
+  evenly over the batch's columns, as `F.cross_entropy(..., label_smoothing=eps)` does
+  ("Improved Baselines for Vision-Language Pre-training": a regulariser for small data).
 - hard negatives: k extra captions per image enter the image->text softmax denominator
   (each counted `hard_negative_weight` times, i.e. logit + log w) or the sigmoid
   negatives (their pair losses weighted by w); or, with hard_negative_mode="pairwise",
@@ -86,13 +89,18 @@ def _softmax_rows(
     k: torch.Tensor,
     scale: torch.Tensor,
     decoupled: bool,
+    smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Sum over rows of -log softmax(positive) for queries q against keys k (+ hard negatives).
 
     hn_log_w [rows, k]: log of each hard negative's weight; -inf drops a padding slot.
+    smoothing eps: the target is (1 - eps) x the positive + eps x the mean over the batch's
+    columns (hard negatives get no share).
     """
     logits = scale * (q @ k.T)
     positive = logits.gather(1, pos[:, None]).squeeze(1)
+    if smoothing:
+        positive = (1 - smoothing) * positive + smoothing * logits.mean(dim=1)
     if decoupled:
         logits = logits.scatter(1, pos[:, None], float("-inf"))
     if hn is not None:
@@ -192,6 +200,7 @@ class ContrastiveLoss(nn.Module):
         sigmoid_chunked: bool = True,
         max_logit_scale: float = 100.0,
         decoupled: bool = False,
+        label_smoothing: float = 0.0,
         align_uniform: float = 0.0,
         hard_negative_weight: float = 1.0,
         hard_negative_mode: str = "denominator",
@@ -210,7 +219,10 @@ class ContrastiveLoss(nn.Module):
         self.local_loss = local_loss
         self.sigmoid_chunked = sigmoid_chunked
         self.max_logit_scale = max_logit_scale
+        if label_smoothing and (kind != "softmax" or decoupled):
+            raise ValueError("label_smoothing works with the softmax loss without decoupled (DCL)")
         self.decoupled = decoupled
+        self.label_smoothing = label_smoothing
         self.align_uniform = align_uniform
         self.hard_negative_weight = hard_negative_weight
         if hard_negative_mode not in ("denominator", "pairwise"):
@@ -229,6 +241,7 @@ class ContrastiveLoss(nn.Module):
             sigmoid_chunked=cfg.sigmoid_chunked,
             max_logit_scale=cfg.max_logit_scale,
             decoupled=cfg.decoupled,
+            label_smoothing=cfg.label_smoothing,
             align_uniform=cfg.align_uniform,
             hard_negative_weight=cfg.hard_negative_weight,
             hard_negative_mode=cfg.hard_negative_mode,
@@ -331,7 +344,7 @@ class ContrastiveLoss(nn.Module):
         n = q_img.shape[0]
 
         def rows(q, p, h, h_log_w, keys):
-            return _sum_over_row_blocks(_softmax_rows, (q, p, h, h_log_w), (keys, scale, self.decoupled))
+            return _sum_over_row_blocks(_softmax_rows, (q, p, h, h_log_w), (keys, scale, self.decoupled, self.label_smoothing))
 
         i2t = rows(q_img, pos, q_hn, hn_log_w, all_txt) / n
         t2i = rows(q_txt, pos, None, None, all_img) / n

@@ -159,6 +159,8 @@ class LossConfig(Section):
     init_logit_bias: float | None = Field(None, description="default: -10 (sigmoid only)")
     max_logit_scale: float = Field(100.0, gt=0)
     decoupled: bool = Field(False, description="drop the positive from the softmax denominator (DCL)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="softmax only: eps of each row's target spread "
+                                   "over the batch (as F.cross_entropy's label_smoothing)")
     align_uniform: float = Field(0.0, ge=0, description="weight of the alignment + uniformity term")
     hard_negative_weight: float = Field(1.0, ge=0)
     hard_negative_mode: Literal["denominator", "pairwise"] = Field(
@@ -166,6 +168,12 @@ class LossConfig(Section):
         description="denominator: extra columns of the image->text softmax; pairwise: a separate term "
         "-log(e^pos / (e^pos + sum e^neg)) per image, times hard_negative_weight (Paiss et al. 2023)",
     )
+
+    @model_validator(mode="after")
+    def _smoothing_is_softmax(self) -> LossConfig:
+        if self.label_smoothing and (self.kind != "softmax" or self.decoupled):
+            raise ValueError("label_smoothing works with kind=softmax and decoupled=false only")
+        return self
 
 
 class OptimConfig(Section):
