@@ -290,8 +290,7 @@ def _engine_grads(engine, stage: int) -> dict[str, torch.Tensor]:
 
 
 def _deepspeed_worker(rank: int, world: int) -> None:
-    vdist.use_cpu_accelerator_if_no_gpu()
-    vdist.use_this_environments_ninja()
+    vdist.prepare_for_deepspeed()
     cases = [
         (0, "softmax", 2, CHUNK),
         (0, "sigmoid", 0, CHUNK),

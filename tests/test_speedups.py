@@ -116,8 +116,7 @@ def _compile_worker(rank: int, world: int) -> None:
     """One rank: an eager and a compiled DeepSpeed engine take the same two cached steps."""
     import deepspeed
 
-    vdist.use_cpu_accelerator_if_no_gpu()
-    vdist.use_this_environments_ninja()
+    vdist.prepare_for_deepspeed()
     config = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True,
               "steps_per_print": 10**9}

@@ -294,8 +294,7 @@ class Trainer:
         self.env = vdist.init_distributed()
         if self.env.world_size == 1:
             _single_process_env()
-        vdist.use_cpu_accelerator_if_no_gpu()  # before deepspeed is imported
-        vdist.use_this_environments_ninja()  # before DeepSpeed compiles an op
+        vdist.prepare_for_deepspeed()  # before deepspeed is imported
         self.is_main = self.env.rank == 0
         self.lock = claim_run_folder(self.out) if self.is_main else None
         self.out.mkdir(parents=True, exist_ok=True)

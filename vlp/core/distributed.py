@@ -7,7 +7,8 @@ mpirun sets OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK. `detect_env` reads which
 there (in that order), so the trainer never cares how it was started.
 
 Backend: nccl when CUDA is present, gloo otherwise (that is how the tests run 2 ranks
-on CPU). DeepSpeed picks its accelerator at import time, so `use_cpu_accelerator_if_no_gpu`
+on CPU). DeepSpeed picks its accelerator at import time and compiles ops with the ninja on PATH,
+so `prepare_for_deepspeed` (accelerator + ninja)
 must run before `import deepspeed`.
 
 Gathers (all return the concatenation over ranks along dim 0):
@@ -105,6 +106,12 @@ def use_this_environments_ninja() -> None:
         path = os.environ.get("PATH", "")
         if path.split(os.pathsep)[0] != bin_dir:
             os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
+
+
+def prepare_for_deepspeed() -> None:
+    """What must hold before `import deepspeed` and its first op build: its accelerator, and the ninja."""
+    use_cpu_accelerator_if_no_gpu()
+    use_this_environments_ninja()
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> DistEnv:
