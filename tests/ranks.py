@@ -34,9 +34,12 @@ def run_local_ranks(fn, world_size: int, *args) -> None:
     """Run fn(rank, world_size, *args) in `world_size` fresh processes joined by a gloo group.
 
     For tests and single-node CPU experiments: fn must be importable (module level). An
-    exception in any rank is re-raised here with its traceback.
+    exception in any rank is re-raised here with its traceback. The ranks are forked, not
+    spawned: each starts with this process's imports instead of paying them again (seconds
+    per rank on 2 cores), and runs one thread, as a DataLoader worker does after a fork.
     """
-    mp.spawn(_local_rank_main, args=(world_size, find_free_port(), fn, args), nprocs=world_size, join=True)
+    mp.start_processes(_local_rank_main, args=(world_size, find_free_port(), fn, args), nprocs=world_size,
+                       join=True, start_method="fork")
 
 
 def reduce_mean(value: float | torch.Tensor) -> float:

@@ -229,35 +229,23 @@ def test_embed_over_two_torchrun_ranks_writes_the_single_process_files(sets, emb
 
 
 @pytest.mark.slow
-def test_planted_defects_are_found_with_few_good_pairs_lost(tmp_path):
-    """The issue's evidence, small: a short-trained model, 300 synthetic pairs with 20% captions swapped,
-    20 near-duplicates (1-4% crop + JPEG) and 10 eval-suite images planted; bench/curation.py runs it big."""
-    import subprocess
-    import sys
-
+def test_planted_defects_are_found_with_few_good_pairs_lost(short_demo, tmp_path):
+    """The issue's evidence, small: a short-trained model (the shortened demo's, tests/conftest.py), 300 synthetic
+    pairs with 20% captions swapped, 20 near-duplicates (1-4% crop + JPEG) and 10 eval-suite images planted;
+    bench/curation.py runs it big."""
+    from short_demo import run_vlp
     from vlp.data_tools.curation.planted import plant, score
 
-    def run(*argv: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "vlp", *argv], capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout
-
-    clean = generate(tmp_path / "clean", n=2000, seed=5, image_size=64, progress=False)
-    run("shards", "build", str(clean), "--output", str(tmp_path / "clean-shards"), "--image-size", "64",
-        "--resize-mode", "no", "--quiet")
-    run("train", "--config", "demo", f"data.sources=[{{shards: '{tmp_path / 'clean-shards'}'}}]",
-        f"train.output_dir={tmp_path / 'run'}", "train.samples=15360", "optim.warmup_steps=20",
-        "data.shuffle_buffer=1000")
     pairs = plant(tmp_path / "pairs", 300, seed=1, image_size=64, mismatched=0.2, near_duplicates=20,
                   eval_images=10)
-    run("shards", "build", str(pairs), "--output", str(tmp_path / "shards"), "--image-size", "64", "--resize-mode",
-        "no", "--quiet")
-    run("shards", "embed", str(tmp_path / "shards"), "--out", str(tmp_path / "emb"), "--model", str(tmp_path / "run"),
-        "--quiet")
-    printed = run("shards", "curate", str(tmp_path / "shards"), "--output", str(tmp_path / "curated"),
-                  "--embeddings", str(tmp_path / "emb"), "--decontaminate-suite", "default",
-                  "--decontaminate-hash-distance", "2", "--semdedup-threshold", "0.9", "--semdedup-hash-distance",
-                  "10", "--clip-score-top", "0.8", "--quiet")
+    run_vlp(["shards", "build", str(pairs), "--output", str(tmp_path / "shards"), "--image-size", "64",
+             "--resize-mode", "no", "--quiet"])
+    run_vlp(["shards", "embed", str(tmp_path / "shards"), "--out", str(tmp_path / "emb"), "--model",
+             str(short_demo.run), "--quiet"])
+    printed = run_vlp(["shards", "curate", str(tmp_path / "shards"), "--output", str(tmp_path / "curated"),
+                       "--embeddings", str(tmp_path / "emb"), "--decontaminate-suite", "default",
+                       "--decontaminate-hash-distance", "2", "--semdedup-threshold", "0.9", "--semdedup-hash-distance",
+                       "10", "--clip-score-top", "0.8", "--quiet"])
     found = score(tmp_path / "pairs", tmp_path / "shards", tmp_path / "curated")
     print(printed, found)
     assert found["mismatched_removed"] >= 0.9 and found["good_removed"] <= 0.05

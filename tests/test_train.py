@@ -235,9 +235,13 @@ def test_export_loads_in_stock_open_clip_as_file_and_folder(shards, tmp_path):
 
     out = tmp_path / "run"
     _run([sys.executable, "-m", "vlp", "train", *_overrides(shards, out, "train.steps=3")])
+    from vlp.app.cli import main as vlp_main  # export is light: in this process
+
     exported = tmp_path / "export" / "model.safetensors"
-    _run([sys.executable, "-m", "vlp", "export", str(out), "--out", str(exported)])
-    # stock open_clip, with our config registered from the json written next to the export
+    assert vlp_main(["export", str(out), "--out", str(exported)]) == 0
+    # stock open_clip, with our config registered from the json written next to the export (this process may
+    # know vlp-micro already: the subprocess below loads the export where vlp cannot be imported)
+    assert json.loads((exported.parent / "vlp-micro.json").read_text())["embed_dim"] > 0
     open_clip.add_model_config(exported.parent / "vlp-micro.json")
     model, _, preprocess = open_clip.create_model_and_transforms("vlp-micro", pretrained=str(exported))
     model.eval()
@@ -262,7 +266,7 @@ def test_export_loads_in_stock_open_clip_as_file_and_folder(shards, tmp_path):
     # --format open_clip-dir: plain open_clip, in a process where vlp cannot be imported, by path and
     # through its Hub loader (the folder placed in a Hugging Face cache, offline)
     folder = tmp_path / "open_clip_dir"
-    _run([sys.executable, "-m", "vlp", "export", str(out), "--format", "open_clip-dir", "--out", str(folder)])
+    assert vlp_main(["export", str(out), "--format", "open_clip-dir", "--out", str(folder)]) == 0
     assert {"open_clip_config.json", "open_clip_model.safetensors", "README.md"} <= {p.name for p in folder.iterdir()}
     snapshot = tmp_path / "hub" / "models--someone--vlp-micro" / "snapshots" / ("0" * 40)
     shutil.copytree(folder, snapshot)
@@ -270,23 +274,25 @@ def test_export_loads_in_stock_open_clip_as_file_and_folder(shards, tmp_path):
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     torch.save({"images": images, "texts": ["a red circle", "two blue squares", "a star", "three green triangles"]},
                tmp_path / "inputs.pt")
-    for name in (f"local-dir:{folder}", "hf-hub:someone/vlp-micro"):
-        script = (
-            "import sys; sys.modules['vlp'] = None\n"  # an import of vlp would fail
-            "import open_clip, torch\n"
-            f"model, _, _ = open_clip.create_model_and_transforms({name!r})\n"
-            f"tok = open_clip.get_tokenizer({name!r})\n"
-            f"x = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
-            "model.eval()\n"
-            "with torch.no_grad():\n"
-            "    out = (model.encode_image(x['images']), model.encode_text(tok(x['texts'])))\n"
-            f"torch.save(out, {str(tmp_path / 'embedded.pt')!r})\n"
-        )
-        env = dict(_env(), HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        c_img, c_txt = torch.load(tmp_path / "embedded.pt")
+    names = (f"local-dir:{folder}", "hf-hub:someone/vlp-micro")
+    script = (  # one interpreter for both loaders
+        "import sys; sys.modules['vlp'] = None\n"  # an import of vlp would fail
+        "import open_clip, torch\n"
+        f"x = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        f"for i, name in enumerate({names!r}):\n"
+        "    model, _, _ = open_clip.create_model_and_transforms(name)\n"
+        "    tok = open_clip.get_tokenizer(name)\n"
+        "    model.eval()\n"
+        "    with torch.no_grad():\n"
+        "        out = (model.encode_image(x['images']), model.encode_text(tok(x['texts'])))\n"
+        f"    torch.save(out, {str(tmp_path)!r} + f'/embedded{{i}}.pt')\n"
+    )
+    env = dict(_env(), HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for i, name in enumerate(names):
+        c_img, c_txt = torch.load(tmp_path / f"embedded{i}.pt")
         assert torch.allclose(c_img, b_img, atol=1e-6) and torch.allclose(c_txt, b_txt, atol=1e-6), name
 
 
