@@ -116,6 +116,21 @@ def test_resume_from_batch_k_continues_exactly(shards, workers):
         assert torch.equal(got.images, want.images)
 
 
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_one_stream_over_epochs_gives_each_epochs_batches(shards, workers):
+    """stream() keeps one DataLoader across epochs; its batches are each epoch's own, in order, also from a
+    resume point, although 13 batches an epoch move every worker's turn at each epoch's end."""
+    loader = _loader(str(shards), workers=workers)
+    steps = loader.steps_per_epoch
+    assert steps % 2 == 1 and steps % 3 == 1
+    for epoch, start in [(0, 0), (0, 5), (1, 12)]:
+        want = [b for e in range(epoch, epoch + 3) for b in loader.epoch(e, start if e == epoch else 0)]
+        got = _take(loader.stream(epoch, start), len(want))
+        assert [(b.epoch, b.index) for b in got] == [(b.epoch, b.index) for b in want]
+        assert [b.keys for b in got] == [b.keys for b in want]
+        assert all(torch.equal(g.images, w.images) for g, w in zip(got, want, strict=True))
+
+
 def test_uneven_shards_give_every_rank_the_same_batches(shards):
     ranks = [_loader(str(shards), batch=8, rank=r, world=2, workers=2) for r in range(2)]
     epochs = [list(r.epoch(0)) for r in ranks]
