@@ -35,6 +35,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -152,13 +153,16 @@ def prepare(work: Path) -> tuple[Path, Path, dict]:
 def train_vlp_recipe(shards: Path, out: Path, steps: int, every: int, r: Recipe, preset: str,
                      extra: list[str]) -> float:
     """configs/<preset>.yaml on the shards; returns the command's start time (epoch seconds)."""
+    shutil.rmtree(out, ignore_errors=True)  # this bench's own run folder: vlp refuses to train into a used one
     start = time.time()
-    subprocess.run([sys.executable, "-m", "vlp", "train", "--config", str(REPO / "configs" / f"{preset}.yaml"),
-                    f"data.sources=[{{shards: '{shards}'}}]", f"data.workers={r.workers}", f"model.name={r.model}",
-                    f"train.batch_size={r.batch}", f"train.steps={steps}", f"optim.lr={r.lr}",
-                    f"optim.warmup_steps={r.warmup}", f"optim.weight_decay={r.weight_decay}",
-                    f"train.checkpoint_every={every}", "train.keep_last=1000", f"train.output_dir={out}", *extra],
-                   check=True, capture_output=True)
+    cmd = [sys.executable, "-m", "vlp", "train", "--config", str(REPO / "configs" / f"{preset}.yaml"),
+           f"data.sources=[{{shards: '{shards}'}}]", f"data.workers={r.workers}", f"model.name={r.model}",
+           f"train.batch_size={r.batch}", f"train.steps={steps}", f"optim.lr={r.lr}",
+           f"optim.warmup_steps={r.warmup}", f"optim.weight_decay={r.weight_decay}",
+           f"train.checkpoint_every={every}", "train.keep_last=1000", f"train.output_dir={out}", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"vlp train failed:\n{done.stderr[-3000:]}")
     return start
 
 
