@@ -160,7 +160,7 @@ def test_presets_load_with_the_recipe_on(preset):
     assert cfg.train.trim_text and cfg.train.log_every > 1
     siglip = preset.endswith("siglip")
     assert cfg.loss.kind == ("sigmoid" if siglip else "softmax")
-    assert cfg.loss.label_smoothing == (0.0 if siglip else 0.1)
+    assert cfg.loss.label_smoothing == (0.0 if siglip else 0.2)
 
 
 # Every augmentation and schedule of the recipe on at once (the preset keeps only what measured better on
