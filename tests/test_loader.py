@@ -117,6 +117,7 @@ def test_resume_from_batch_k_continues_exactly(shards, workers):
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on 2 cores, on purpose
 def test_one_stream_over_epochs_gives_each_epochs_batches(shards, workers):
     """stream() keeps one DataLoader across epochs; its batches are each epoch's own, in order, also from a
     resume point, although 13 batches an epoch move every worker's turn at each epoch's end."""
