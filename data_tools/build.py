@@ -224,7 +224,12 @@ class _Workers:
     def _submit(self, chunk: list[Row], crashes: int) -> tuple[list[Row], Future | list[RowResult], int]:
         if crashes >= 2:
             return chunk, _crash_results(chunk, self.opts), crashes
-        return chunk, self.pool.submit(process_chunk, chunk), crashes
+        try:
+            return chunk, self.pool.submit(process_chunk, chunk), crashes
+        except BrokenProcessPool as broken:  # a worker died since the last result was read
+            lost: Future = Future()  # fails like the chunks in flight, so `map` restarts the pool and resubmits
+            lost.set_exception(broken)
+            return chunk, lost, crashes
 
     def map(self, chunks: Iterator[list[Row]]) -> Iterator[tuple[list[Row], list[RowResult]]]:
         if self.n == 0:  # in-process: for debugging and tiny inputs

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 from PIL import Image
-from vlp.data_tools.build import build_shards
+from vlp.data_tools.build import build_shards, completed_shards
 
 from vlp.core.config import ShardsBuildConfig
 
@@ -95,3 +95,9 @@ def reasons_by_url(out: Path) -> dict[str, str]:
 def tree_bytes(out: Path) -> dict[str, bytes]:
     """All files of a build (not the resume state), for byte-for-byte comparisons."""
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != ".build.json"}
+
+
+def finished_shards(out: Path) -> int:
+    """Shards the builder itself counts as complete (a killed build can leave a `.vlp-tmp-` stats file,
+    which a glob for `*_stats.json` would count)."""
+    return completed_shards({p.name for p in out.iterdir()}) if out.is_dir() else 0

@@ -31,7 +31,7 @@ import psutil
 import pytest
 import ray_cluster
 from http_server import _handler, closed_port
-from shard_helpers import build, noise_image, save, tree_bytes
+from shard_helpers import build, finished_shards, noise_image, save, tree_bytes
 from vlp.data_tools.synth import generate
 
 from vlp.core.errors import UserError
@@ -189,11 +189,11 @@ def test_a_killed_ray_build_resumes_to_the_same_output(cluster, data, slow):
     proc = subprocess.Popen(_command(csv_rel, "resumed", SLOW_SHARD, *_ray(cluster)), cwd=data, env=cluster.env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_for(lambda: len(list(out.glob("*_stats.json"))) >= 2)
+        _wait_for(lambda: finished_shards(out) >= 2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver, no cleanup
         proc.wait()
-    done_before = len(list(out.glob("*_stats.json")))
+    done_before = finished_shards(out)
     assert done_before < SLOW_ROWS // SLOW_SHARD and not (out / "manifest.json").exists()
     stdout = _build(data, csv_rel, "resumed", SLOW_SHARD, *_ray(cluster), env=cluster.env)
     assert f"{done_before} resumed" in stdout

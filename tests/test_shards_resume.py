@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from http_server import serve
-from shard_helpers import build, noise_image, save, tree_bytes, write_csv
+from shard_helpers import build, finished_shards, noise_image, options, save, tree_bytes, write_csv
 from vlp.data_tools.verify import verify_shards
 
 pytestmark = pytest.mark.slow
@@ -56,10 +56,10 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_build(slow_input):
     csv_path, root = slow_input
     out = root / "out"
     proc = _start(csv_path, out)
-    _wait_for(lambda: len(list(out.glob("*_stats.json"))) >= 3)
+    _wait_for(lambda: finished_shards(out) >= 3)
     os.killpg(proc.pid, signal.SIGKILL)  # the builder and its workers, no cleanup
     proc.wait()
-    done_before = len(list(out.glob("*_stats.json")))
+    done_before = finished_shards(out)
     assert done_before < ROWS // SHARD and not (out / "manifest.json").exists()
 
     rerun = _start(csv_path, out)
@@ -97,6 +97,25 @@ def test_a_killed_worker_does_not_lose_rows(slow_input):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr.decode()
     assert tree_bytes(out) == _reference(csv_path, root / "reference")
+
+
+def test_a_worker_dead_before_the_next_submit_loses_no_chunk():
+    """The pool can break between two results; the next submit then fails at once. Its chunk is
+    resubmitted with the ones in flight instead of taking the build down."""
+    from vlp.data_tools.build import _Workers, row_options
+    from vlp.data_tools.readers import Row
+
+    rows = [Row(index=i, source="x.csv", line=i + 1, ref=None, base_dir=".", caption=None, error="no_image")
+            for i in range(12)]
+    workers = _Workers(1, row_options(options()))
+    results = workers.map(iter([rows[i:i + 2] for i in range(0, 12, 2)]))
+    got = [next(results)]
+    os.kill(next(iter(workers.pool._processes)), signal.SIGKILL)
+    _wait_for(lambda: workers.pool._broken)  # the pool knows; no chunk has been submitted since
+    got += list(results)
+    assert [[r.index for r in chunk] for chunk, _ in got] == [[i, i + 1] for i in range(0, 12, 2)]
+    assert [[(r.index, r.reason) for r in res] for _, res in got] == [[(i, "no_image"), (i + 1, "no_image")]
+                                                                      for i in range(0, 12, 2)]
 
 
 def test_workers_die_with_a_killed_build(tmp_path):
