@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -130,6 +132,27 @@ def test_one_stream_over_epochs_gives_each_epochs_batches(shards, workers):
         assert [(b.epoch, b.index) for b in got] == [(b.epoch, b.index) for b in want]
         assert [b.keys for b in got] == [b.keys for b in want]
         assert all(torch.equal(g.images, w.images) for g, w in zip(got, want, strict=True))
+
+
+def test_a_process_that_dies_with_a_stream_open_exits(shards):
+    """A crash leaves the stream (and its worker processes) referenced by the traceback until exit. The
+    workers ignore SIGTERM (the trainer stops them), which multiprocessing's exit hook sends before
+    joining them: without vlp's own exit hook the process hung there, forever."""
+    script = (
+        "import sys\n"
+        "from open_clip.tokenizer import SimpleTokenizer\n"
+        "from vlp.core.config import DataConfig, DataSource\n"
+        "from vlp.data import ShardLoader\n"
+        f"cfg = DataConfig(sources=[DataSource(shards={str(shards)!r})], workers=2, shuffle_buffer=32)\n"
+        "loader = ShardLoader(cfg, batch_size=16, image_size=24, tokenizer=SimpleTokenizer(context_length=32),\n"
+        "                     rank=0, world_size=1, seed=1)\n"
+        "stream = loader.stream()\n"
+        "next(stream)\n"
+        "raise RuntimeError('a crash mid-run')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "RuntimeError: a crash mid-run" in done.stderr
 
 
 def test_uneven_shards_give_every_rank_the_same_batches(shards):

@@ -28,11 +28,13 @@ tokenises the captions and assembles batches inside the loader workers.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import math
 import random
 import signal
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -564,6 +566,31 @@ def _ignore_stop_signals(worker_id: int) -> None:
     die_with_parent()  # ignoring SIGTERM must not make an orphan: a killed trainer takes its workers along
 
 
+class _Loader(DataLoader):
+    """A DataLoader whose worker processes are stopped at exit, even from an iterator left open.
+
+    The workers ignore SIGTERM (above), and multiprocessing's exit hook stops daemonic children
+    with SIGTERM, then joins them: a process exiting with an open iterator (a crashed run, whose
+    traceback keeps the stream alive) would wait for them forever. This module's exit hook, which
+    runs first (registered after multiprocessing's), shuts them down as the iterator's own close does.
+    """
+
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        if self.num_workers:
+            _OPEN_ITERATORS.add(iterator)
+        return iterator
+
+
+_OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_open_loaders() -> None:
+    for iterator in list(_OPEN_ITERATORS):
+        iterator._shutdown_workers()
+
+
 class ShardLoader:
     """Batches for one rank, epoch after epoch, resumable at any batch.
 
@@ -622,7 +649,7 @@ class ShardLoader:
         # RNG, so a run resumed mid-epoch would be one draw off the original in everything that
         # uses that RNG after (patch dropout masks). Our workers seed every sample themselves.
         generator = torch.Generator().manual_seed(hash((self.spec.seed, self.spec.rank, epoch)) & 0x7FFFFFFF)
-        return DataLoader(
+        return _Loader(
             dataset,
             batch_size=None,
             num_workers=workers,
