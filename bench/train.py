@@ -8,7 +8,7 @@ number of steps, data workers, AdamW settings and precision, in one process.
 Throughput is the median of the per-step samples/s each tool reports (data
 wait included), skipping the first 5 steps (start-up, allocator warm-up).
 vlp runs three ways: as it is by default, with the step speed-ups that keep
-the numbers (train.trim_text; train.channels_last for conv towers), and with
+the numbers (train.trim_text, train.direct_attention; train.channels_last for conv towers), and with
 train.compile on top, against open_clip_train --torchcompile. Then the same at
 4x the contrastive batch through gradient caching (vlp: batch 4B in chunks of
 B; open_clip_train: --accum-freq 4 at batch B, its own feature-caching
@@ -109,7 +109,7 @@ def speedups(model: str) -> tuple[str, ...]:
 
     conv = "layers" in (model_config(model) or {}).get("vision_cfg", {}) and isinstance(
         model_config(model)["vision_cfg"]["layers"], list)  # ModifiedResNet: a list of stage depths
-    return ("train.trim_text=true", *(["train.channels_last=true"] if conv else []))
+    return ("train.trim_text=true", "train.direct_attention=true", *(["train.channels_last=true"] if conv else []))
 
 
 def main() -> None:

@@ -28,7 +28,14 @@ from vlp.core.models import create_model, image_normalization
 from vlp.data import normalize
 from vlp.gradcache import GradCache
 from vlp.losses import ContrastiveLoss
-from vlp.speedups import TRIM_MULTIPLE, allow_trimmed_text, compile_engine, trim_tokens, use_channels_last
+from vlp.speedups import (
+    TRIM_MULTIPLE,
+    allow_trimmed_text,
+    compile_engine,
+    trim_tokens,
+    use_channels_last,
+    use_direct_attention,
+)
 
 CAPTIONS = ["a red circle", "two blue squares above a triangle", "one yellow star", "three purple circles",
             "a cat", "green", "a square below a circle", "four stars"]  # at most 6 words: 8 tokens
@@ -100,6 +107,29 @@ def test_trimmed_text_refused_where_it_would_change_the_model():
         allow_trimmed_text(model, "vlp-micro")
 
 
+@pytest.mark.parametrize(("name", "trim"), [("vlp-micro", False), ("vlp-tiny", False), ("vlp-tiny", True),
+                                          ("vlp-tiny-rn", True)])
+def test_direct_attention_gives_the_same_step(name, trim):
+    """SDPA on views of the packed projection (is_causal for the text tower): same loss and gradients."""
+    model, tokenizer = _model(name, patch_dropout=0.0 if name.endswith("-rn") else 0.5)
+    reference = copy.deepcopy(model)
+    size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
+    images, texts, negatives = _batch(tokenizer, size)
+    if trim:  # the causal mask then comes cut to the trimmed length
+        allow_trimmed_text(reference, name)
+        allow_trimmed_text(model, name)
+        texts, negatives = trim_tokens(texts, negatives)
+    want_loss, want = _step(reference, images, texts, negatives)
+    blocks = use_direct_attention(model)
+    text_blocks = len(model.transformer.resblocks)
+    vision_blocks = 0 if name.endswith("-rn") else len(model.visual.transformer.resblocks)
+    assert blocks == text_blocks + vision_blocks
+    assert sum(m.causal_mask for m in model.modules() if hasattr(m, "causal_mask")) == text_blocks
+    loss, got = _step(model, images, texts, negatives)
+    assert loss == pytest.approx(want_loss, rel=1e-6)
+    assert rel_diff(got, want) <= 1e-5
+
+
 def test_channels_last_gives_the_same_step():
     model, tokenizer = _model("vlp-tiny-rn")
     reference = copy.deepcopy(model)
@@ -166,11 +196,11 @@ def _train(shards: Path, out: Path, *extra: str) -> list[dict]:
 
 def test_log_every_logs_fewer_lines_and_trim_text_keeps_the_losses(shards, tmp_path):
     """log_every=3: lines at steps 3, 4 (checkpoint), 6 and 7 (the last), with the every-step run's losses;
-    trim_text and channels-last (the patch embedding's conv) on top, under the real DeepSpeed engine,
-    change the losses only by float rounding."""
+    trim_text, direct attention and channels-last (the patch embedding's conv) on top, under the real
+    DeepSpeed engine, change the losses only by float rounding."""
     every = _train(shards, tmp_path / "every")
     sparse = _train(shards, tmp_path / "sparse", "train.log_every=3", "train.trim_text=true",
-                    "train.channels_last=true")
+                    "train.direct_attention=true", "train.channels_last=true")
     assert [m["step"] for m in every] == list(range(1, 8))
     assert [m["step"] for m in sparse] == [3, 4, 6, 7]
     by_step = {m["step"]: m for m in every}

@@ -59,7 +59,14 @@ from vlp.gradcache import GradCache
 from vlp.losses import ContrastiveLoss
 from vlp.schedule import lr_at, make_optimizer, param_groups, set_lr
 from vlp.sources import resolve_sources
-from vlp.speedups import allow_trimmed_text, compile_engine, compile_seconds, trim_tokens, use_channels_last
+from vlp.speedups import (
+    allow_trimmed_text,
+    compile_engine,
+    compile_seconds,
+    trim_tokens,
+    use_channels_last,
+    use_direct_attention,
+)
 from vlp.tokendrop import TokenDrop, truncate_tokens
 
 
@@ -311,6 +318,8 @@ class Trainer:
         model, _, _, tokenizer = create_model(cfg.model, cfg.loss)
         if cfg.train.trim_text:
             allow_trimmed_text(model, cfg.model.name)
+        if cfg.train.direct_attention:
+            use_direct_attention(model)
         self.total_steps = total_steps(cfg, env.world_size)
         self.token_drop = TokenDrop(cfg, self.total_steps)
         self.token_drop.prepare(model)

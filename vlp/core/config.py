@@ -229,6 +229,9 @@ class TrainConfig(Section):
                            "steps and on checkpoint steps")
     compile: bool = Field(False, description="torch.compile the model as DeepSpeed trains it (inductor, CPU or "
                           "GPU; both gradient-cache passes); compile time is logged as compile_s")
+    direct_attention: bool = Field(False, description="open_clip's attention blocks call "
+                                   "scaled_dot_product_attention on batch-first views of their q/k/v (same weights; "
+                                   "nn.MultiheadAttention's layout copies skipped; is_causal for causal text towers)")
     channels_last: bool = Field(False, description="image tower and images in channels-last memory format "
                                 "(faster convolutions: ResNet / ConvNeXt towers)")
     token_drop: TokenDropConfig = Field(default_factory=TokenDropConfig)
