@@ -157,7 +157,7 @@ def test_token_drop_is_a_schedule_of_the_step():
 def test_presets_load_with_the_recipe_on(preset):
     cfg = load_config(REPO / "configs" / f"{preset}.yaml")
     assert isinstance(cfg, RunConfig)
-    assert cfg.train.trim_text and cfg.train.log_every > 1
+    assert cfg.train.trim_text and cfg.train.direct_attention and cfg.train.log_every > 1
     siglip = preset.endswith("siglip")
     assert cfg.loss.kind == ("sigmoid" if siglip else "softmax")
     assert cfg.loss.label_smoothing == (0.0 if siglip else 0.2)
