@@ -10,8 +10,8 @@
   `encode_text` that slices both to the length it is given (same modules, same weights).
 - Direct attention (`train.direct_attention`): open_clip's blocks run self-attention through
   nn.MultiheadAttention, which takes sequence-first tensors: each block transposes its
-  batch-first input, copies q/k/v into a head layout and the output back (~12% of a
-  vlp-tiny step on a CPU, measured). The blocks here call scaled_dot_product_attention on
+  batch-first input, copies q/k/v into a head layout and the output back (10-12% of a
+  vlp-tiny forward+backward on a CPU, measured). The blocks here call scaled_dot_product_attention on
   views of the packed q/k/v projection instead, with the same weights, and tell it that a
   causal text tower's mask is causal (`is_causal`, which lets a GPU pick its flash kernel,
   as an explicit mask does not).
