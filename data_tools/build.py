@@ -209,7 +209,8 @@ class _Workers:
     lost with the pool: the pool is restarted and those chunks resubmitted. A
     chunk that is in flight at a second crash is processed row by row, each in
     a fresh process, so only a row that really kills its process fails
-    (reason worker_crashed).
+    (reason worker_crashed). A chunk whose submit finds the pool already broken
+    counts as in flight at that crash.
     """
 
     def __init__(self, n: int, opts: RowOptions):

@@ -63,6 +63,11 @@ def _step(model, images, texts, negatives, memory_format=torch.contiguous_format
     return gc.step(images, texts, negatives).loss, grads_of(model)
 
 
+def _image_size(model) -> int:
+    size = model.visual.image_size
+    return size if isinstance(size, int) else size[0]
+
+
 def rel_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
     """Largest per-tensor max|got - want| / max|want|; a tensor whose gradient is zero in exact arithmetic
     (attention-pooling key bias: softmax ignores a shift shared by all keys) is measured against 1e-3 of
@@ -89,8 +94,7 @@ def test_trimmed_text_gives_the_same_step(name):
     """Cutting the padding of a causal, end-of-text-pooled tower: same loss and gradients, hard negatives too."""
     model, tokenizer = _model(name, patch_dropout=0.5)
     reference = copy.deepcopy(model)
-    size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
-    images, texts, negatives = _batch(tokenizer, size)
+    images, texts, negatives = _batch(tokenizer, _image_size(model))
     want_loss, want = _step(reference, images, texts, negatives)
     allow_trimmed_text(model, name)
     cut, cut_negatives = trim_tokens(texts, negatives)
@@ -113,8 +117,7 @@ def test_direct_attention_gives_the_same_step(name, trim):
     """SDPA on views of the packed projection (is_causal for the text tower): same loss and gradients."""
     model, tokenizer = _model(name, patch_dropout=0.0 if name.endswith("-rn") else 0.5)
     reference = copy.deepcopy(model)
-    size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
-    images, texts, negatives = _batch(tokenizer, size)
+    images, texts, negatives = _batch(tokenizer, _image_size(model))
     if trim:  # the causal mask then comes cut to the trimmed length
         allow_trimmed_text(reference, name)
         allow_trimmed_text(model, name)
