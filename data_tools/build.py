@@ -51,7 +51,6 @@ from vlp.core.atomic import TMP_PREFIX, json_bytes
 from vlp.core.config import ShardsBuildConfig
 from vlp.core.errors import UserError
 from vlp.core.fetch import FetchOptions
-from vlp.core.ownership import FolderLock, claim
 from vlp.core.processes import die_with_parent
 
 STATE_FILE = ".build.json"
@@ -403,13 +402,8 @@ def build_shards(opts: ShardsBuildConfig, progress: bool = True) -> BuildSummary
         paths, origins = localize_inputs(list(opts.inputs), output.local)
         files = open_inputs(paths, opts.url_col, opts.caption_col, keep, origins)
         state = {"options": fingerprint(opts), "inputs": _input_fingerprint(files, origins)}
-        if output.remote:  # no ownership marker or lock on a store: see data_tools.output
-            output.check_writable()
-            prepare_output(output, state, opts.overwrite)
-            return _build(opts, files, output, keep, start, progress)
-        claim(output.local, "shards", "vlp shards build", "choose a new --output folder")
-        with FolderLock(output.local):  # before looking inside: another build may be writing it
-            prepare_output(output, state, opts.overwrite)
+        with output.claim("shards", "vlp shards build", "choose a new --output folder"):
+            prepare_output(output, state, opts.overwrite)  # inside the lock: another build may be writing
             return _build(opts, files, output, keep, start, progress)
     finally:
         output.close()

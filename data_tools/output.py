@@ -10,18 +10,22 @@ failures.jsonl, manifest.json last) is written through `write`. Reading back
 (resume, the final manifest) goes through `names` and `read`, which see the
 output itself.
 
-What an object store cannot give: an exclusive lock. Two builds writing one
-URL at once are not detected; run one build per output URL.
+Ownership is the same rule for both (`claim`): a folder or prefix vlp did not
+make is never written into or emptied. What an object store cannot give: an
+exclusive lock. Two builds writing one URL at once are not detected; run one
+build per output URL.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from vlp.core import storage
 from vlp.core.errors import UserError
+from vlp.core.ownership import FolderLock, claim, claim_url
 
 
 class BuildOutput:
@@ -62,6 +66,16 @@ class BuildOutput:
     def close(self) -> None:
         if self.remote:
             shutil.rmtree(self.local, ignore_errors=True)
+
+    def claim(self, kind: str, command: str, hint: str) -> AbstractContextManager:
+        """Make the output ours (vlp.core.ownership) before anything in it is read or deleted;
+        the returned context holds the folder's lock (a store has none)."""
+        if self.remote:
+            self.check_writable()
+            claim_url(self.target, kind, command, hint)
+            return nullcontext()
+        claim(self.local, kind, command, hint)
+        return FolderLock(self.local)
 
     def check_writable(self) -> None:
         """Before any work: the bucket exists and a write is allowed (one small object, then removed)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -48,6 +49,10 @@ RECORD_TEXT_LIMIT = 2000  # an absurd caption is kept in records only as its hea
 
 def shard_name(shard: int) -> str:
     return f"{shard:05d}"
+
+
+# The three files a finished shard leaves (shard_name + suffix): what an --overwrite may delete.
+SHARD_FILE = re.compile(r"^\d{5}(\.tar|\.parquet|_stats\.json)$")
 
 
 def printable(text: str | None, limit: int = RECORD_TEXT_LIMIT) -> str | None:

@@ -117,6 +117,53 @@ def test_refuses_a_full_output_and_filters_that_need_embeddings(sets, tmp_path, 
     assert "not empty" in capsys.readouterr().err
 
 
+def test_overwrite_never_empties_a_folder_vlp_did_not_make(sets, tmp_path, capsys):
+    a, _ = sets
+    user = tmp_path / "user"
+    user.mkdir()
+    mine = {"00000.tar": b"my tar", "data.parquet": b"my table", "00000_stats.json": b"{}", "manifest.json": b"{}"}
+    for name, data in mine.items():
+        (user / name).write_bytes(data)
+    assert main(["shards", "curate", str(a), "--output", str(user), "--overwrite", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not made by vlp" in err and len(err.splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in user.iterdir()} == mine
+    # a build's folder is vlp's, but not a curated one: --overwrite does not empty it either
+    before = {p.name: p.read_bytes() for p in a.iterdir()}
+    assert main(["shards", "curate", str(a), "--output", str(a), "--overwrite", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "holds an input of this curation" in err, err
+    assert {p.name: p.read_bytes() for p in a.iterdir()} == before
+    # a folder curate made is replaced by --overwrite, its files only
+    out = tmp_path / "curated"
+    _run(capsys, "shards", "curate", str(a), "--output", str(out), "--min-words", "2", "--quiet")
+    first = _samples(out)
+    _run(capsys, "shards", "curate", str(a), "--output", str(out), "--overwrite", "--quiet")
+    assert set(first) < set(_samples(out)) and len(_samples(out)) == ROWS
+    assert json.loads((out / ".vlp-owner.json").read_text())["kind"] == "curated"
+
+
+def test_curate_refuses_an_output_that_holds_its_input_before_any_work(sets, tmp_path, capsys):
+    a, _ = sets
+    parent = tmp_path / "outer"
+    shutil.copytree(a, parent / "set")
+    nested = sorted(str(p) for p in (parent / "set").glob("*.tar"))
+    assert main(["shards", "curate", f"{nested[0]}", "--output", str(parent), "--quiet"]) == 2
+    assert "holds an input of this curation" in capsys.readouterr().err
+    assert sorted(p.name for p in parent.iterdir()) == ["set"]  # nothing claimed, nothing written
+
+
+def test_embed_refuses_a_folder_vlp_did_not_make(sets, tmp_path, capsys):
+    a, _ = sets
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    assert main(["shards", "embed", str(a), "--out", str(user), "--model", "vlp-micro", "--random-init",
+                 "--quiet"]) == 2
+    assert "not made by vlp" in capsys.readouterr().err
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+
+
 @pytest.fixture(scope="module")
 def embedded(sets, tmp_path_factory) -> Path:
     a, _ = sets

@@ -351,3 +351,25 @@ def test_embed_and_curate_read_s3_shards_and_curate_writes_to_s3(store, pairs, t
     assert (manifest["rows"], manifest["written"], manifest["source"]) == (written, kept, "curate")
     assert len(objects["removed.jsonl"].decode().splitlines()) == written - kept
     assert _ok(_vlp(env, "shards", "verify", "s3://shards/curated", "--quiet")).startswith("verify: OK")
+
+
+def test_an_eval_mirror_never_writes_outside_its_cache(s3_here, tmp_path):
+    """A listing with `../` in a key (S3 keys are plain strings) must not choose where the mirror writes."""
+    from vlp.core import storage
+    from vlp.core.errors import UserError
+
+    client = s3_here.client()
+    client.put_object(Bucket="data", Key="evalset/items.json", Body=b"[]")
+    client.put_object(Bucket="data", Key="evalset/../../../../escaped.etag", Body=b"x")
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="data").get("Contents", [])]
+    assert "evalset/../../../../escaped.etag" in keys  # the store keeps the key as written
+    cache = tmp_path / "a" / "b" / "cache"
+    with pytest.raises(UserError, match="object key"):
+        storage.mirror("s3://data/evalset", cache)
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert all(p.startswith("a/b/cache/") for p in written), written
+    # a clean prefix mirrors as before, stamps included, all under the cache
+    client.delete_object(Bucket="data", Key="evalset/../../../../escaped.etag")
+    local = storage.mirror("s3://data/evalset", cache)
+    assert (local / "items.json").read_bytes() == b"[]" and local.is_relative_to(cache)
+    assert list(cache.glob(".stamps/s3/data/evalset/items.json.etag"))

@@ -35,6 +35,7 @@ import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -43,13 +44,15 @@ from vlp.data_tools.curation import dedup, embeddings, filters
 from vlp.data_tools.curation.decontaminate import eval_images, matches
 from vlp.data_tools.curation.samples import ShardRef, batches, describe, list_shards, read_samples
 from vlp.data_tools.output import BuildOutput
-from vlp.data_tools.writer import ShardWriter
+from vlp.data_tools.writer import SHARD_FILE, ShardWriter
 from vlp.eval.models import load_encoder
 
+from vlp.core import storage
 from vlp.core.atomic import json_bytes
 from vlp.core.config import CurateConfig
 from vlp.core.errors import UserError
 from vlp.core.manifest import MANIFEST, Manifest
+from vlp.core.ownership import LOCK, MARKER
 
 REMOVED = "removed.jsonl"
 BATCH = 256  # samples decoded at once when scanning
@@ -188,12 +191,26 @@ def decontaminate(d: Decisions, table: pa.Table, opts: CurateConfig, emb: embedd
             d.removed[int(rows[i])] = Removal("eval_contamination", score=round(cosine, 6), matched=name)
 
 
+def _refuse_an_input_as_output(output: BuildOutput, shards: list[ShardRef], embeddings_dir: str | None) -> None:
+    """Curating into a folder that holds an input would delete or mix the input: refused before any work."""
+    def under(url: str) -> bool:
+        if output.remote or storage.protocol(url):
+            return url.rstrip("/").startswith(output.target.rstrip("/") + "/") or url == output.target
+        return Path(url).resolve().is_relative_to(output.local.resolve())
+
+    inputs = [s.url for s in shards] + ([embeddings_dir] if embeddings_dir else [])
+    clash = next((url for url in inputs if under(url)), None)
+    if clash is not None:
+        raise UserError(f"--output {output} holds an input of this curation ({clash}); choose a new --output folder")
+
+
 def _prepare_output(output: BuildOutput, overwrite: bool) -> None:
-    names = output.names()
+    """An owned output (claimed): empty, or a curated folder that --overwrite empties of vlp's own files."""
+    names = output.names() - {MARKER, LOCK}
     if names and not overwrite:
         raise UserError(f"{output}: not empty ({len(names)} files); --overwrite replaces a curated folder")
     for name in names:
-        if name == MANIFEST or name == REMOVED or name.endswith((".tar", ".parquet", "_stats.json")):
+        if name == MANIFEST or name == REMOVED or SHARD_FILE.match(name):
             output.delete(name)
     output.local.mkdir(parents=True, exist_ok=True)  # shards are written here (staged, for a URL output)
 
@@ -203,12 +220,9 @@ def _output_key(key: str, shard: ShardRef, several_sets: bool) -> str:
     return f"{shard.set}_{key}" if several_sets else key
 
 
-def write(shards: list[ShardRef], table: pa.Table, d: Decisions, opts: CurateConfig, progress: bool
-          ) -> tuple[list[dict], BuildOutput]:
+def write(shards: list[ShardRef], table: pa.Table, d: Decisions, opts: CurateConfig, output: BuildOutput,
+          progress: bool) -> list[dict]:
     """One pass over the shards: kept samples into new shards, removals into removed.jsonl."""
-    output = BuildOutput(opts.output)
-    output.check_writable()
-    _prepare_output(output, opts.overwrite)
     keys, sha256 = table.column("key").to_pylist(), table.column("sha256").to_pylist()
     shard_col = table.column("shard").to_numpy()
     starts = np.searchsorted(shard_col, np.arange(len(shards)))
@@ -257,7 +271,7 @@ def write(shards: list[ShardRef], table: pa.Table, d: Decisions, opts: CurateCon
     finish()
     bar.close()
     output.write(REMOVED, "".join(line + "\n" for line in removed_lines).encode())
-    return written, output
+    return written
 
 
 def curate(opts: CurateConfig, progress: bool = True) -> CurateSummary:
@@ -267,10 +281,22 @@ def curate(opts: CurateConfig, progress: bool = True) -> CurateSummary:
     if need and not opts.embeddings:
         raise UserError(f"vlp shards curate: {', '.join(need)} need --embeddings (from `vlp shards embed`)")
     shards = list_shards(opts.shards)
+    output = BuildOutput(opts.output)
+    _refuse_an_input_as_output(output, shards, opts.embeddings)
     emb = embeddings.load(opts.embeddings, [s.url for s in shards]) if opts.embeddings else None
+    try:
+        with output.claim("curated", "vlp shards curate", "choose a new --output folder"):
+            _prepare_output(output, opts.overwrite)
+            return _curate(opts, shards, emb, output, progress)
+    finally:
+        output.close()
+
+
+def _curate(opts: CurateConfig, shards: list[ShardRef], emb: embeddings.Embeddings | None, output: BuildOutput,
+            progress: bool) -> CurateSummary:
     table = emb.table if emb else scan(shards, 4, progress)
     d = decide(table, opts, emb, [s.url for s in shards])
-    written, output = write(shards, table, d, opts, progress)
+    written = write(shards, table, d, opts, output, progress)
     reasons = Counter(r.reason for r in d.removed.values())
     kept = sum(s["samples"] for s in written)
     manifest = Manifest.model_validate({
@@ -282,5 +308,4 @@ def curate(opts: CurateConfig, progress: bool = True) -> CurateSummary:
     manifest["curation"] = {"order": list(FILTER_ORDER), "clip_threshold": d.clip_threshold,
                             "embeddings": opts.embeddings, "options": opts.model_dump(mode="json")}
     output.write(MANIFEST, json_bytes(manifest))
-    output.close()
     return CurateSummary(opts.output, table.num_rows, kept, reasons, len(written), d.clip_threshold)

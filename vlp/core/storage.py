@@ -25,6 +25,7 @@ import fsspec
 import webdataset
 
 from vlp.core.atomic import write_atomic
+from vlp.core.confine import inside, relative_name
 from vlp.core.errors import UserError, first_line
 from vlp.core.object_stream import open_object
 
@@ -169,15 +170,19 @@ def mirror(url: str, root: Path) -> Path:
     """
     fs, inner = _fs(url)
     inner = inner.rstrip("/")
-    local = root / protocol(url) / inner
+    # Keys come from the store's listing: each must stay under the prefix asked for, and the
+    # mirror under the cache (a key `p/../../x` would otherwise choose where it is written).
+    name = relative_name(inner, f"{url}: object path")
+    local = inside(root, posixpath.join(protocol(url), name), f"{url}: object path")
     with errors_in_one_line(url):
         found = fs.find(inner, detail=True)
         if not found:
             raise UserError(f"{url}: no such file or folder")
         for path, meta in found.items():
-            rel = posixpath.relpath(path, inner)
-            dest = local if rel == "." else local / rel
-            stamp = root / ".stamps" / protocol(url) / (path + ".etag")
+            rel = "." if path.rstrip("/") == inner else _key_under(path, inner, url)
+            dest = local if rel == "." else inside(local, rel, f"{url}: object key")
+            key = name if rel == "." else posixpath.join(name, rel)
+            stamp = inside(root, posixpath.join(".stamps", protocol(url), key) + ".etag", f"{url}: object key")
             version = str(meta.get("ETag") or meta.get("size"))
             if dest.exists() and stamp.exists() and stamp.read_text() == version:
                 continue
@@ -186,6 +191,13 @@ def mirror(url: str, root: Path) -> Path:
             stamp.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(stamp, version)
     return local
+
+
+def _key_under(path: str, prefix: str, url: str) -> str:
+    """The part of a listed key below `prefix`, refused if the key is not plainly under it."""
+    if not path.startswith(prefix + "/"):
+        raise UserError(f"{url}: the listing holds {path!r}, which is not under the prefix; refused")
+    return relative_name(path[len(prefix) + 1:], f"{url}: object key")
 
 
 def _gopen_object_url(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> IO[bytes]:
