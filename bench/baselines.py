@@ -29,6 +29,19 @@ _MAXRSS = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).
            "sys.exit(rc)")
 
 
+def provenance() -> dict:
+    """What every result file records besides its figures: date, commit, machine, command."""
+    import os
+    import platform
+    from datetime import date
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    return {"date": date.today().isoformat(), "commit": commit,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+            "command": " ".join(["python", *sys.argv])}
+
+
 def venv_python(name: str, packages: list[str]) -> Path:
     """bench/.venv-<name>/bin/python, created with `packages` on first use."""
     venv = BENCH / f".venv-{name}"

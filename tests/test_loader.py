@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import subprocess
 import sys
 import tarfile
@@ -281,3 +282,50 @@ def test_hard_negatives_start_at_the_configured_step(shards):
     with_negatives = [i for i, b in enumerate(batches) if b.hard_negatives is not None]
     assert all((b.hard_negatives is None) == (b.hard_negative_mask is None) for b in batches)
     assert with_negatives == list(range(16, steps + 5))
+
+
+def _expected_distinct(sources: int, per_source: int, batch: int) -> float:
+    """Distinct sources expected in a batch drawn uniformly from the whole set (sources of equal size)."""
+    total = sources * per_source
+    return sources * (1 - math.comb(total - per_source, batch) / math.comb(total, batch))
+
+
+@pytest.fixture(scope="module")
+def sorted_shard(tmp_path_factory) -> Path:
+    """One shard of 16 sources x 40 samples, sorted by source (a crawl sorted by domain)."""
+    from shard_helpers import build, noise_image, save, write_csv
+
+    root = tmp_path_factory.mktemp("sorted")
+    rows = []
+    for i in range(16 * 40):
+        save(noise_image(16, 16, seed=i), root / "img" / f"{i}.png")
+        rows.append({"url": f"img/{i}.png", "caption": f"source{i // 40:02d} item {i % 40}"})
+    build([write_csv(root / "pairs.csv", rows)], root / "shards", shard_size=1000, image_size=16)
+    return root / "shards"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_sorted_input_still_gives_mixed_batches(sorted_shard, workers):
+    """Mixing = distinct sources per batch / the number a uniformly drawn batch has (about 14 of 16 here)."""
+    want = _expected_distinct(16, 40, 32)
+
+    def mixing(lanes: int) -> float:
+        cfg = DataConfig(sources=[DataSource(shards=str(sorted_shard))], workers=workers, shuffle_buffer=128,
+                         lanes=lanes)
+        loader = ShardLoader(cfg, batch_size=32, image_size=16, tokenizer=TOKENIZER, seed=3)
+        counts = [len({c.split()[0] for c in b.captions}) for epoch in (0, 1) for b in loader.epoch(epoch)]
+        return sum(counts) / len(counts) / want
+
+    assert DataConfig().lanes == 16
+    assert mixing(16) >= 0.9
+    assert mixing(1) <= 0.4  # read front to back, a window holds three or four neighbouring sources
+
+
+def test_a_local_shard_is_opened_at_a_sample_by_seeking(shards):
+    from vlp import data
+
+    url = str(shards / "00001.tar")
+    whole = [s["__key__"] for s in data.read_shard(url, 0, 50)]
+    data._OFFSETS.clear()
+    assert [s["__key__"] for s in data.read_shard(url, 17, 13)] == whole[17:30]
+    assert len(data._OFFSETS[url]) == 50  # it seeked: the offsets of the shard's samples were read

@@ -19,8 +19,8 @@ from vlp.data_tools.build import build_shards
 from vlp.data_tools.synth import generate
 
 from vlp.core.config import DataConfig, DataSource, ShardsBuildConfig
-from vlp.data import SegmentReader, ShardLoader, read_shard
-from vlp.plan import Segment, first_local_batch, worker_batches, worker_segments
+from vlp.data import PieceReader, SegmentReader, ShardLoader, read_shard
+from vlp.plan import Segment, first_local_batch, worker_batches, worker_pieces
 from vlp.sources import Shard
 
 TOKENIZER = SimpleTokenizer(context_length=32)
@@ -37,15 +37,15 @@ def shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-def _loader(source: DataSource, workers: int) -> ShardLoader:
+def _loader(source: DataSource, workers: int, lanes: int = 1) -> ShardLoader:
     # shuffle_buffer 32 / batch 16: windows of 32 samples, so a 50-sample shard spans 2-3 windows
-    cfg = DataConfig(sources=[source], workers=workers, shuffle_buffer=32)
+    cfg = DataConfig(sources=[source], workers=workers, shuffle_buffer=32, lanes=lanes)
     return ShardLoader(cfg, batch_size=16, image_size=24, tokenizer=TOKENIZER, seed=1)
 
 
-def _web(base: str, shards: Path, workers: int) -> ShardLoader:
+def _web(base: str, shards: Path, workers: int, lanes: int = 1) -> ShardLoader:
     return _loader(DataSource(shards=f"{base}/{{00000..00004}}.tar", manifest=str(shards / "manifest.json")),
-                   workers)
+                   workers, lanes)
 
 
 def _keys(batches) -> list[list[str]]:
@@ -57,10 +57,11 @@ def _gets(hits: Counter) -> dict[str, int]:
 
 
 def expected_gets(loader: ShardLoader, epoch: int, start: int = 0) -> dict[str, int]:
-    """From the plan: how many loader workers read each shard from batch `start` on (one open each).
+    """From the plan: how many (loader worker, lane) pairs read each shard from batch `start` on (one open each).
 
     A worker resuming at `start` reads from the beginning of the shuffle window that holds its
-    first batch; every shard its remaining segments touch is opened once.
+    first batch; every shard the remaining segments of each of its lanes touch is opened once
+    (a lane that starts inside a remote shard reads it through from its start, in the same open).
     """
     spec, steps = loader.spec, loader.steps_per_epoch
     window_size = spec.window_batches * spec.batch_size
@@ -69,9 +70,10 @@ def expected_gets(loader: ShardLoader, epoch: int, start: int = 0) -> dict[str, 
         t = first_local_batch(spec, worker, start)
         if t >= worker_batches(steps, spec, worker):
             continue
-        reader = SegmentReader(worker_segments(spec, loader.sources, epoch, worker))
+        reader = PieceReader(worker_pieces(spec, loader.sources, epoch, worker))
         reader.skip((t // spec.window_batches) * window_size)
-        want.update({s.shard.url.rsplit("/", 1)[-1] for s in reader.segments[reader.seg:]})
+        for lane in reader.readers.values():
+            want.update({s.shard.url.rsplit("/", 1)[-1] for s in lane.segments[lane.seg:]})
     return dict(want)
 
 
@@ -87,6 +89,24 @@ def test_an_epoch_over_http_gets_each_shard_once_per_reading_worker(shards, work
         assert want == dict.fromkeys(NAMES, 1)
     else:  # two workers split the epoch: only the shard on their border is read by both
         assert sorted(want.values()) == [1, 1, 1, 1, 2]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_lanes_over_http_read_the_local_batches_with_one_get_per_shard_per_lane(shards, workers):
+    local = _keys(_loader(DataSource(shards=str(shards)), workers, lanes=3).epoch(0))
+    assert local != _keys(_loader(DataSource(shards=str(shards)), workers).epoch(0))  # the lanes change the order
+    with serve(shards) as (base, hits):
+        web = _web(base, shards, workers, lanes=3)
+        assert _keys(web.epoch(0)) == local
+        want = expected_gets(web, 0)
+        assert _gets(hits) == want
+        for k in (3, 9):
+            hits.clear()
+            assert _keys(web.epoch(0, k)) == local[k:]
+            assert _gets(hits) == expected_gets(web, 0, k)
+    # beyond one GET per shard: one per border between workers' parts, and per border between lanes
+    readers = max(1, workers)
+    assert set(want) == set(NAMES) and sum(want.values()) <= len(NAMES) + (readers - 1) + readers * (3 - 1)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

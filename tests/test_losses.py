@@ -193,14 +193,24 @@ def test_alignment_uniformity_by_hand(blocks):
     )
 
 
-def test_logit_scale_is_clamped_at_max():
+def test_logit_scale_parameter_is_clamped_after_the_update_not_in_the_loss():
+    """open_clip_train's rule: the loss uses exp(t) as given (its gradient reaches t at the cap), and the
+    parameter is clamped to [0, log max] after each update."""
+    from vlp.schedule import clamp_logit_scale
+
     img, txt, _ = feats(8)
-    s = torch.tensor([250.0], requires_grad=True)
-    out = ContrastiveLoss("softmax", max_logit_scale=100.0)(img, txt, s)
-    assert out["logit_scale"].item() == 100.0
-    assert out["loss"].item() == pytest.approx(ClipLoss()(img, txt, torch.tensor(100.0)).item(), rel=1e-6)
+    s = torch.tensor([math.log(100)], requires_grad=True)
+    out = ContrastiveLoss("softmax")(img, txt, s.exp())
+    assert out["loss"].item() == pytest.approx(ClipLoss()(img, txt, s.exp()).item(), rel=1e-6)
     out["loss"].backward()
-    assert s.grad.item() == 0.0
+    assert s.grad.item() != 0.0
+    model = torch.nn.Module()
+    model.logit_scale = torch.nn.Parameter(torch.tensor([6.0]))
+    clamp_logit_scale(model, 100.0)
+    assert model.logit_scale.item() == pytest.approx(math.log(100))
+    model.logit_scale.data.fill_(-1.0)
+    clamp_logit_scale(model, 100.0)
+    assert model.logit_scale.item() == 0.0
 
 
 def test_invalid_combinations_are_refused():

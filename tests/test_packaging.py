@@ -77,7 +77,7 @@ def test_launch_init_writes_copies_once_and_they_are_used(tmp_path, monkeypatch,
 
     assert main(["launch", "init", str(tmp_path / "site")]) == 0
     ours = sorted(p.relative_to(tmp_path / "site").as_posix() for p in (tmp_path / "site").rglob("*") if p.is_file())
-    assert "launch/slurm.sbatch" in ours and "configs/vit-b-16-gpu.yaml" in ours and len(ours) == 14
+    assert "launch/slurm.sbatch" in ours and "configs/vit-b-16-gpu.yaml" in ours and len(ours) == 15
     for rel in ours:
         folder, name = rel.split("/")
         assert (tmp_path / "site" / rel).read_bytes() == (shipped_dir(folder) / name).read_bytes()

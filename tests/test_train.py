@@ -8,6 +8,7 @@ small synthetic shard set, then reads metrics.jsonl and the checkpoints.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -86,12 +87,12 @@ def _assert_trained(out: Path, world: int) -> list[dict]:
 
 def test_torchrun_two_ranks_zero1_loss_falls(shards, tmp_path):
     out = tmp_path / "run"
-    _run(_torchrun(2, _overrides(shards, out, "train.zero_stage=1", f"train.steps={3 * STEPS}")))
+    _run(_torchrun(2, _overrides(shards, out, "train.zero_stage=1", f"train.steps={6 * STEPS}")))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in lines]
-    assert len(losses) == 3 * STEPS
+    assert len(losses) == 6 * STEPS
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
-    assert last < first - 0.2, (first, last)  # it learns
+    assert last < first - 0.2 and last < math.log(32) - 0.1, (first, last)  # it learns: below chance (2 x 16)
     assert all(m["peak_memory_mb"] > 0 and m["samples_per_s"] > 0 for m in lines)
     assert {"lr", "logit_scale", "skipped_samples", "contrastive"} <= set(lines[0])
 

@@ -32,6 +32,7 @@ import atexit
 import itertools
 import json
 import math
+import os
 import random
 import signal
 import weakref
@@ -45,18 +46,21 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
 from vlp.augment import allows_flip, allows_grayscale, augment_text, json_field, pick_caption
+from vlp.core import storage
 from vlp.core.config import AugmentConfig, DataConfig, TextAugmentConfig
 from vlp.core.errors import UserError
 from vlp.core.images import SHARD_IMAGE_EXTS, decoding, draft, open_image, to_rgb_pixels
 from vlp.core.processes import die_with_parent
+from vlp.core.tarformat import sample_offsets
 from vlp.plan import (
+    Piece,
     PlanSpec,
     Segment,
     first_local_batch,
     steps_per_epoch,
     window_order,
     worker_batches,
-    worker_segments,
+    worker_pieces,
 )
 from vlp.sources import Shard, resolve_sources
 
@@ -90,13 +94,22 @@ class _ShardStream:
     way it holds no connection or file after that.
     """
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, start: int = 0):
         self.url, self.pos, self.ended = url, 0, False
         self.stop = _ReadStop()
         # webdataset's url_opener stores the opened stream in this dict, which lets close() close it now
         # (a socket, a curl or pipe: process) instead of whenever the garbage collector gets to it.
         self._source: dict = {"url": url}
-        self._samples = tariterators.tarfile_samples([self._source], handler=self.stop)
+        offset = _seek_offset(url, start) if start else None
+        if offset is None:  # read from the start (and through to `start`, in take)
+            self._samples = tariterators.tarfile_samples([self._source], handler=self.stop)
+            return
+        fh = open(url, "rb")  # noqa: SIM115 - closed by close()
+        fh.seek(offset)
+        self._source["stream"] = fh
+        self.pos = start
+        files = tariterators.tar_file_expander([self._source], handler=self.stop)
+        self._samples = tariterators.group_by_keys(files, handler=self.stop)
 
     @property
     def failed(self) -> bool:
@@ -130,9 +143,24 @@ class _ShardStream:
                 pass
 
 
+_OFFSETS: dict[str, list[int] | None] = {}  # this process's sample offsets of local shards it has seeked in
+
+
+def _seek_offset(url: str, start: int) -> int | None:
+    """Where sample `start` begins in a local tar shard (None: not a local plain tar, or too short)."""
+    if storage.protocol(url) or url.startswith("pipe:") or not os.path.isfile(url):
+        return None
+    if url not in _OFFSETS:
+        if len(_OFFSETS) >= 256:  # a bound on memory: forget the oldest
+            _OFFSETS.pop(next(iter(_OFFSETS)))
+        _OFFSETS[url] = sample_offsets(url)
+    offsets = _OFFSETS[url]
+    return offsets[start] if offsets is not None and start < len(offsets) else None
+
+
 def read_shard(url: str, start: int, count: int) -> list[dict | None]:
     """Samples [start, start + count) of a shard, in one open; None where a sample is missing or incomplete."""
-    stream = _ShardStream(url)
+    stream = _ShardStream(url, start)
     try:
         return stream.take(start, count)
     finally:
@@ -196,7 +224,7 @@ class SegmentReader:
             stream = None
         if stream is None:
             self.close()
-            stream = self._stream = _ShardStream(url)
+            stream = self._stream = _ShardStream(url, start)
         return stream
 
     def _segment_ended(self, segment: Segment) -> None:
@@ -209,6 +237,48 @@ class SegmentReader:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+
+
+class PieceReader:
+    """A worker's pieces (vlp.plan.worker_pieces) read in order as one stream of slots.
+
+    Each lane has its own SegmentReader over its pieces, so each lane reads its shards front
+    to back (one open per shard per lane) while the pieces alternate between lanes; `skip`
+    is arithmetic, as a SegmentReader's.
+    """
+
+    def __init__(self, pieces: list[Piece]):
+        self.pieces = pieces
+        by_lane: dict[int, list[Segment]] = {}
+        for piece in pieces:
+            by_lane.setdefault(piece.lane, []).append(piece.segment)
+        self.readers = {lane: SegmentReader(segments) for lane, segments in by_lane.items()}
+        self.segments = [p.segment for p in pieces]
+        self.i, self.offset = 0, 0  # the current piece, and slots already taken from it
+
+    def _runs(self, n: int) -> Iterator[tuple[SegmentReader, int]]:
+        """(lane reader, count) for the next n slots, advancing the position."""
+        while n > 0 and self.i < len(self.pieces):
+            piece = self.pieces[self.i]
+            k = min(n, piece.segment.size - self.offset)
+            yield self.readers[piece.lane], k
+            n, self.offset = n - k, self.offset + k
+            if self.offset == piece.segment.size:
+                self.i, self.offset = self.i + 1, 0
+
+    def skip(self, n: int) -> None:
+        for reader, k in self._runs(n):
+            reader.skip(k)
+
+    def read(self, n: int) -> list[dict | None]:
+        out: list[dict | None] = []
+        for reader, k in self._runs(n):
+            out += reader.read(k)
+        return out
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
 
 
 # ------------------------------------------------------------------ decoding
@@ -418,8 +488,8 @@ class _EpochDataset(IterableDataset):
         spec, m = self.spec, self.spec.window_batches
         local_total = worker_batches(self.steps, spec, worker)
         t = first_local_batch(spec, worker, self.start)
-        reader = SegmentReader(worker_segments(spec, self.sources, self.epoch, worker))
         window_size = m * spec.batch_size
+        reader = PieceReader(worker_pieces(spec, self.sources, self.epoch, worker))
         reader.skip((t // m) * window_size)
         fallback = _Fallback(reader.segments)
         try:
@@ -618,6 +688,7 @@ class ShardLoader:
             rank=rank,
             workers=cfg.workers,
             window_batches=max(1, math.ceil(cfg.shuffle_buffer / batch_size)),
+            lanes=cfg.lanes,
             seed=seed,
             split=cfg.split,
             samples_per_epoch=cfg.samples_per_epoch,

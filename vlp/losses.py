@@ -7,7 +7,9 @@ sees embeddings, gradient caching can call it once on the cached embeddings of t
 effective batch (see vlp/gradcache.py).
 
 Kinds:
-- softmax: CLIP's symmetric InfoNCE, `exp(t)` clamped at `max_logit_scale` (100).
+- softmax: CLIP's symmetric InfoNCE. `exp(t)` is used as the model gives it: the trainer keeps
+  t in [0, log max_logit_scale] by clamping the parameter after each update, as open_clip_train
+  does (vlp.schedule.clamp_logit_scale); a cap here would stop t's gradient at the cap.
   `local_loss=False` computes the full N x N logits on every rank (value = the global
   loss on every rank); `local_loss=True` only this rank's rows, B x N in each direction
   (value averaged over ranks = the global loss). Values equal open_clip's `ClipLoss`.
@@ -198,7 +200,6 @@ class ContrastiveLoss(nn.Module):
         gather_with_grad: bool = True,
         local_loss: bool = False,
         sigmoid_chunked: bool = True,
-        max_logit_scale: float = 100.0,
         decoupled: bool = False,
         label_smoothing: float = 0.0,
         align_uniform: float = 0.0,
@@ -218,7 +219,6 @@ class ContrastiveLoss(nn.Module):
         self.gather_with_grad = gather_with_grad
         self.local_loss = local_loss
         self.sigmoid_chunked = sigmoid_chunked
-        self.max_logit_scale = max_logit_scale
         if label_smoothing and (kind != "softmax" or decoupled):
             raise ValueError("label_smoothing works with the softmax loss without decoupled (DCL)")
         self.decoupled = decoupled
@@ -239,7 +239,6 @@ class ContrastiveLoss(nn.Module):
             gather_with_grad=cfg.gather_with_grad,
             local_loss=cfg.local_loss,
             sigmoid_chunked=cfg.sigmoid_chunked,
-            max_logit_scale=cfg.max_logit_scale,
             decoupled=cfg.decoupled,
             label_smoothing=cfg.label_smoothing,
             align_uniform=cfg.align_uniform,
@@ -287,7 +286,7 @@ class ContrastiveLoss(nn.Module):
             hn_w = torch.full(hn.shape[:2], self.hard_negative_weight, device=hn.device)
             if hard_negative_mask is not None:
                 hn_w = hn_w * hard_negative_mask.to(hn.device, torch.float32)
-        scale = logit_scale.float().reshape(()).clamp(max=self.max_logit_scale)
+        scale = logit_scale.float().reshape(())
         terms: dict[str, torch.Tensor] = {}
         pairwise = None
         if hn is not None and self.hard_negative_mode == "pairwise":

@@ -12,17 +12,26 @@ promises cheap to keep:
 
 Layout of one epoch. Shards are concatenated and, for `split=exact`,
 permuted per epoch; rank r takes the r-th contiguous slice of
-`steps * batch_size` samples (the remainder is dropped). For
-`split=resampled`, each (rank, worker) draws shards with replacement
-instead. A rank's batches go round-robin to its loader workers (batch b to
-worker b % n, the order in which torch's DataLoader returns them), and each
-worker reads its own contiguous part of the slice. A worker's part is cut
-into shuffle windows of `window_batches` batches, read whole and permuted.
+`steps * batch_size` samples (the remainder is dropped). The slice is then
+interleaved: cut into `lanes` contiguous lanes of (nearly) equal length and
+read a block from each lane in turn, the block a shuffle window's share
+(window / lanes samples), so a window holds samples from `lanes` places
+spread over the whole slice, not one run of neighbours. An input sorted by
+source (a crawl sorted by domain, a file sorted by artist), or one large
+shard, still gives mixed batches; each lane is still read front to back (one
+open per shard per lane; a local shard is opened at a lane's first sample by
+seeking, a remote one read through to it). A rank's batches go round-robin
+to its loader workers (batch b to worker b % n, the order in which torch's
+DataLoader returns them), and each worker reads its own contiguous part of
+the interleaved slice, cut into shuffle windows of `window_batches` batches,
+read whole and permuted. For `split=resampled`, each (rank, worker) draws
+shards with replacement instead, and its draws are interleaved alike.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vlp.core.errors import UserError
@@ -49,6 +58,7 @@ class PlanSpec:
     rank: int = 0
     workers: int = 1  # loader worker processes (0 is treated as 1: the main process)
     window_batches: int = 8  # shuffle window, in batches
+    lanes: int = 1  # places in a rank's slice read in turn, window / lanes samples each per window
     seed: int = 0
     split: str = "exact"  # exact | resampled
     samples_per_epoch: int | None = None  # global; required for resampled
@@ -88,24 +98,82 @@ def worker_batches(steps: int, spec: PlanSpec, worker: int) -> int:
 
 def _slice(order: list[Shard], start: int, length: int) -> list[Segment]:
     """Segments covering samples [start, start + length) of the concatenated shards."""
-    segments, pos = [], 0
-    for shard in order:
-        lo, hi = max(start, pos), min(start + length, pos + shard.samples)
+    return cut([Segment(shard, 0, shard.samples) for shard in order], start, length)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Slots read from one lane: a segment of one shard."""
+
+    lane: int
+    segment: Segment
+
+
+def _blocks(segments: list[Segment], block: int) -> Iterator[list[Segment]]:
+    """The segments, in order, in runs of `block` slots (the last may be shorter)."""
+    run: list[Segment] = []
+    size = 0
+    for seg in segments:
+        start = seg.start
+        while start < seg.end:
+            take = min(block - size, seg.end - start)
+            run.append(Segment(seg.shard, start, start + take))
+            start, size = start + take, size + take
+            if size == block:
+                yield run
+                run, size = [], 0
+    if run:
+        yield run
+
+
+def interleave(segments: list[Segment], spec: PlanSpec) -> list[Piece]:
+    """The slots of `segments` reordered: cut into `spec.lanes` contiguous lanes of (nearly) equal length,
+    then a block from each lane in turn, a window's worth of blocks holding one from every lane."""
+    total = sum(s.size for s in segments)
+    n = max(1, min(spec.lanes, total))
+    block = max(1, -(-spec.window_batches * spec.batch_size // n))
+    bounds = [total * i // n for i in range(n + 1)]
+    lanes = [_blocks(cut(segments, lo, hi - lo), block) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    pieces: list[Piece] = []
+    active = list(range(n))
+    while active:
+        for lane in list(active):
+            run = next(lanes[lane], None)
+            if run is None:
+                active.remove(lane)
+            else:
+                pieces += [Piece(lane, seg) for seg in run]
+    return pieces
+
+
+def _cut_pieces(pieces: list[Piece], start: int, length: int) -> list[Piece]:
+    """Slots [start, start + length) of a list of pieces, as pieces."""
+    out, pos = [], 0
+    for piece in pieces:
+        seg = piece.segment
+        lo, hi = max(start, pos), min(start + length, pos + seg.size)
         if lo < hi:
-            segments.append(Segment(shard, lo - pos, hi - pos))
-        pos += shard.samples
+            out.append(Piece(piece.lane, Segment(seg.shard, seg.start + lo - pos, seg.start + hi - pos)))
+        pos += seg.size
         if pos >= start + length:
             break
-    return segments
+    return out
 
 
-def _exact_segments(spec: PlanSpec, sources: list[list[Shard]], epoch: int, steps: int, worker: int):
+def cut(segments: list[Segment], start: int, length: int) -> list[Segment]:
+    """Slots [start, start + length) of a list of segments, as segments."""
+    return [p.segment for p in _cut_pieces([Piece(0, s) for s in segments], start, length)]
+
+
+def _exact_pieces(spec: PlanSpec, sources: list[list[Shard]], epoch: int, steps: int, worker: int) -> list[Piece]:
+    """The rank's slice, interleaved as a whole (so every worker's part spans all of it), then cut into the
+    workers' contiguous parts."""
     order = [s for shards in sources for s in shards]
     _rng(spec.seed, "shards", epoch).shuffle(order)  # the same on every rank
-    rank_start = spec.rank * steps * spec.batch_size
+    rank = _slice(order, spec.rank * steps * spec.batch_size, steps * spec.batch_size)
     before = sum(worker_batches(steps, spec, w) for w in range(worker))
     length = worker_batches(steps, spec, worker) * spec.batch_size
-    return _slice(order, rank_start + before * spec.batch_size, length)
+    return _cut_pieces(interleave(rank, spec), before * spec.batch_size, length)
 
 
 def _resampled_segments(spec: PlanSpec, sources: list[list[Shard]], epoch: int, steps: int, worker: int):
@@ -130,12 +198,17 @@ def _resampled_segments(spec: PlanSpec, sources: list[list[Shard]], epoch: int, 
     return segments
 
 
-def worker_segments(spec: PlanSpec, sources: list[list[Shard]], epoch: int, worker: int) -> list[Segment]:
-    """The samples this (rank, worker) reads in this epoch, in reading order."""
+def worker_pieces(spec: PlanSpec, sources: list[list[Shard]], epoch: int, worker: int) -> list[Piece]:
+    """The samples this (rank, worker) reads in this epoch, in reading order, each with its lane."""
     steps = steps_per_epoch(spec, sources)
     if spec.split == "resampled":
-        return _resampled_segments(spec, sources, epoch, steps, worker)
-    return _exact_segments(spec, sources, epoch, steps, worker)
+        return interleave(_resampled_segments(spec, sources, epoch, steps, worker), spec)
+    return _exact_pieces(spec, sources, epoch, steps, worker)
+
+
+def worker_segments(spec: PlanSpec, sources: list[list[Shard]], epoch: int, worker: int) -> list[Segment]:
+    """The samples this (rank, worker) reads in this epoch, in reading order."""
+    return [p.segment for p in worker_pieces(spec, sources, epoch, worker)]
 
 
 def window_order(spec: PlanSpec, epoch: int, worker: int, window: int, size: int) -> list[int]:

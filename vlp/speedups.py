@@ -1,5 +1,8 @@
 """Faster training steps that keep the numbers (to float rounding): trimmed text, channels-last, compile.
 
+Each is on by default wherever it is exact for the model at hand (`"auto"`, decided by
+`choose_speedups`; the trainer prints one line of what is on); true / false force it.
+
 - Trimmed text (`train.trim_text`): open_clip pads every caption to the model's context
   (77 for CLIP, 32 for vlp-tiny) and its text tower does the work for every pad. In a
   causal text tower that pools at the end-of-text token, no position attends to a later
@@ -10,8 +13,8 @@
   `encode_text` that slices both to the length it is given (same modules, same weights).
 - Direct attention (`train.direct_attention`): open_clip's blocks run self-attention through
   nn.MultiheadAttention, which takes sequence-first tensors: each block transposes its
-  batch-first input, copies q/k/v into a head layout and the output back (10-12% of a
-  vlp-tiny forward+backward on a CPU, measured). The blocks here call scaled_dot_product_attention on
+  batch-first input, copies q/k/v into a head layout and the output back (a tenth of a
+  small model's forward+backward on a CPU). The blocks here call scaled_dot_product_attention on
   views of the packed q/k/v projection instead, with the same weights, and tell it that a
   causal text tower's mask is causal (`is_causal`, which lets a GPU pick its flash kernel,
   as an explicit mask does not).
@@ -29,6 +32,7 @@
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 
 import torch
 import torch._dynamo
@@ -37,6 +41,7 @@ import torch._inductor.config
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer, text_global_pool
 
+from vlp.core.config import TrainConfig
 from vlp.core.errors import UserError
 from vlp.core.models import unwrap
 
@@ -55,10 +60,45 @@ def _text_tower(model) -> tuple[object, torch.Tensor | None, str, bool] | None:
     return None  # a Hugging Face text tower: bidirectional, its own padding
 
 
+@dataclass(frozen=True)
+class Speedups:
+    """Which exact speed-ups a run uses (train.trim_text, train.direct_attention, train.channels_last)."""
+
+    trim_text: bool
+    direct_attention: bool
+    channels_last: bool
+
+    def line(self) -> str:
+        on = [name for name, value in vars(self).items() if value]
+        off = [name for name, value in vars(self).items() if not value]
+        return f"speed-ups on: {', '.join(on) or 'none'}" + (f"; off: {', '.join(off)}" if off else "")
+
+
+def choose_speedups(cfg: TrainConfig, model, name: str, zero_stage: int) -> Speedups:
+    """The config's switches, with "auto" decided from the model: each on wherever it keeps the numbers
+    (and, for channels-last, helps: convolutional image towers, ZeRO stage 0)."""
+    trim = _trim_is_exact(model) if cfg.trim_text == "auto" else cfg.trim_text
+    if trim:
+        allow_trimmed_text(model, name)
+    channels = cfg.channels_last
+    if channels == "auto":
+        channels = zero_stage == 0 and _convolutional(model)
+    return Speedups(bool(trim), cfg.direct_attention is not False, bool(channels))
+
+
+def _convolutional(model) -> bool:
+    """An image tower of convolutions (a ViT has one: its patch embedding)."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in unwrap(model).visual.modules()) > 1
+
+
+def _trim_is_exact(model) -> bool:
+    tower = _text_tower(model)
+    return not (tower is None or tower[1] is None or tower[2] not in ("argmax", "eos") or tower[3])
+
+
 def allow_trimmed_text(model, name: str) -> None:
     """Make the model take token ids shorter than its context, or a one-line UserError if that is not exact."""
-    tower = _text_tower(model)
-    if tower is None or tower[1] is None or tower[2] not in ("argmax", "eos") or tower[3]:
+    if not _trim_is_exact(model):
         raise UserError(f"config key 'train.trim_text': model {name!r}'s text tower is not causal with end-of-text "
                         "pooling, so cutting its padding would change what it computes; set train.trim_text=false")
     module = unwrap(model)

@@ -57,10 +57,10 @@ from vlp.dsconfig import (
 )
 from vlp.gradcache import GradCache
 from vlp.losses import ContrastiveLoss
-from vlp.schedule import lr_at, make_optimizer, param_groups, set_lr
+from vlp.schedule import adam_settings, clamp_logit_scale, lr_at, make_optimizer, param_groups, set_lr
 from vlp.sources import resolve_sources
 from vlp.speedups import (
-    allow_trimmed_text,
+    choose_speedups,
     compile_engine,
     compile_seconds,
     trim_tokens,
@@ -282,7 +282,7 @@ def preflight(cfg: RunConfig) -> None:
     resolve_sources(cfg.data.sources)
     check_model(cfg.model)
     check_deepspeed_config(cfg)
-    if cfg.train.channels_last and zero_stage_of(deepspeed_config(cfg, 1)) > 0:
+    if cfg.train.channels_last is True and zero_stage_of(deepspeed_config(cfg, 1)) > 0:
         # ZeRO points the weights into its flat buffers; a new layout would cut them loose from the update
         raise UserError("config key 'train.channels_last': works with ZeRO stage 0 only (train.zero_stage=0)")
     if cfg.train.resume not in (None, "auto"):
@@ -316,19 +316,19 @@ class Trainer:
         cfg, env = self.cfg, self.env
         deepspeed.init_distributed(dist_backend=vdist.pick_backend(), verbose=False)
         model, _, _, tokenizer = create_model(cfg.model, cfg.loss)
-        if cfg.train.trim_text:
-            allow_trimmed_text(model, cfg.model.name)
-        if cfg.train.direct_attention:
+        self.ds_config = deepspeed_config(cfg, env.world_size)
+        self.speedups = choose_speedups(cfg.train, model, cfg.model.name, zero_stage_of(self.ds_config))
+        if self.speedups.direct_attention:
             use_direct_attention(model)
         self.total_steps = total_steps(cfg, env.world_size)
         self.token_drop = TokenDrop(cfg, self.total_steps)
         self.token_drop.prepare(model)
-        self.ds_config = deepspeed_config(cfg, env.world_size)
         self.precision = precision_of(self.ds_config)
-        optimizer = None if offloads_optimizer(self.ds_config) else make_optimizer(model, cfg.optim)
+        optimizer = None if offloads_optimizer(self.ds_config) else make_optimizer(model, cfg.optim, cfg.model.name)
         if optimizer is None:  # ZeRO-Offload wants DeepSpeed's CPU Adam, configured by name
-            self.ds_config["optimizer"] = {"type": "AdamW", "params": {
-                "lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": cfg.optim.eps}}
+            betas, eps = adam_settings(cfg.optim, cfg.model.name)
+            self.ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": list(betas),
+                                                                       "eps": eps}}
             params = param_groups(model, cfg.optim.weight_decay)
         else:
             params = None
@@ -340,13 +340,13 @@ class Trainer:
             # Alone, DeepSpeed's gradient "all-reduce" copies every gradient into a flat buffer and back
             # (about 6% of a vlp-tiny step on a CPU) to average over one rank: the same numbers, skipped.
             self.engine.enable_backward_allreduce = False
-        if cfg.train.channels_last:  # after initialize: DeepSpeed's broadcast of the weights needs them dense
+        if self.speedups.channels_last:  # after initialize: DeepSpeed's broadcast of the weights needs them dense
             use_channels_last(self.engine.module)
         if cfg.train.compile:
             compile_engine(self.engine)  # compiles lazily, at the first forward of each kind
         joined = vdist.joined_hosts()  # in every log: did every node join?
         if self.is_main:
-            print(f"vlp train: {joined}", file=sys.stderr)
+            print(f"vlp train: {joined}; {self.speedups.line()}", file=sys.stderr)
         if optimizer is None and self.is_main:
             print(f"optimizer states offloaded: {type(self.engine.basic_optimizer).__name__}", file=sys.stderr)
         self.device = self.engine.device
@@ -361,7 +361,7 @@ class Trainer:
         self.gradcache = GradCache(
             self.engine, self.loss, cfg.train.micro_batch_size,
             normalize_images=partial(normalize, mean=mean, std=std, device=self.device, memory_format=(
-                torch.channels_last if cfg.train.channels_last else torch.contiguous_format)),
+                torch.channels_last if self.speedups.channels_last else torch.contiguous_format)),
         )
 
     # ------------------------------------------------------------ checkpoints
@@ -401,10 +401,11 @@ class Trainer:
         if text_length is not None:
             texts = truncate_tokens(texts, text_length)
             negatives = None if negatives is None else truncate_tokens(negatives, text_length)
-        if self.cfg.train.trim_text:  # on the host tensors: finding the length costs no device sync
+        if self.speedups.trim_text:  # on the host tensors: finding the length costs no device sync
             texts, negatives = trim_tokens(texts, negatives)
         result = self.gradcache.step(batch.images, texts.to(self.device), negatives, batch.hard_negative_mask)
         self.engine.step()
+        clamp_logit_scale(self.engine.module, self.cfg.loss.max_logit_scale)
         return result, lr
 
     def _sync(self, result, lr: float, replaced: int) -> tuple[dict, bool]:

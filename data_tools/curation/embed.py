@@ -23,7 +23,7 @@ from vlp.eval.models import Encoder, load_encoder, resolve_model
 from vlp.core.config import EmbedConfig
 from vlp.core.distributed import detect_env
 from vlp.core.errors import UserError
-from vlp.core.ownership import claim, owner
+from vlp.core.ownership import claim
 
 
 @dataclass
@@ -96,8 +96,7 @@ def embed(opts: EmbedConfig, progress: bool = True) -> EmbedSummary:
              "random_init": opts.random_init, "name": spec.name}
     meta = {"model": model, "sets": opts.shards,
             "shards": [{"index": s.index, "set": s.set, "url": s.url, "samples": s.samples} for s in shards]}
-    if env.rank == 0:  # the other ranks check the marker before their first write (no process group here)
-        claim(out, "embeddings", "vlp shards embed", "choose a new --out folder")
+    claim(out, "embeddings", "vlp shards embed", "choose a new --out folder")  # every rank: no process group here
     if (out / embeddings.META).exists():
         _check_resume(out, meta)
     elif env.rank == 0:
@@ -113,9 +112,6 @@ def embed(opts: EmbedConfig, progress: bool = True) -> EmbedSummary:
     with ThreadPoolExecutor(opts.workers) as pool:
         for shard in todo:
             image, text, rows = embed_shard(encoder, shard, opts.batch_size, pool)
-            if (owner(out) or {}).get("kind") != "embeddings":
-                raise UserError(f"{out}: not an embeddings folder made by vlp (rank 0 did not claim it); "
-                                f"choose a new --out folder")
             embeddings.write_shard(out, shard.index, image, text, rows)
             summary.shards += 1
             summary.samples += len(rows)

@@ -62,6 +62,8 @@ def _split_commas(value: Any) -> Any:
 
 
 CommaList = Annotated[list[str], BeforeValidator(_split_commas)]
+# A switch that vlp may decide from the model: "auto" (on where it is exact and helps), or true / false.
+Auto = Literal["auto"] | bool
 
 
 def positional(description: str) -> dict:
@@ -113,7 +115,10 @@ class DataConfig(Section):
     )
     split: Literal["exact", "resampled"] = "exact"
     samples_per_epoch: int | None = Field(None, gt=0, description="required for split=resampled")
-    shuffle_buffer: int = Field(1000, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0, description="samples permuted together (a window of whole batches)")
+    lanes: int = Field(16, ge=1, description="places in each loader worker's part of the epoch read in turn, a "
+                       "block of each per shuffle window: an input sorted by source, or few large shards, still "
+                       "gives mixed batches (1: read the part front to back)")
     workers: int = Field(2, ge=0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     text_augment: TextAugmentConfig = Field(default_factory=TextAugmentConfig)
@@ -157,7 +162,8 @@ class LossConfig(Section):
     sigmoid_chunked: bool = True
     init_logit_scale: float | None = Field(None, description="default: log(1/0.07) softmax, log(10) sigmoid")
     init_logit_bias: float | None = Field(None, description="default: -10 (sigmoid only)")
-    max_logit_scale: float = Field(100.0, gt=0)
+    max_logit_scale: float = Field(100.0, ge=1, allow_inf_nan=False, description="the logit scale exp(t) is kept "
+                                   "at or below this: t is clamped to [0, log max] after each update (open_clip_train)")
     decoupled: bool = Field(False, description="drop the positive from the softmax denominator (DCL)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="softmax only: eps of each row's target spread "
                                    "over the batch (as F.cross_entropy's label_smoothing)")
@@ -180,8 +186,10 @@ class OptimConfig(Section):
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.98, ge=0, lt=1)
-    eps: float = Field(1e-6, gt=0)
+    beta2: float | None = Field(None, ge=0, lt=1, description="default: open_clip_train's, by model name: 0.98 "
+                                "for names with 'vit', else 0.999")
+    eps: float | None = Field(None, gt=0, allow_inf_nan=False, description="default: open_clip_train's, by model "
+                              "name: 1e-6 for names with 'vit', else 1e-8")
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(50, ge=0)
     min_lr: float = Field(0.0, ge=0, allow_inf_nan=False)
@@ -229,15 +237,17 @@ class TrainConfig(Section):
                            "steps and on checkpoint steps")
     compile: bool = Field(False, description="torch.compile the model as DeepSpeed trains it (inductor, CPU or "
                           "GPU; both gradient-cache passes); compile time is logged as compile_s")
-    direct_attention: bool = Field(False, description="open_clip's attention blocks call "
+    direct_attention: Auto = Field("auto", description="open_clip's attention blocks call "
                                    "scaled_dot_product_attention on batch-first views of their q/k/v (same weights; "
-                                   "nn.MultiheadAttention's layout copies skipped; is_causal for causal text towers)")
-    channels_last: bool = Field(False, description="image tower and images in channels-last memory format "
-                                "(faster convolutions: ResNet / ConvNeXt towers)")
+                                   "nn.MultiheadAttention's layout copies skipped; is_causal for causal text towers); "
+                                   "auto: on (exact for every open_clip block)")
+    channels_last: Auto = Field("auto", description="image tower and images in channels-last memory format "
+                                "(faster convolutions); auto: on for convolutional towers (ResNet, ConvNeXt) at ZeRO "
+                                "stage 0")
     token_drop: TokenDropConfig = Field(default_factory=TokenDropConfig)
-    trim_text: bool = Field(False, description="cut each batch's token ids after its longest caption (rounded up "
+    trim_text: Auto = Field("auto", description="cut each batch's token ids after its longest caption (rounded up "
                             "to 8): exact for causal text towers that pool at the end-of-text token, and the text "
-                            "tower does only the work the captions need")
+                            "tower does only the work the captions need; auto: on where exact")
     report_to: Annotated[list[Literal["tensorboard", "wandb"]], BeforeValidator(_split_commas)] = Field(
         default_factory=list, description="where metrics go besides metrics.jsonl (always written), rank 0: "
         "tensorboard, wandb (a,b; pip install 'vlp[tensorboard]' / 'vlp[wandb]')")

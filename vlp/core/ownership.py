@@ -21,7 +21,7 @@ from typing import IO
 
 from vlp import __version__
 from vlp.core import storage
-from vlp.core.atomic import json_bytes, write_json
+from vlp.core.atomic import TMP_PREFIX, json_bytes, write_json
 from vlp.core.errors import UserError
 
 MARKER = ".vlp-owner.json"
@@ -47,7 +47,8 @@ def claim(folder: str | Path, kind: str, command: str, hint: str) -> Path:
         if mark.get("kind") != kind:
             raise UserError(f"{folder} holds vlp {mark.get('kind')!r} output, not {kind}; {hint}")
         return folder
-    if folder.is_dir() and any(p.name != LOCK for p in folder.iterdir()):
+    # vlp's own lock and temporary files do not count: ranks of one command claim the same folder at once
+    if folder.is_dir() and any(p.name != LOCK and not p.name.startswith(TMP_PREFIX) for p in folder.iterdir()):
         raise UserError(f"{folder} is not empty and was not made by vlp; {hint}")
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -9,12 +9,15 @@ why the shard builder writes digit-only keys.
 
 from __future__ import annotations
 
+import re
 import tarfile
 from collections.abc import Iterable
 
 from webdataset.tariterators import base_plus_ext
 
 from vlp.core.errors import UserError
+
+_META = re.compile(r"__[^/]*__($|/)")  # names webdataset's tar reader skips
 
 
 def split_member(name: str) -> tuple[str, str] | None:
@@ -35,3 +38,31 @@ def count_tar_samples(path: str) -> int:
             return count_samples(tar)
     except (tarfile.TarError, OSError, EOFError) as err:  # not a tar, truncated, unreadable
         raise UserError(f"{path}: not a readable tar shard ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+
+
+def sample_offsets(path: str) -> list[int] | None:
+    """The byte offset of each sample's first member header in a local, uncompressed tar, samples
+    counted as webdataset's reader groups them (regular files, `__meta__` names skipped, a new
+    sample where the key changes); None if the file cannot be read as such (then read it through).
+
+    Reading the headers seeks past the members' data, so this costs a small part of a read;
+    opening a shard at a sample's offset gives a valid tar stream from that sample on.
+    """
+    offsets: list[int] = []
+    current = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                name = member.name
+                if not member.isreg() or _META.match(name) or ("/" not in name and name.startswith("__")
+                                                                and name.endswith("__")):
+                    continue
+                parts = split_member(name)
+                if parts is None:
+                    continue
+                if parts[0] != current:
+                    offsets.append(member.offset)
+                    current = parts[0]
+    except (tarfile.TarError, OSError, EOFError):
+        return None
+    return offsets
