@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -53,11 +54,13 @@ def venv_python(name: str, packages: list[str]) -> Path:
     return py
 
 
-def open_clip_python() -> Path:
+def open_clip_python(extra_config: Path | None = None) -> Path:
+    """open_clip_train's virtualenv, with vlp's model configs (and `extra_config`) among open_clip's own."""
     py = venv_python("openclip", OPEN_CLIP_PACKAGES)
     site = subprocess.run([str(py), "-c", "import open_clip, os; print(os.path.dirname(open_clip.__file__))"],
                           check=True, capture_output=True, text=True).stdout.strip()
-    for config in (REPO / "vlp" / "core" / "model_configs").glob("*.json"):  # its CLI has no flag for a config path
+    configs = [*(REPO / "vlp" / "core" / "model_configs").glob("*.json"), *([extra_config] if extra_config else [])]
+    for config in configs:  # its CLI has no flag for a config path
         shutil.copy(config, Path(site) / "model_configs" / config.name)
     return py
 
@@ -89,6 +92,7 @@ class TrainRun:
     peak_rss_mb: float
     seconds: float  # wall clock of the whole command
     weights: Path | None  # for evaluation
+    first_step_s: float = float("nan")  # from launching the command to the end of its first step
 
 
 @dataclass
@@ -103,32 +107,36 @@ class Recipe:
     lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # None: each tool's own default (vlp: 1.0 unless changed; open_clip_train: off)
 
 
 def train_vlp(shards: Path, out: Path, r: Recipe, *, batch: int | None = None, micro: int | None = None,
-              extra: tuple[str, ...] = ()) -> TrainRun:
+              extra: tuple[str, ...] = (), config: Path | None = None) -> TrainRun:
+    """`vlp train` with the recipe; `config`: a model JSON of the bench's own (named after its file)."""
     shutil.rmtree(out, ignore_errors=True)
     overrides = [
         f"data.sources=[{{shards: '{shards}'}}]", f"data.workers={r.workers}", f"model.name={r.model}",
         f"train.batch_size={batch or r.batch}", f"train.steps={r.steps}", f"train.precision={r.precision}",
         f"optim.lr={r.lr}", f"optim.weight_decay={r.weight_decay}", f"optim.warmup_steps={r.warmup}",
-        f"optim.grad_clip={r.grad_clip}", f"train.output_dir={out}", f"train.checkpoint_every={10**6}",
+        *([f"optim.grad_clip={r.grad_clip}"] if r.grad_clip is not None else []), f"train.output_dir={out}",
+        f"train.checkpoint_every={10**6}", *([f"model.config_file={config}"] if config else []),
         *([f"train.micro_batch_size={micro}"] if micro else []), *extra,
     ]
+    launched = time.time()
     _, peak, seconds = measured([sys.executable, "-m", "vlp", "train", *overrides])
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ckpt = sorted((out / "checkpoints").glob("step_*"))[-1]
-    return TrainRun("vlp", median_after_warmup([m["samples_per_s"] for m in lines]), peak, seconds, ckpt)
+    return TrainRun("vlp", median_after_warmup([m["samples_per_s"] for m in lines]), peak, seconds, ckpt,
+                    lines[0]["time"] - launched)
 
 
 def train_open_clip(shards: Path, out: Path, r: Recipe, *, accum: int = 1, save: bool = False, epochs: int = 1,
-                    every: int = 1, compile: bool = False) -> TrainRun:
+                    every: int = 1, compile: bool = False, config: Path | None = None) -> TrainRun:
     """open_clip_train.main with the same recipe; `accum` > 1 is its feature-caching accumulation.
 
     r.steps steps in all, over `epochs` epochs (when `save`, a checkpoint every `every` epochs);
-    `compile`: its --torchcompile."""
-    py = open_clip_python()
+    `compile`: its --torchcompile; `config`: a model JSON of the bench's own."""
+    py = open_clip_python(config)
     manifest = json.loads((shards / "manifest.json").read_text())
     last = len(manifest["shards"]) - 1
     shutil.rmtree(out, ignore_errors=True)
@@ -137,28 +145,31 @@ def train_open_clip(shards: Path, out: Path, r: Recipe, *, accum: int = 1, save:
            "--dataset-type", "webdataset", "--train-num-samples", str(r.steps * r.batch * accum // epochs),
            "--batch-size", str(r.batch), "--accum-freq", str(accum), "--epochs", str(epochs), "--model", r.model,
            "--lr", str(r.lr), "--wd", str(r.weight_decay), "--warmup", str(r.warmup),
-           "--grad-clip-norm", str(r.grad_clip), "--workers", str(r.workers), "--precision", precision,
+           *(["--grad-clip-norm", str(r.grad_clip)] if r.grad_clip is not None else []),
+           "--workers", str(r.workers), "--precision", precision,
            "--report-to", "none", "--save-frequency", str(every) if save else "0", "--log-every-n-steps", "1",
            "--logs", str(out), "--name", "bench", "--device", "cpu", "--seed", "0",
            *(["--torchcompile"] if compile else [])]
+    launched = time.time()
     log, peak, seconds = measured(cmd)
     rates = [float(m) for m in re.findall(r"Batch \(t\): [\d.]+, ([\d.]+)/s,", log)]
     if not rates:
         raise RuntimeError(f"no throughput lines in open_clip_train's log:\n{log[-3000:]}")
     weights = out / "bench" / "checkpoints" / f"epoch_{epochs}.pt"
-    return TrainRun("open_clip_train", median_after_warmup(rates), peak, seconds, weights if save else None)
+    # its log stamps lines to the second: the first step's line, against the launch
+    stamp = re.search(r"^(\d{4}-\d\d-\d\d,\d\d:\d\d:\d\d) \| INFO \| Train Epoch", log, re.M)
+    first = (datetime.strptime(stamp.group(1), "%Y-%m-%d,%H:%M:%S").timestamp() - launched) if stamp else float("nan")
+    return TrainRun("open_clip_train", median_after_warmup(rates), peak, seconds, weights if save else None, first)
 
 
-def ensure_synthetic_shards(work: Path, pairs: int = 10_000) -> Path:
-    """The synthetic default's shards: data/shards when the README's command made them, else built here."""
-    shards = REPO / "data" / "shards"
-    if (shards / "manifest.json").exists() and json.loads((shards / "manifest.json").read_text())["written"] >= pairs:
-        return shards
-    shards = work / f"shards-{pairs}"
+def synthetic_shards(work: Path, pairs: int = 10_000, image_size: int = 64) -> Path:
+    """Synthetic shards of `pairs` pairs at `image_size` px, built under work once (kept between runs)."""
+    shards = work / f"shards-{pairs}-{image_size}px"
     if not (shards / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "vlp", "shards", "synth", "--out", str(work / f"synth-{pairs}"),
-                        "--n", str(pairs)], check=True)
-        subprocess.run([sys.executable, "-m", "vlp", "shards", "build", str(work / f"synth-{pairs}" / "pairs.csv"),
-                        "--output", str(shards), "--image-size", "64", "--shard-size", "1000",
+        synth = work / f"synth-{pairs}-{image_size}px"
+        subprocess.run([sys.executable, "-m", "vlp", "shards", "synth", "--out", str(synth), "--n", str(pairs),
+                        "--image-size", str(image_size)], check=True)
+        subprocess.run([sys.executable, "-m", "vlp", "shards", "build", str(synth / "pairs.csv"), "--output",
+                        str(shards), "--image-size", str(image_size), "--shard-size", "1000",
                         "--keep-cols", "kind,hard_negatives", "--quiet"], check=True)
     return shards

@@ -459,7 +459,8 @@ class Trainer:
                     continue  # nothing read off the device on this step: it runs ahead of the host
                 record, stop = self._sync(step, lr, window.replaced)
                 pos.replaced += record.pop("replaced")
-                record = {"step": pos.step, "epoch": pos.epoch, "samples": pos.samples, **record,
+                record = {"step": pos.step, "time": round(time.time(), 3), "epoch": pos.epoch, "samples": pos.samples,
+                          **record,
                           **window.rates(), "skipped_samples": pos.replaced,
                           "peak_memory_mb": _peak_memory_mb(self.device), **self._keys_digest(batch)}
                 window = _Window()
