@@ -55,8 +55,9 @@ from vlp.eval.wds import read_shard as eval_read_shard
 
 from vlp.core.config import COMMAND_SCHEMAS, DataSource, load
 from vlp.core.errors import RowFailure, UserError
-from vlp.data import TrainTransform, read_shard
-from vlp.sources import resolve_source
+from vlp.train.loader.batches import TrainTransform
+from vlp.train.loader.reading import read_shard
+from vlp.train.loader.sources import resolve_source
 
 ALLOWED = (UserError, RowFailure)
 

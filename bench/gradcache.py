@@ -36,9 +36,9 @@ def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from vlp.core.config import LossConfig, ModelConfig
     from vlp.core.models import create_model, image_normalization
-    from vlp.data import normalize
-    from vlp.gradcache import GradCache
-    from vlp.losses import ContrastiveLoss
+    from vlp.train.gradcache import GradCache
+    from vlp.train.loader.batches import normalize
+    from vlp.train.losses import ContrastiveLoss
 
     torch.manual_seed(0)
     model, *_ = create_model(ModelConfig(name=args.model), LossConfig())

@@ -74,7 +74,7 @@ def make_shards(work: Path, n: int) -> Path:
 def run_vlp(shards: Path | str, args, normalise: bool, manifest: str | None = None) -> tuple[int, float]:
     from vlp.core.config import DataConfig, DataSource, ModelConfig
     from vlp.core.models import create_model, image_normalization
-    from vlp.data import ShardLoader, normalize
+    from vlp.train.loader.batches import ShardLoader, normalize
 
     model, _, _, tokenizer = create_model(ModelConfig(name="ViT-B-32"))
     mean, std = image_normalization(model)

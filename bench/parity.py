@@ -165,7 +165,7 @@ def replay_batches(run: Path, s: Setting, keys: list[list[str]]) -> Path:
 
     from vlp.core.config import RunConfig
     from vlp.core.models import create_model, image_normalization
-    from vlp.data import ShardLoader, normalize
+    from vlp.train.loader.batches import ShardLoader, normalize
 
     cfg = RunConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
     model, _, _, tokenizer = create_model(cfg.model, cfg.loss)

@@ -73,7 +73,7 @@ def profile_vlp_step(shards: Path, out: Path, r: Recipe) -> list[tuple[str, floa
     import torch
 
     from vlp.core.config import load_config
-    from vlp.train import Trainer
+    from vlp.train.trainer import Trainer
 
     cfg = load_config(None, [f"data.sources=[{{shards: '{shards}'}}]", f"data.workers={r.workers}",
                              f"model.name={r.model}", f"train.batch_size={r.batch}", "train.steps=1000",

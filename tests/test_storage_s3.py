@@ -257,7 +257,7 @@ def test_an_epoch_over_s3_gets_each_shard_once(s3_here, pairs, tmp_path):
     from open_clip.tokenizer import SimpleTokenizer
 
     from vlp.core.config import DataConfig, DataSource
-    from vlp.data import ShardLoader
+    from vlp.train.loader.batches import ShardLoader
 
     _ok(_vlp(os.environ.copy(), "shards", "build", str(pairs / "pairs.csv"), "--output", str(tmp_path / "s"), *BUILD))
     client = s3_here.client()

@@ -23,8 +23,8 @@ from PIL import Image
 from vlp.data_tools.curation.dedup import faiss_module
 from vlp.data_tools.curation.phash import distances, phash
 from vlp.data_tools.curation.samples import batches
-from vlp.eval.images import ImageRef, load_image
-from vlp.eval.models import Encoder
+from vlp.eval.encoders import Encoder
+from vlp.eval.image_refs import ImageRef, load_image
 from vlp.eval.suite import load_suite
 from vlp.eval.tasks import TASKS
 from vlp.eval.tasks.base import Context, default_cache_dir
