@@ -23,7 +23,8 @@ from s3_server import S3Server
 from shard_helpers import tree_bytes, write_csv
 from vlp.data_tools.synth import generate
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs all of group "s3": the tests share one s3 setup
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("s3")]
 
 ROWS, SHARD = 48, 20
 

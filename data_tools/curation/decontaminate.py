@@ -8,8 +8,8 @@ removed, naming the task and the eval image it matched. Crops and
 re-encodings of an eval image keep a cosine near 1, so with a model of rich
 semantics the threshold can sit well above the similarity of merely alike
 images. A model trained on few concepts (vlp's synthetic world) embeds
-different pictures of the same content as closely as copies (measured: the
-demo model puts half the training images within 0.98 of some eval image);
+different pictures of the same content as closely as copies (the demo's
+model puts many training images within 0.98 of some eval image);
 `hash_distance` then also asks the two images' perceptual hashes (phash.py)
 to be within that many bits, which copies, resizes and re-encodings are.
 """

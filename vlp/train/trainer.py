@@ -338,7 +338,7 @@ class Trainer:
         use_safe_loading(self.engine)  # resuming never unpickles more than tensors and plain data
         if env.world_size == 1 and zero_stage_of(self.ds_config) == 0 and self.precision == "fp32":
             # Alone, DeepSpeed's gradient "all-reduce" copies every gradient into a flat buffer and back
-            # (about 6% of a vlp-tiny step on a CPU) to average over one rank: the same numbers, skipped.
+            # to average over one rank: a visible share of a small model's step, for the same numbers.
             self.engine.enable_backward_allreduce = False
         if self.speedups.channels_last:  # after initialize: DeepSpeed's broadcast of the weights needs them dense
             use_channels_last(self.engine.module)

@@ -351,8 +351,8 @@ class _EpochDataset(IterableDataset):
 class _StreamDataset(IterableDataset):
     """Epoch after epoch of one rank, from (epoch, start), for one DataLoader: its workers go on into
     the next epoch while the trainer finishes this one. (A DataLoader per epoch forks its workers again
-    and runs its pipeline dry at every epoch's end: the step waited 1.0-1.7 s there, measured with
-    batches of 128 small images on 2 cores, which adds up on a small set trained for many epochs.)"""
+    and runs its pipeline dry at every epoch's end: the step waits for it there, which adds up on a
+    small set trained for many epochs.)"""
 
     def __init__(self, spec: PlanSpec, sources: list[list[Shard]], batch: BatchSpec, epoch: int, start: int):
         self.spec, self.sources, self.batch, self.epoch, self.start = spec, sources, batch, epoch, start
