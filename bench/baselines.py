@@ -43,6 +43,28 @@ def provenance() -> dict:
             "command": " ".join(["python", *sys.argv])}
 
 
+RESULTS = BENCH / "results"
+
+
+def write_result(name: str, title: str, tables: list[dict], *, order: int = 50, **extra) -> Path:
+    """bench/results/NAME.json, which the docs' results page is generated from: the figures as tables
+    ({"title", "columns", "rows"}), with the date, commit, machine and command (and `about`, `notes`,
+    `conditions`, `plots`, or any figures a script wants kept whole)."""
+    path = RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"title": title, "order": order, **provenance(), **extra, "tables": tables},
+                               indent=1) + "\n")
+    print(f"result file: {path}")
+    return path
+
+
+def markdown(table: dict) -> str:
+    """A result table ({"title", "columns", "rows"}) as the Markdown the scripts print."""
+    lines = [f"\n{table['title']}"] if table.get("title") else []
+    lines += ["| " + " | ".join(table["columns"]) + " |", "|" + "---|" * len(table["columns"])]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in table["rows"]])
+
+
 def venv_python(name: str, packages: list[str]) -> Path:
     """bench/.venv-<name>/bin/python, created with `packages` on first use."""
     venv = BENCH / f".venv-{name}"

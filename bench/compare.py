@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
 
-from baselines import REPO, Recipe, train_open_clip, train_vlp  # noqa: E402
+from baselines import REPO, Recipe, markdown, train_open_clip, train_vlp, write_result  # noqa: E402
 
 METRICS = [  # (column, task, metric)
     ("shape", "shape_zeroshot", "acc1"),
@@ -90,16 +90,13 @@ def main() -> None:
         runs.append((label, run, report))
         print(f"  {tool} batch {label}: {run.samples_per_s:.0f} samples/s, peak {run.peak_rss_mb:.0f} MiB, "
               f"{run.seconds:.0f} s", flush=True)
-    print(f"\n{args.model}, {args.samples} samples seen, demo recipe, 2 CPU cores; metrics in % on the default "
-          "suite (held-out synthetic sets)\n")
     head = ["tool", "contrastive batch", "samples/s", "peak RSS MiB", "wall s"] + [c for c, _, _ in METRICS]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for label, run, report in runs:
-        cells = [run.tool, label, f"{run.samples_per_s:.0f}", f"{run.peak_rss_mb:.0f}", f"{run.seconds:.0f}"]
-        cells += [_value(report, task, metric) for _, task, metric in METRICS]
-        print("| " + " | ".join(cells) + " |")
-
+    rows = [[run.tool, label, f"{run.samples_per_s:.0f}", f"{run.peak_rss_mb:.0f}", f"{run.seconds:.0f}",
+             *[_value(report, task, metric) for _, task, metric in METRICS]] for label, run, report in runs]
+    table = {"title": f"{args.model}, {args.samples} samples seen, demo recipe; metrics in % on the default suite "
+                      "(held-out synthetic sets)", "columns": head, "rows": rows}
+    print(markdown(table))
+    write_result("compare", "vlp vs open_clip_train on the demo's model and shards", [table], order=20)
 
 if __name__ == "__main__":
     main()

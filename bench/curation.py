@@ -32,6 +32,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+from baselines import markdown, write_result  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -73,18 +76,18 @@ def planted(args) -> None:
         print(printed.strip(), f"({time.perf_counter() - start:.1f}s)")
         rows.append((name, score(pairs, work / "shards", out)))
     counts = rows[0][1]["counts"]
-    print(f"\nplanted defects in {args.n} synthetic pairs (+ {counts['near_duplicate_pairs']} near-duplicates, "
-          f"{counts['eval']} eval images); model {args.model}")
-    print("| curation | mismatched removed | good removed | near-duplicates removed | eval images removed |")
-    print("|---|---|---|---|---|")
-    for name, s in rows:
-        print(f"| {name} | {s['mismatched_removed']:.1%} | {s['good_removed']:.1%} | "
-              f"{s['near_duplicates_removed']:.1%} | {s['eval_removed']:.1%} |")
-    if args.ab:
-        ab(work, args)
+    table = {"title": f"planted defects in {args.n} synthetic pairs (+ {counts['near_duplicate_pairs']} "
+                      f"near-duplicates, {counts['eval']} eval images); model {args.model}",
+             "columns": ["curation", "mismatched removed", "good removed", "near-duplicates removed",
+                         "eval images removed"],
+             "rows": [[name, f"{s['mismatched_removed']:.1%}", f"{s['good_removed']:.1%}",
+                       f"{s['near_duplicates_removed']:.1%}", f"{s['eval_removed']:.1%}"] for name, s in rows]}
+    print(markdown(table))
+    tables = [table, *([ab(work, args)] if args.ab else [])]
+    write_result("curation_planted", "Curation on planted defects (synthetic set)", tables, order=40)
 
 
-def ab(work: Path, args) -> None:
+def ab(work: Path, args) -> dict:
     """The same recipe on raw and curated shards, the same samples seen, then the default suite."""
     vlp("shards", "curate", str(work / "shards"), "--output", str(work / "curated"), "--embeddings", str(work / "emb"),
         "--decontaminate-suite", "default", "--decontaminate-hash-distance", "2", "--semdedup-threshold", "0.9",
@@ -96,18 +99,19 @@ def ab(work: Path, args) -> None:
             f"train.output_dir={run}", f"train.samples={args.ab_samples}", "data.shuffle_buffer=1000")
         vlp("eval", "--model", str(run), "--suite", "default", "--out", str(work / f"eval-{name}"), "--quiet")
         results[name] = json.loads((work / f"eval-{name}" / "report.json").read_text())["summary"]
-    print(f"\nA/B at {args.ab_samples} samples seen (demo recipe, vlp-tiny-rn), default suite")
-    print("| task | metric | raw | curated |")
-    print("|---|---|---|---|")
-    for task, r in results["raw"].items():
-        c = results["curated"][task]
-        print(f"| {task} | {r['metric']} | {100 * r['value']:.1f} | {100 * c['value']:.1f} |")
+    table = {"title": f"A/B at {args.ab_samples} samples seen (demo recipe, vlp-tiny-rn), default suite",
+             "columns": ["task", "metric", "raw", "curated"],
+             "rows": [[task, r["metric"], f"{100 * r['value']:.1f}", f"{100 * results['curated'][task]['value']:.1f}"]
+                      for task, r in results["raw"].items()]}
+    print(markdown(table))
+    return table
 
 
 def scale(args) -> None:
     """curate's decisions on random embeddings: time per step and the process's peak memory."""
     from vlp.data_tools.curation import dedup
 
+    rows = []
     for n in (int(v) for v in args.scale.split(",")):
         rng = np.random.default_rng(0)
         x = rng.standard_normal((n, args.dim), dtype=np.float32)
@@ -133,6 +137,10 @@ def scale(args) -> None:
               f"(embeddings {x.nbytes / 2**20:.0f} MiB)")
         for step, seconds in t.items():
             print(f"  {step}: {seconds:.1f}s ({n / max(seconds, 1e-9):.0f} samples/s)")
+            rows.append([n, step, f"{seconds:.1f}", f"{n / max(seconds, 1e-9):.0f}", f"{peak:.0f}"])
+    write_result("curation_scale", "Curation's decisions at scale (random embeddings)", [{
+        "columns": ["samples", "step", "seconds", "samples/s", "peak RSS so far, MiB"], "rows": rows}], order=45,
+        about=f"dim {args.dim}; 5% planted near-duplicates, 1% exact copies")
 
 
 def main() -> None:

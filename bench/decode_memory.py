@@ -26,6 +26,9 @@ from PIL import Image, ImageDraw
 
 from vlp.core.images import DECODE_BUDGET_PIXELS
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+from baselines import write_result  # noqa: E402
+
 
 def make_pngs(folder: Path, n: int, side: int, mode: str) -> list[Path]:
     paths = []
@@ -87,6 +90,12 @@ def main() -> int:
     print(f"decode budget per process: {DECODE_BUDGET_PIXELS / 1e6:.0f} Mpx")
     print(f"peak RSS, whole process tree: {peak_sum / 2**30:.2f} GiB; largest single process: "
           f"{peak_one / 2**30:.2f} GiB")
+    write_result(f"decode_memory_{args.mode.lower()}", f"Decode memory: huge {args.mode} images through the builder", [{
+        "columns": ["images", "mode", "threads", "workers", "exit", "seconds", "peak RSS tree GiB",
+                    "largest process GiB", "budget per process Mpx"],
+        "rows": [[f"{args.n} x {args.side}x{args.side}", args.mode, args.threads, args.workers, proc.returncode,
+                  f"{took:.0f}", f"{peak_sum / 2**30:.2f}", f"{peak_one / 2**30:.2f}",
+                  f"{DECODE_BUDGET_PIXELS / 1e6:.0f}"]]}], order=70)
     return proc.returncode
 
 

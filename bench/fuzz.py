@@ -55,8 +55,12 @@ from vlp.eval.wds import read_shard as eval_read_shard
 
 from vlp.core.config import COMMAND_SCHEMAS, DataSource, load
 from vlp.core.errors import RowFailure, UserError
-from vlp.data import TrainTransform, read_shard
-from vlp.sources import resolve_source
+from vlp.train.loader.batches import TrainTransform
+from vlp.train.loader.reading import read_shard
+from vlp.train.loader.sources import resolve_source
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+from baselines import write_result  # noqa: E402
 
 ALLOWED = (UserError, RowFailure)
 
@@ -475,6 +479,7 @@ def main() -> int:
     parser.add_argument("--crash-dir", type=Path, default=Path("fuzz-crashes"))
     args = parser.parse_args()
     failed = False
+    rows = []
     with tempfile.TemporaryDirectory(prefix="vlp-fuzz-") as tmp:
         for name in args.target or list(TARGETS):
             start = time.monotonic()
@@ -485,7 +490,10 @@ def main() -> int:
                   flush=True)
             for where, message in crashes.items():
                 print(f"  {where}: {message}", flush=True)
+            rows.append([name, executions, f"{took:.0f}", len(crashes), "; ".join(crashes) or "-"])
             failed |= bool(crashes)
+    write_result("fuzz", "Fuzzing every reader of outside input", [{
+        "columns": ["target", "executions", "seconds", "uncaught exceptions", "where"], "rows": rows}], order=90)
     return 1 if failed else 0
 
 

@@ -23,6 +23,10 @@ import subprocess
 import sys
 import time
 from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+from baselines import write_result  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -36,9 +40,9 @@ def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from vlp.core.config import LossConfig, ModelConfig
     from vlp.core.models import create_model, image_normalization
-    from vlp.data import normalize
-    from vlp.gradcache import GradCache
-    from vlp.losses import ContrastiveLoss
+    from vlp.train.gradcache import GradCache
+    from vlp.train.loader.batches import normalize
+    from vlp.train.losses import ContrastiveLoss
 
     torch.manual_seed(0)
     model, *_ = create_model(ModelConfig(name=args.model), LossConfig())
@@ -145,6 +149,7 @@ def main() -> None:
     print("-" * len(head))
     base_peak = None
     nocache_hist: list[tuple[int, float]] = []
+    table_rows: list[list[str]] = []
     t_start = time.time()
     for batch in args.batches:
         rows = {}
@@ -161,8 +166,13 @@ def main() -> None:
         if base_peak is None and "peak_mb" in rows["cache"]:
             base_peak = rows["cache"]["peak_mb"]
         for mode in ("nocache", "cache"):
-            print(_row(batch, mode, rows, base_peak, widths), flush=True)
+            line = _row(batch, mode, rows, base_peak, widths)
+            print(line, flush=True)
+            table_rows.append([c.strip() for c in line.split(" | ")] + [""] * (len(cols) - len(line.split(" | "))))
     print(f"total {time.time() - t_start:.0f} s")
+    write_result("gradcache", "Gradient caching: memory and time against the effective batch",
+                 [{"columns": cols, "rows": table_rows}], order=55,
+                 about=f"model {args.model}, fp32, chunk {args.chunk}, softmax loss")
 
 
 if __name__ == "__main__":

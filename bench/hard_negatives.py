@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
 
-from baselines import Recipe, train_vlp  # noqa: E402
+from baselines import Recipe, markdown, train_vlp, write_result  # noqa: E402
 from compare import METRICS, demo_shards, evaluate  # noqa: E402
 
 
@@ -64,16 +64,17 @@ def main() -> None:
         return 100 * sum(values) / len(values)
 
     a, b = arms
-    print(f"\nhard-negative A/B, vlp-tiny-rn, {args.samples} samples per run, mean of {args.seeds} seed(s), "
-          "default suite (%)\n")
-    print(f"| metric | {a} | {b} | B - A |")
-    print("|---|---|---|---|")
+    rows = []
     for column, task, metric in METRICS:
         va, vb = mean(a, task, metric), mean(b, task, metric)
-        print(f"| {column} | {va:.1f} | {vb:.1f} | {vb - va:+.1f} |")
+        rows.append([column, f"{va:.1f}", f"{vb:.1f}", f"{vb - va:+.1f}"])
     ta, tb = (sum(run.seconds for run, _ in results[n]) / args.seeds for n in (a, b))
-    print(f"| training time (s) | {ta:.0f} | {tb:.0f} | {tb - ta:+.0f} |")
-
+    rows.append(["training time (s)", f"{ta:.0f}", f"{tb:.0f}", f"{tb - ta:+.0f}"])
+    table = {"title": f"hard-negative A/B, vlp-tiny-rn, {args.samples} samples per run, mean of {args.seeds} "
+                      "seed(s), default suite (%)", "columns": ["metric", a, b, "B - A"], "rows": rows}
+    print(markdown(table))
+    write_result("hard_negatives", "Hard negatives (counting- and composition-aware training), A/B", [table],
+                 order=60)
 
 if __name__ == "__main__":
     main()

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # bench/ is not a package
 
-from baselines import open_clip_python  # noqa: E402
+from baselines import markdown, open_clip_python, write_result  # noqa: E402
 
 BASELINE = r"""
 import argparse, json, sys, time
@@ -74,7 +74,7 @@ def make_shards(work: Path, n: int) -> Path:
 def run_vlp(shards: Path | str, args, normalise: bool, manifest: str | None = None) -> tuple[int, float]:
     from vlp.core.config import DataConfig, DataSource, ModelConfig
     from vlp.core.models import create_model, image_normalization
-    from vlp.data import ShardLoader, normalize
+    from vlp.train.loader.batches import ShardLoader, normalize
 
     model, _, _, tokenizer = create_model(ModelConfig(name="ViT-B-32"))
     mean, std = image_normalization(model)
@@ -122,12 +122,12 @@ def compare_http(shards: Path, args) -> None:
     n, seconds, gets = _from_s3(shards, last, args)
     print(f"  loopback S3: {n} samples in {seconds:.1f}s", flush=True)
     rows.append(("loopback S3 (s3fs)", n / seconds, _gets(gets)))
-    print(f"\nvlp ShardLoader, one epoch, {args.n} JPEGs 256-1024 px -> {args.image_size} px, "
-          f"batch {args.batch}, {args.workers} workers, shuffle buffer {args.shuffle_buffer}")
-    print("| shards from | samples/s | GETs in the epoch |")
-    print("|---|---|---|")
-    for name, rate, get in rows:
-        print(f"| {name} | {rate:.0f} | {get} |")
+    table = {"title": f"vlp ShardLoader, one epoch, {args.n} JPEGs 256-1024 px -> {args.image_size} px, "
+                      f"batch {args.batch}, {args.workers} workers, shuffle buffer {args.shuffle_buffer}",
+             "columns": ["shards from", "samples/s", "GETs in the epoch"],
+             "rows": [[name, f"{rate:.0f}", get] for name, rate, get in rows]}
+    print(markdown(table))
+    write_result("loader_remote", "The training loader from local disk, HTTP and S3", [table], order=52)
 
 
 def _gets(gets: dict) -> str:
@@ -178,12 +178,12 @@ def main() -> None:
         rows.append((name, n / seconds, n))
         print(f"  {name}: {n} samples in {seconds:.1f}s", flush=True)
     base = rows[0][1]
-    print(f"\ndecode + augment + tokenise, {args.n} JPEGs 256-1024 px -> {args.image_size} px, "
-          f"batch {args.batch}, {args.workers} workers")
-    print("| loader | samples/s | vs open_clip_train |")
-    print("|---|---|---|")
-    for name, rate, _ in rows:
-        print(f"| {name} | {rate:.0f} | {rate / base:.2f}x |")
+    table = {"title": f"decode + augment + tokenise, {args.n} JPEGs 256-1024 px -> {args.image_size} px, "
+                      f"batch {args.batch}, {args.workers} workers",
+             "columns": ["loader", "samples/s", "vs open_clip_train"],
+             "rows": [[name, f"{rate:.0f}", f"{rate / base:.2f}x"] for name, rate, _ in rows]}
+    print(markdown(table))
+    write_result("loader", "The training loader against open_clip_train's pipeline", [table], order=51)
 
 
 if __name__ == "__main__":

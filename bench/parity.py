@@ -1,7 +1,7 @@
 """Step parity with open_clip_train: the same weights, batches and settings give the same steps.
 
     python bench/parity.py [--steps 12] [--loss softmax,sigmoid] [--world 1,2] [--model vlp-micro]
-                           [--work /tmp/vlp-parity] [--json bench/results/parity.json]
+                           [--work /tmp/vlp-parity] [--no-json]
 
 Both tools start from one initial state dict (an open_clip model, seed 0, its learnable
 temperature put at the clamp, log 100, so the clamp both tools apply is exercised), train
@@ -40,6 +40,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+from baselines import write_result  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -165,7 +168,7 @@ def replay_batches(run: Path, s: Setting, keys: list[list[str]]) -> Path:
 
     from vlp.core.config import RunConfig
     from vlp.core.models import create_model, image_normalization
-    from vlp.data import ShardLoader, normalize
+    from vlp.train.loader.batches import ShardLoader, normalize
 
     cfg = RunConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
     model, _, _, tokenizer = create_model(cfg.model, cfg.loss)
@@ -313,21 +316,23 @@ def main() -> None:
     p.add_argument("--world", default="1,2")
     p.add_argument("--model", default="vlp-micro")
     p.add_argument("--work", type=Path, default=Path("/tmp/vlp-parity"))
-    p.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
+    p.add_argument("--no-json", action="store_true", help="print only (default: write bench/results/parity.json)")
     a = p.parse_args()
     results = []
     for loss in a.loss.split(","):
         for world in (int(w) for w in a.world.split(",")):
             r = run(a.work, Setting(loss=loss, world=world, steps=a.steps, model=a.model))
             print(r.line(), flush=True)
-            results.append({**asdict(r.setting), "loss_rel_diff": r.loss_rel_diff, "weight_diff": r.weight_diff,
-                            "weight_change": r.weight_change, "vlp_losses": r.vlp_losses,
-                            "open_clip_losses": r.open_clip_losses})
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        from baselines import provenance
-
-        a.json.write_text(json.dumps({**provenance(), "results": results}, indent=1))
+            results.append(r)
+    if not a.no_json:
+        rows = [[r.setting.loss, r.setting.world, len(r.vlp_losses), f"{r.vlp_losses[0]:.4f} -> {r.vlp_losses[-1]:.4f}",
+                 f"{r.loss_rel_diff:.1e}", f"{r.weight_rel_diff:.1e}"] for r in results]
+        write_result("parity", "Step parity with open_clip_train", [{
+            "columns": ["loss", "ranks", "steps", "vlp loss", "max loss rel diff", "max weight diff / largest change"],
+            "rows": rows}], order=5,
+            about=f"{a.model}, batch {Setting().batch} per rank, fp32, from one initial state dict; see the parity page",
+            runs=[{**asdict(r.setting), "vlp_losses": r.vlp_losses, "open_clip_losses": r.open_clip_losses}
+                  for r in results])
 
 
 if __name__ == "__main__":

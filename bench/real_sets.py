@@ -2,7 +2,7 @@
 
     python bench/real_sets.py [--sets emoji,openmoji] [--tools open_clip_train,vlp,vlp-recipe]
                               [--seeds 0,1,2] [--samples 60000] [--work /tmp/vlp-bench-real]
-                              [--json bench/results/real_sets.json] [--set KEY=VALUE --label NAME]
+                              [--json real_sets] [--set KEY=VALUE --label NAME]
 
 The sets (npm packages fetched with `npm pack` into --work on first use, never committed):
 - emoji: Twemoji drawings with their names to train, Noto's drawings of the same concepts to
@@ -45,9 +45,15 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
 
 import time_to_quality as ttq  # noqa: E402
-from baselines import REPO, Recipe, measured, open_clip_python, provenance, venv_python  # noqa: E402
+from baselines import REPO, Recipe, markdown, measured, open_clip_python, venv_python, write_result  # noqa: E402
 
 COLUMNS = [c for c, _, _ in ttq.METRICS]
+ABOUT = ("vlp-tiny (64 px ViT) from scratch; batch 128, lr 1e-3, weight decay 0.1, warm-up 50, fp32, one loader "
+         "worker, for every tool; open_clip_train and plain vlp otherwise at their own defaults; vlp-recipe: "
+         "configs/recipe-small.yaml. emoji: Twemoji to train, Noto to evaluate (the recipe was chosen on it); "
+         "openmoji: OpenMoji's colour drawings to train, its black drawings to evaluate (not chosen on). "
+         "style = the trained concepts in the other style; novel = held-out concepts; category = zero-shot "
+         "category of the held-out concepts.")
 OPENMOJI = "openmoji@17.0.0"
 
 # ---------------------------------------------------------------- the second set: OpenMoji
@@ -182,14 +188,14 @@ def run_one(work: Path, set_name: str, tool: str, seed: int, r: Recipe, label: s
     return result
 
 
-def summary(results: list[dict], labels: list[str]) -> list[str]:
-    lines = []
+def summary(results: list[dict], labels: list[str]) -> list[dict]:
+    """One table per set: mean (min-max) over seeds of each column, and the ratio to open_clip_train's mean."""
+    tables = []
     for set_name in dict.fromkeys(r["set"] for r in results):
         rows = {lab: [r for r in results if r["set"] == set_name and r["label"] == lab] for lab in labels}
         base = rows.get("open_clip_train") or []
-        lines.append(f"\n{set_name}: mean (min-max) over seeds; x: against open_clip_train's mean")
-        lines.append("| tool | seeds | wall s | " + " | ".join(COLUMNS) + " |")
-        lines.append("|---|---|---|" + "---|" * len(COLUMNS))
+        table = {"title": f"{set_name}: mean (min-max) over seeds; x: against open_clip_train's mean",
+                 "columns": ["tool", "seeds", "wall s", *COLUMNS], "rows": []}
         for lab, runs in rows.items():
             if not runs:
                 continue
@@ -198,12 +204,11 @@ def summary(results: list[dict], labels: list[str]) -> list[str]:
                 values = [r[col] for r in runs]
                 mean = statistics.mean(values)
                 cell = f"{mean:.1f} ({min(values):.1f}-{max(values):.1f})"
-                if base and lab != "open_clip_train":
-                    ref = statistics.mean(r[col] for r in base)
-                    cell += f" {mean / ref:.2f}x" if ref else ""
-                cells.append(cell)
-            lines.append(f"| {lab} | {len(runs)} | " + " | ".join(cells) + " |")
-    return lines
+                ref = statistics.mean(r[col] for r in base) if base and lab != "open_clip_train" else 0
+                cells.append(cell + (f" {mean / ref:.2f}x" if ref else ""))
+            table["rows"].append([lab, len(runs), *cells])
+        tables.append(table)
+    return tables
 
 
 def main() -> None:
@@ -216,7 +221,8 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for vlp's runs")
     p.add_argument("--label", default=None, help="the name of vlp's runs with --set (default: the overrides)")
     p.add_argument("--work", type=Path, default=Path("/tmp/vlp-bench-real"))
-    p.add_argument("--json", type=Path, default=None, help="write every run's figures here, with the summary")
+    p.add_argument("--json", default=None, metavar="NAME", help="write bench/results/NAME.json (the summary and "
+                   "every run's figures)")
     a = p.parse_args()
     r = Recipe(model="vlp-tiny", batch=128, steps=a.samples // 128, workers=a.workers, lr=1e-3, warmup=50,
                weight_decay=0.1)
@@ -231,13 +237,11 @@ def main() -> None:
                 print(f"{set_name} {label} seed {seed}: " + ", ".join(f"{c} {res[c]:.1f}" for c in COLUMNS)
                       + f"; {res['wall_s']:.0f} s" + ("" if time.time() - start > 5 else " (kept)"), flush=True)
                 results.append(res)
-    lines = summary(results, list(dict.fromkeys(labels)))
-    print("\n".join(lines))
+    tables = summary(results, list(dict.fromkeys(labels)))
+    print("\n".join(markdown(t) for t in tables))
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({**provenance(), "samples": a.samples, "runs": results, "table": lines},
-                                     indent=1))
-
+        write_result(a.json, "vlp vs open_clip_train on real drawings, several seeds", tables, order=25,
+                     about=ABOUT, samples=a.samples, runs=results)
 
 if __name__ == "__main__":
     main()

@@ -54,7 +54,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # bench/ is not a package
 
-from baselines import img2dataset_python  # noqa: E402
+from baselines import img2dataset_python, markdown, write_result  # noqa: E402
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
@@ -196,13 +196,14 @@ def main() -> None:
             print(f"  {name}: vlp {vlp_n} in {vlp_s:.1f}s, img2dataset {i2d_n} in {i2d_s:.1f}s", flush=True)
     finally:
         server.terminate()
-    print(f"\nshard building, {args.n} JPEGs 256-1024 px -> {args.image_size} px border, "
-          f"{args.workers} processes x 16 threads; vlp --resize-filter {args.resize_filter}")
-    print("| source | vlp images/s | img2dataset images/s | ratio |")
-    print("|---|---|---|---|")
-    for name, vlp_rate, vlp_n, i2d_rate, i2d_n in rows:
-        print(f"| {name} | {vlp_rate:.0f} ({vlp_n} written) | {i2d_rate:.0f} ({i2d_n} written) | "
-              f"{vlp_rate / i2d_rate:.2f}x |")
+    table = {"title": f"shard building, {args.n} JPEGs 256-1024 px -> {args.image_size} px border, "
+                      f"{args.workers} processes x 16 threads; vlp --resize-filter {args.resize_filter}",
+             "columns": ["source", "vlp images/s", "img2dataset images/s", "ratio"],
+             "rows": [[name, f"{vlp_rate:.0f} ({vlp_n} written)", f"{i2d_rate:.0f} ({i2d_n} written)",
+                       f"{vlp_rate / i2d_rate:.2f}x"] for name, vlp_rate, vlp_n, i2d_rate, i2d_n in rows]}
+    print(markdown(table))
+    write_result(f"shards_vs_img2dataset_{args.resize_filter}", "Shard building: vlp vs img2dataset", [table],
+                 order=35)
 
 
 def _same_files(a: Path, b: Path) -> bool:
@@ -239,15 +240,17 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
     where = args.ray_address or f"1 node: a Ray instance started here with {args.workers} CPUs"
     if args.two_nodes:
         where += "; 2 nodes: head + a node in a network namespace, 1 CPU each, on this machine's cores"
-    print(f"\nshard building, {args.n} JPEGs 256-1024 px -> {args.image_size} px border, "
-          f"{args.workers} processes x 16 threads; ray {where}")
     names = list(rows[0][1])
-    print("| source | " + " | ".join(f"{k} images/s" for k in names) + " | same files |")
-    print("|---|" + "---|" * len(names) + "---|")
+    table_rows = []
     for name, runs, same in rows:
         base = runs["local"][1] / runs["local"][0]
-        cells = [f"{n / t:.0f} ({n / t / base:.2f}x)" for t, n in runs.values()]
-        print(f"| {name} | " + " | ".join(cells) + f" | {'yes' if same else 'NO'} |")
+        table_rows.append([name, *[f"{n / t:.0f} ({n / t / base:.2f}x)" for t, n in runs.values()],
+                           "yes" if same else "NO"])
+    table = {"title": f"shard building, {args.n} JPEGs 256-1024 px -> {args.image_size} px border, "
+                      f"{args.workers} processes x 16 threads; ray {where}",
+             "columns": ["source", *[f"{k} images/s" for k in names], "same files"], "rows": table_rows}
+    print(markdown(table))
+    write_result("shards_ray", "Shard building: the local engine vs --engine ray", [table], order=36)
 
 
 def compare_s3(csv_path: Path, work: Path, args) -> None:
@@ -267,12 +270,14 @@ def compare_s3(csv_path: Path, work: Path, args) -> None:
         puts = sum(n for (method, _), n in server.hits.items() if method == "PUT")
     finally:
         server.stop()
-    print(f"\nshard building to storage, {args.n} JPEGs -> {args.image_size} px border, {args.workers} processes")
-    print("| output | images/s | ratio | same files |")
-    print("|---|---|---|---|")
-    print(f"| local folder | {local_n / local_s:.0f} ({local_n} written) | 1.00x | |")
-    print(f"| s3:// (moto on loopback, {puts} PUTs for {len(keys)} objects) | {s3_n / s3_s:.0f} ({s3_n} written) | "
-          f"{(s3_n / s3_s) / (local_n / local_s):.2f}x | {'yes' if same else 'NO'} |")
+    table = {"title": f"shard building to storage, {args.n} JPEGs -> {args.image_size} px border, "
+                      f"{args.workers} processes", "columns": ["output", "images/s", "ratio", "same files"],
+             "rows": [["local folder", f"{local_n / local_s:.0f} ({local_n} written)", "1.00x", ""],
+                      [f"s3:// (moto on loopback, {puts} PUTs for {len(keys)} objects)",
+                       f"{s3_n / s3_s:.0f} ({s3_n} written)", f"{(s3_n / s3_s) / (local_n / local_s):.2f}x",
+                       "yes" if same else "NO"]]}
+    print(markdown(table))
+    write_result("shards_s3", "Shard building into object storage", [table], order=37)
 
 
 VLP_STEPS = ("read", "sha256", "header + draft", "decode", "resize", "encode")
@@ -296,7 +301,7 @@ def profile(images: list[Path], args) -> None:
     """Per-step time of one image in one thread: vlp's steps, and img2dataset's resizer in its venv."""
     import hashlib
 
-    from vlp.data_tools import images as shard_images
+    from vlp.data_tools import reencode as shard_images
     from vlp.data_tools.build import image_options
 
     from vlp.core.config import ShardsBuildConfig
@@ -326,18 +331,20 @@ def profile(images: list[Path], args) -> None:
     i2d = json.loads(subprocess.run([str(img2dataset_python()), "-c", I2D_PROFILE, str(args.image_size),
                                      *map(str, images)], check=True, capture_output=True, text=True).stdout)
     n = len(images)
-    print(f"\nms per image in one thread, {n} JPEGs 256-1024 px -> {args.image_size} px border, quality 95")
-    print("| step | vlp | img2dataset |")
-    print("|---|---|---|")
     i2d_rows = {"read": i2d["read"], "decode": i2d["decode"], "resize": i2d["resize + encode"]}
+    rows = []
     for step in VLP_STEPS:
         other = f"{1000 * i2d_rows[step] / n:.2f}" if step in i2d_rows else ("(in resize)" if step == "encode" else "-")
-        print(f"| {step} | {1000 * t[step] / n:.2f} | {other} |")
-    print(f"| total | {1000 * sum(t.values()) / n:.2f} | {1000 * sum(i2d.values()) / n:.2f} |")
-    driver_cost(images, args)
+        rows.append([step, f"{1000 * t[step] / n:.2f}", other])
+    rows.append(["total", f"{1000 * sum(t.values()) / n:.2f}", f"{1000 * sum(i2d.values()) / n:.2f}"])
+    table = {"title": f"ms per image in one thread, {n} JPEGs 256-1024 px -> {args.image_size} px border, quality 95",
+             "columns": ["step", "vlp", "img2dataset"], "rows": rows}
+    print(markdown(table))
+    write_result("shards_profile", "Shard building: one image's CPU time by step", [table], order=38,
+                 notes=driver_cost(images, args))
 
 
-def driver_cost(images: list[Path], args) -> None:
+def driver_cost(images: list[Path], args) -> str:
     """CPU time of the build's single writer (this process: reading rows, dedup, tars, records) per image,
     apart from its workers': what bounds a build however many machines decode (the Ray engine's driver)."""
     from vlp.data_tools.build import build_shards
@@ -357,8 +364,10 @@ def driver_cost(images: list[Path], args) -> None:
     summary = build_shards(cfg, progress=False)
     seconds = time.perf_counter() - start
     own, workers = (a - b for a, b in zip(cpu(), before, strict=True))
-    print(f"\nbuild of the same {len(images)} images, {args.workers} workers, in {seconds:.1f}s: writer process "
-          f"{1000 * own / summary.written:.2f} ms CPU per image, workers {1000 * workers / summary.written:.2f} ms")
+    line = (f"build of the same {len(images)} images, {args.workers} workers, in {seconds:.1f}s: writer process "
+            f"{1000 * own / summary.written:.2f} ms CPU per image, workers {1000 * workers / summary.written:.2f} ms")
+    print("\n" + line)
+    return line
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ same data workers: vlp with configs/recipe-small.yaml, open_clip_train with its 
 augmentation, loss and loader. Each saves a checkpoint every few epochs; wall time of a
 checkpoint = its file's time minus the command's start (start-up included, evaluation
 not: checkpoints are evaluated afterwards). Prints the table and the time each tool takes
-to reach open_clip_train's final accuracy; writes time_to_quality.png.
+to reach open_clip_train's final accuracy; writes bench/results/time_to_quality.{json,png}.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
 
-from baselines import REPO, Recipe, train_open_clip  # noqa: E402
+from baselines import REPO, RESULTS, Recipe, markdown, train_open_clip, write_result  # noqa: E402
 
 PACKAGES = {"twitter": "emoji-datasource-twitter@16.0.0", "google": "emoji-datasource-google@16.0.0",
             "emojilib": "emojilib@4.0.3"}
@@ -262,21 +262,24 @@ def main() -> None:
     target = curves["open_clip_train"][-1][HEADLINE]
     oc_time = time_to_reach(curves["open_clip_train"], target)
     vlp_time = time_to_reach(curves["vlp"], target)
-    print(f"\ntime to quality, vlp-tiny from scratch, {args.epochs} epochs, {os.cpu_count()} CPU cores "
-          f"(vlp: configs/{args.preset}.yaml)")
-    print("| tool | wall s (all epochs) | " + " | ".join(c for c, _, _ in METRICS) + f" | s to reach open_clip_train's final {HEADLINE} |")
-    print("|---|---|" + "---|" * len(METRICS) + "---|")
+    rows = []
     for tool, points in curves.items():
         reach = time_to_reach(points, target)
-        print(f"| {tool} | {points[-1]['seconds']:.0f} | " + " | ".join(f"{points[-1][c]:.1f}" for c, _, _ in METRICS)
-              + f" | {'never' if reach is None else f'{reach:.0f}'} |")
+        rows.append([tool, f"{points[-1]['seconds']:.0f}", *[f"{points[-1][c]:.1f}" for c, _, _ in METRICS],
+                     "never" if reach is None else f"{reach:.0f}"])
+    table = {"title": f"time to quality, vlp-tiny from scratch, {args.epochs} epochs, {os.cpu_count()} CPU cores "
+                      f"(vlp: configs/{args.preset}.yaml)",
+             "columns": ["tool", "wall s (all epochs)", *[c for c, _, _ in METRICS],
+                         f"s to reach open_clip_train's final {HEADLINE}"], "rows": rows}
+    print(markdown(table))
     final_ratio = curves["vlp"][-1][HEADLINE] / max(target, 1e-9)
     time_ratio = "n/a" if vlp_time is None or not oc_time else f"{vlp_time / oc_time:.2f}x"
-    print(f"\nvlp reaches open_clip_train's final {HEADLINE} ({target:.1f}) in {time_ratio} of open_clip_train's time; "
-          f"final {HEADLINE}: {final_ratio:.2f}x open_clip_train's")
-    plot(curves, work / "time_to_quality.png")
-    print(f"plot: {work / 'time_to_quality.png'}")
-
+    verdict = (f"vlp reaches open_clip_train's final {HEADLINE} ({target:.1f}) in {time_ratio} of open_clip_train's "
+               f"time; final {HEADLINE}: {final_ratio:.2f}x open_clip_train's")
+    print("\n" + verdict)
+    plot(curves, RESULTS / "time_to_quality.png")
+    write_result("time_to_quality", "Time to quality on real drawings: vlp's recipe vs open_clip_train", [table],
+                 order=30, notes=verdict, plots=["time_to_quality.png"], curves=curves)
 
 if __name__ == "__main__":
     main()

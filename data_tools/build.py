@@ -39,11 +39,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tqdm import tqdm
 from vlp.data_tools.captions import CaptionError, normalise_caption
-from vlp.data_tools.images import ImageOptions
 from vlp.data_tools.output import BuildOutput, localize_inputs
 from vlp.data_tools.pipeline import RowOptions, RowResult, init_worker, process_chunk
 from vlp.data_tools.ray_engine import RayWorkers
 from vlp.data_tools.readers import InputFile, Row, iter_rows, open_inputs
+from vlp.data_tools.reencode import ImageOptions
 from vlp.data_tools.writer import RECORD_FIELDS, ShardWriter, printable, shard_name
 
 from vlp.core import storage

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from vlp.data_tools.captions import normalise_caption
-from vlp.data_tools.images import EncodedImage, ImageOptions, process_image
 from vlp.data_tools.readers import Row
+from vlp.data_tools.reencode import EncodedImage, ImageOptions, process_image
 
 from vlp.core.errors import RowFailure
 from vlp.core.fetch import FetchOptions, fetch, suffix_of

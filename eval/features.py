@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
-from vlp.eval.images import ImageFailure, ImageRef, load_image
-from vlp.eval.models import Encoder
+from vlp.eval.encoders import Encoder
+from vlp.eval.image_refs import ImageFailure, ImageRef, load_image
 from vlp.eval.parallel import run_sharded
 
 from vlp.core.distributed import rank_and_world

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 from vlp.eval.clip_benchmark_json import write_clip_benchmark
+from vlp.eval.encoders import load_encoder, resolve_model
 from vlp.eval.features import FeatureStore
-from vlp.eval.models import load_encoder, resolve_model
 from vlp.eval.parallel import broadcast_from_main
 from vlp.eval.report import render_report
 from vlp.eval.suite import load_suite

@@ -21,7 +21,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlp.eval.images import ImageRef
+from vlp.eval.image_refs import ImageRef
 
 from vlp.core.errors import UserError
 from vlp.core.images import SHARD_IMAGE_EXTS

@@ -410,10 +410,10 @@ def test_builder_loader_and_eval_decode_under_the_budget(monkeypatch, tmp_path):
     from vlp.data_tools.build import row_options
     from vlp.data_tools.pipeline import process_row
     from vlp.data_tools.readers import Row
-    from vlp.eval.images import ImageRef, load_image
+    from vlp.eval.image_refs import ImageRef, load_image
 
     import vlp.core.images as core_images
-    from vlp.data import TrainTransform
+    from vlp.train.loader.batches import TrainTransform
 
     paths = [save(noise_image(100, 100, seed=i), tmp_path / f"{i}.png") for i in range(8)]
     for name, work in [

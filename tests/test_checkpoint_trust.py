@@ -71,7 +71,7 @@ def _copy(run: Path, dest: Path) -> Path:
 
 def _reseal(checkpoint: Path) -> None:
     """What an attacker who can write files can also do: make the completion mark match the new file."""
-    from vlp.checkpoint import _file_record
+    from vlp.train.checkpoint import _file_record
 
     mark = json.loads((checkpoint / STATE_FILE).read_text())
     mark["files"] = {name: _file_record(checkpoint / name) for name in mark["files"]}
@@ -128,7 +128,7 @@ def test_a_full_disk_is_one_line_and_older_checkpoints_stay(shards, tmp_path):
         kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
         assert kept == ["step_00000001"]
         assert not any((out / "checkpoints" / ".staging").glob("step_*"))
-        from vlp.checkpoint import verify_checkpoint
+        from vlp.train.checkpoint import verify_checkpoint
 
         assert verify_checkpoint(out / "checkpoints" / "step_00000001") is None
     finally:

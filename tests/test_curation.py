@@ -22,6 +22,9 @@ from vlp.data_tools.synth import generate
 
 from vlp.app.cli import main
 
+# one xdist worker runs all of group "short_demo": the tests share one short demo run
+pytestmark = pytest.mark.xdist_group("short_demo")
+
 ROWS = 40
 SHORT = {3, 17}  # captions cut to one word
 GERMAN = {5, 22}  # captions in German

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 from vlp.data_tools.build import image_options
-from vlp.data_tools.images import process_image
-from vlp.eval.images import ImageRef, load_image
+from vlp.data_tools.reencode import process_image
+from vlp.eval.image_refs import ImageRef, load_image
 
 from vlp.core.config import ShardsBuildConfig
-from vlp.data import TrainTransform
+from vlp.train.loader.batches import TrainTransform
 
 SIZE = 24
 

@@ -9,7 +9,8 @@ import json
 import pytest
 from short_demo import run_vlp
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs all of group "short_demo": the tests share one short demo run
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("short_demo")]
 
 
 def test_short_demo_trains_a_model_that_beats_the_untrained_one(short_demo, tmp_path):

@@ -13,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 from shard_helpers import build
 from test_eval_support import noise, save, solid
-from vlp.eval.images import ImageFailure, load_image
+from vlp.eval.image_refs import ImageFailure, load_image
 from vlp.eval.shuffle import PERTURBATIONS, HeuristicTagger, perturb_all, pre_caption, tokenize
 from vlp.eval.suite import parse_suite
 from vlp.eval.tasks import TASKS
@@ -480,7 +480,7 @@ def test_shipped_suites_validate():
 
 def test_bad_images_become_reasons(tmp_path):
     from shard_helpers import bomb_png
-    from vlp.eval.images import ImageRef, resolve
+    from vlp.eval.image_refs import ImageRef, resolve
 
     good = save(noise(1, 40), tmp_path / "good.png")
     (tmp_path / "garbage.jpg").write_bytes(b"this is not a jpeg at all")

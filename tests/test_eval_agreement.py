@@ -9,8 +9,8 @@ import torch
 from test_eval_support import noise, save, solid, tiny_model
 from torch.utils.data import DataLoader, Dataset
 from vlp.eval import templates as tmpl
+from vlp.eval.encoders import Encoder
 from vlp.eval.features import FeatureStore
-from vlp.eval.models import Encoder
 from vlp.eval.suite import parse_suite
 from vlp.eval.tasks import TASKS
 from vlp.eval.tasks.base import Context

@@ -255,7 +255,7 @@ def test_missing_image_is_skipped_with_its_id(tmp_path, capsys, exported):
 
 
 def _text_features(args, tmp_path):
-    from vlp.eval.models import load_encoder, resolve_model
+    from vlp.eval.encoders import load_encoder, resolve_model
 
     encoder, info = load_encoder(resolve_model(*args))
     return encoder.encode_texts(["two red circles", "a blue star"]), info

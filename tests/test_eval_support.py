@@ -47,7 +47,7 @@ def tiny_model(seed: int = 0):
 
 
 def tiny_encoder(seed: int = 0, batch_size: int = 8):
-    from vlp.eval.models import Encoder
+    from vlp.eval.encoders import Encoder
 
     model, preprocess, tokenizer = tiny_model(seed)
     return Encoder(model, preprocess, tokenizer, batch_size=batch_size, workers=2)

@@ -19,9 +19,9 @@ from ranks import run_local_ranks
 from vlp.core import distributed as vdist
 from vlp.core.config import LossConfig, ModelConfig
 from vlp.core.models import create_model, forward, image_normalization
-from vlp.data import normalize
-from vlp.gradcache import GradCache, RngState
-from vlp.losses import ContrastiveLoss
+from vlp.train.gradcache import GradCache, RngState
+from vlp.train.loader.batches import normalize
+from vlp.train.losses import ContrastiveLoss
 
 CHUNK, PER_RANK, CTX = 4, 12, 16
 

@@ -22,7 +22,7 @@ from vlp.data_tools.synth import generate
 from vlp.core.config import DataConfig, DataSource, ModelConfig, ShardsBuildConfig
 from vlp.core.errors import UserError
 from vlp.core.models import create_model, image_normalization
-from vlp.data import Batch, ShardLoader, hard_negative_captions, normalize
+from vlp.train.loader.batches import Batch, ShardLoader, hard_negative_captions, normalize
 
 TOKENIZER = SimpleTokenizer(context_length=32)
 
@@ -143,7 +143,7 @@ def test_a_process_that_dies_with_a_stream_open_exits(shards):
         "import sys\n"
         "from open_clip.tokenizer import SimpleTokenizer\n"
         "from vlp.core.config import DataConfig, DataSource\n"
-        "from vlp.data import ShardLoader\n"
+        "from vlp.train.loader.batches import ShardLoader\n"
         f"cfg = DataConfig(sources=[DataSource(shards={str(shards)!r})], workers=2, shuffle_buffer=32)\n"
         "loader = ShardLoader(cfg, batch_size=16, image_size=24, tokenizer=SimpleTokenizer(context_length=32),\n"
         "                     rank=0, world_size=1, seed=1)\n"
@@ -322,10 +322,10 @@ def test_a_sorted_input_still_gives_mixed_batches(sorted_shard, workers):
 
 
 def test_a_local_shard_is_opened_at_a_sample_by_seeking(shards):
-    from vlp import data
+    from vlp.train.loader import reading
 
     url = str(shards / "00001.tar")
-    whole = [s["__key__"] for s in data.read_shard(url, 0, 50)]
-    data._OFFSETS.clear()
-    assert [s["__key__"] for s in data.read_shard(url, 17, 13)] == whole[17:30]
-    assert len(data._OFFSETS[url]) == 50  # it seeked: the offsets of the shard's samples were read
+    whole = [s["__key__"] for s in reading.read_shard(url, 0, 50)]
+    reading._OFFSETS.clear()
+    assert [s["__key__"] for s in reading.read_shard(url, 17, 13)] == whole[17:30]
+    assert len(reading._OFFSETS[url]) == 50  # it seeked: the offsets of the shard's samples were read

@@ -19,9 +19,10 @@ from vlp.data_tools.build import build_shards
 from vlp.data_tools.synth import generate
 
 from vlp.core.config import DataConfig, DataSource, ShardsBuildConfig
-from vlp.data import PieceReader, SegmentReader, ShardLoader, read_shard
-from vlp.plan import Segment, first_local_batch, worker_batches, worker_pieces
-from vlp.sources import Shard
+from vlp.train.loader.batches import ShardLoader
+from vlp.train.loader.plan import Segment, first_local_batch, worker_batches, worker_pieces
+from vlp.train.loader.reading import PieceReader, SegmentReader, read_shard
+from vlp.train.loader.sources import Shard
 
 TOKENIZER = SimpleTokenizer(context_length=32)
 NAMES = [f"{i:05d}.tar" for i in range(5)]

@@ -1,5 +1,5 @@
-"""vlp.losses against open_clip's ClipLoss / SigLipLoss and hand-written formulas, in one
-process and across gloo ranks; plus the launcher-environment helpers of vlp.distributed."""
+"""vlp.train.losses against open_clip's ClipLoss / SigLipLoss and hand-written formulas, in one
+process and across gloo ranks; plus the launcher-environment helpers of vlp.core.distributed."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 from ranks import reduce_mean, run_local_ranks
 
-import vlp.losses as vl
+import vlp.train.losses as vl
 from vlp.core import distributed as vdist
 from vlp.core.config import LossConfig
-from vlp.losses import ContrastiveLoss
+from vlp.train.losses import ContrastiveLoss
 
 
 def feats(n: int, d: int = 16, k: int = 0, seed: int = 0):
@@ -196,7 +196,7 @@ def test_alignment_uniformity_by_hand(blocks):
 def test_logit_scale_parameter_is_clamped_after_the_update_not_in_the_loss():
     """open_clip_train's rule: the loss uses exp(t) as given (its gradient reaches t at the cap), and the
     parameter is clamped to [0, log max] after each update."""
-    from vlp.schedule import clamp_logit_scale
+    from vlp.train.schedule import clamp_logit_scale
 
     img, txt, _ = feats(8)
     s = torch.tensor([math.log(100)], requires_grad=True)

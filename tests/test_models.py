@@ -1,4 +1,4 @@
-"""vlp.models: open_clip factory models, our tiny configs, options, safe weights and export."""
+"""vlp.core.models: open_clip factory models, our tiny configs, options, safe weights and export."""
 
 from __future__ import annotations
 

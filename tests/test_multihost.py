@@ -24,7 +24,8 @@ from shard_helpers import tiny_shards
 BIN = Path(sys.executable).parent
 STEPS = 6
 HOSTS = netns_hosts.Hosts(names=("host1", "host2"), subnet="10.99.1", bridge="vlpmhbr0", prefix="vlpmh")
-pytestmark = pytest.mark.slow
+# one xdist worker runs all of group "multihost": the tests share one multihost setup
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multihost")]
 
 
 @pytest.fixture(scope="module")

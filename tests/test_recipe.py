@@ -17,7 +17,6 @@ from open_clip.tokenizer import SimpleTokenizer
 from vlp.data_tools.build import build_shards
 from vlp.data_tools.synth import generate
 
-from vlp.augment import allows_flip, allows_grayscale, augment_text, pick_caption
 from vlp.core.config import (
     DataConfig,
     DataSource,
@@ -28,8 +27,9 @@ from vlp.core.config import (
 )
 from vlp.core.errors import UserError
 from vlp.core.models import create_model
-from vlp.data import ShardLoader
-from vlp.tokendrop import TokenDrop, truncate_tokens
+from vlp.train.loader.augment import allows_flip, allows_grayscale, augment_text, pick_caption
+from vlp.train.loader.batches import ShardLoader
+from vlp.train.tokendrop import TokenDrop, truncate_tokens
 
 TOKENIZER = SimpleTokenizer(context_length=32)
 REPO = Path(__file__).resolve().parents[1]

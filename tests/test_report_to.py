@@ -223,7 +223,7 @@ def test_an_unknown_backend_is_a_one_line_config_error(tmp_path):
 def test_wandb_online_without_a_login_is_one_line_and_never_connects(tmp_path, no_server):
     out = tmp_path / "run"
     out.mkdir()
-    code = ("from pathlib import Path\nfrom vlp.core.config import RunConfig\nfrom vlp.train import _Metrics\n"
+    code = ("from pathlib import Path\nfrom vlp.core.config import RunConfig\nfrom vlp.train.trainer import _Metrics\n"
             "cfg = RunConfig.model_validate({'train': {'report_to': ['wandb']}})\n"
             f"_Metrics(cfg, Path({str(out)!r}), enabled=True)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
@@ -238,7 +238,7 @@ def test_wandb_online_without_a_login_is_one_line_and_never_connects(tmp_path, n
 def test_a_resumed_run_replaces_the_tensorboard_steps_past_its_checkpoint(tmp_path):
     """After kill -9, steps past the checkpoint are redone: tensorboard shows the redone values only."""
     from vlp.core.config import RunConfig
-    from vlp.train import _Metrics
+    from vlp.train.trainer import _Metrics
 
     cfg = RunConfig.model_validate({"train": {"report_to": ["tensorboard"]}})
     killed = _Metrics(cfg, tmp_path, enabled=True)

@@ -36,7 +36,8 @@ from vlp.data_tools.synth import generate
 
 from vlp.core.errors import UserError
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs all of group "ray": the tests share one ray setup
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 ROWS = 480  # synthetic pairs
 SHARD = 100  # mixed.csv: 5 shards of 64-row chunks (and a shorter one before each shard boundary)

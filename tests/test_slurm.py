@@ -22,7 +22,8 @@ from shard_helpers import tiny_shards
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
 STEPS = 100  # SLURM's warning comes 10-40 s in; three jobs' start-up alone takes ~30 s on 2 CPUs
-pytestmark = pytest.mark.slow
+# one xdist worker runs all of group "slurm": the tests share one slurm setup
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 
 @pytest.fixture(scope="module")

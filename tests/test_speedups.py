@@ -25,10 +25,10 @@ from vlp.core import distributed as vdist
 from vlp.core.config import LossConfig, ModelConfig, ShardsBuildConfig
 from vlp.core.errors import UserError
 from vlp.core.models import create_model, image_normalization
-from vlp.data import normalize
-from vlp.gradcache import GradCache
-from vlp.losses import ContrastiveLoss
-from vlp.speedups import (
+from vlp.train.gradcache import GradCache
+from vlp.train.loader.batches import normalize
+from vlp.train.losses import ContrastiveLoss
+from vlp.train.speedups import (
     TRIM_MULTIPLE,
     allow_trimmed_text,
     compile_engine,
@@ -216,7 +216,7 @@ def test_log_every_logs_fewer_lines_and_trim_text_keeps_the_losses(shards, tmp_p
 
 def test_channels_last_under_zero_is_refused_before_training(shards, tmp_path):
     from vlp.core.config import load_config
-    from vlp.train import preflight
+    from vlp.train.trainer import preflight
 
     cfg = load_config(None, [f"data.sources=[{{shards: '{shards}'}}]", "model.name=vlp-micro", "train.zero_stage=2",
                              "train.channels_last=true", f"train.output_dir={tmp_path / 'run'}"])

@@ -23,7 +23,8 @@ from s3_server import S3Server
 from shard_helpers import tree_bytes, write_csv
 from vlp.data_tools.synth import generate
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs all of group "s3": the tests share one s3 setup
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("s3")]
 
 ROWS, SHARD = 48, 20
 
@@ -257,7 +258,7 @@ def test_an_epoch_over_s3_gets_each_shard_once(s3_here, pairs, tmp_path):
     from open_clip.tokenizer import SimpleTokenizer
 
     from vlp.core.config import DataConfig, DataSource
-    from vlp.data import ShardLoader
+    from vlp.train.loader.batches import ShardLoader
 
     _ok(_vlp(os.environ.copy(), "shards", "build", str(pairs / "pairs.csv"), "--output", str(tmp_path / "s"), *BUILD))
     client = s3_here.client()

@@ -45,7 +45,7 @@ from vlp.data_tools.curation.decontaminate import eval_images, matches
 from vlp.data_tools.curation.samples import ShardRef, batches, describe, list_shards, read_samples
 from vlp.data_tools.output import BuildOutput
 from vlp.data_tools.writer import SHARD_FILE, ShardWriter
-from vlp.eval.models import load_encoder
+from vlp.eval.encoders import load_encoder
 
 from vlp.core import storage
 from vlp.core.atomic import json_bytes

@@ -8,8 +8,8 @@ removed, naming the task and the eval image it matched. Crops and
 re-encodings of an eval image keep a cosine near 1, so with a model of rich
 semantics the threshold can sit well above the similarity of merely alike
 images. A model trained on few concepts (vlp's synthetic world) embeds
-different pictures of the same content as closely as copies (measured: the
-demo model puts half the training images within 0.98 of some eval image);
+different pictures of the same content as closely as copies (the demo's
+model puts many training images within 0.98 of some eval image);
 `hash_distance` then also asks the two images' perceptual hashes (phash.py)
 to be within that many bits, which copies, resizes and re-encodings are.
 """
@@ -23,8 +23,8 @@ from PIL import Image
 from vlp.data_tools.curation.dedup import faiss_module
 from vlp.data_tools.curation.phash import distances, phash
 from vlp.data_tools.curation.samples import batches
-from vlp.eval.images import ImageRef, load_image
-from vlp.eval.models import Encoder
+from vlp.eval.encoders import Encoder
+from vlp.eval.image_refs import ImageRef, load_image
 from vlp.eval.suite import load_suite
 from vlp.eval.tasks import TASKS
 from vlp.eval.tasks.base import Context, default_cache_dir

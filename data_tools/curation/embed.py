@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 from vlp.data_tools.curation import embeddings
 from vlp.data_tools.curation.samples import Sample, ShardRef, batches, describe, list_shards, read_samples
-from vlp.eval.models import Encoder, load_encoder, resolve_model
+from vlp.eval.encoders import Encoder, load_encoder, resolve_model
 
 from vlp.core.config import EmbedConfig
 from vlp.core.distributed import detect_env

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from vlp.eval.models import ModelSpec, resolve_model
+from vlp.eval.encoders import ModelSpec, resolve_model
 
 from vlp.core.atomic import write_atomic, write_json
 from vlp.core.errors import UserError

@@ -48,9 +48,9 @@ def other_language(table: pa.Table, opts: CurateConfig) -> tuple[np.ndarray, lis
 
     Only captions of at least `language_min_words` words are judged, and only a detection at least
     `language_min_confidence` sure removes one: n-gram detectors misjudge short captions (on
-    vlp's synthetic English captions, langdetect calls 3% of them French, Italian or Swedish, many
-    with certainty; from 4 words and 0.9 on, 2 in 3,000), and a caption kept by doubt costs less
-    than a good pair lost.
+    vlp's synthetic English captions, langdetect calls some of them French, Italian or Swedish,
+    many with certainty, far fewer from 4 words and 0.9 on), and a caption kept by doubt costs
+    less than a good pair lost.
     """
     n = table.num_rows
     if not opts.languages:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from vlp.data_tools.curation.decontaminate import suite_images
 from vlp.data_tools.synth import generate
-from vlp.eval.images import load_image
+from vlp.eval.image_refs import load_image
 
 TRUTH = "truth.json"
 

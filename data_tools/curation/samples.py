@@ -22,7 +22,7 @@ from webdataset import tariterators
 from vlp.core import storage  # also registers the object-storage URL handlers with webdataset
 from vlp.core.config import DataSource
 from vlp.core.images import SHARD_IMAGE_EXTS, ImageError, decode_rgb
-from vlp.sources import resolve_source
+from vlp.train.loader.sources import resolve_source
 
 TEXT_EXTS = ("txt", "text", "caption")
 

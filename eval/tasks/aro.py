@@ -39,7 +39,7 @@ import torch
 from pydantic import Field, TypeAdapter
 from vlp.eval import metrics
 from vlp.eval.features import FeatureStore
-from vlp.eval.images import ImageRef, resolve
+from vlp.eval.image_refs import ImageRef, resolve
 from vlp.eval.shuffle import PERTURBATIONS, perturb_all, pre_caption
 from vlp.eval.specs import Spec, SyntheticData, TaskSpec
 from vlp.eval.tasks.base import Task, TaskResult, image_root, read_json, require_keys, user_path

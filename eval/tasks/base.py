@@ -32,7 +32,7 @@ import torch
 from pydantic import TypeAdapter
 from vlp.eval import plots
 from vlp.eval.features import FeatureStore
-from vlp.eval.images import ImageFailure, ImageRef
+from vlp.eval.image_refs import ImageFailure, ImageRef
 from vlp.eval.markup import esc, img, table
 from vlp.eval.specs import SyntheticData, TaskSpec
 from vlp.eval.synthetic import materialise

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from vlp.eval import metrics
 from vlp.eval.features import FeatureStore
-from vlp.eval.images import ImageRef
+from vlp.eval.image_refs import ImageRef
 from vlp.eval.tasks.base import Task, TaskResult
 
 PAIR_CHANCE = 0.5

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import Field, TypeAdapter
 from vlp.eval import metrics
-from vlp.eval.images import resolve
+from vlp.eval.image_refs import resolve
 from vlp.eval.specs import Spec, SyntheticData, TaskSpec
 from vlp.eval.tasks.base import read_json, require_keys, user_path
 from vlp.eval.tasks.pairs import CaptionPair, PairTask

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field, TypeAdapter, field_validator
 from vlp.eval import metrics, plots
 from vlp.eval.features import FeatureStore
-from vlp.eval.images import ImageRef, resolve
+from vlp.eval.image_refs import ImageRef, resolve
 from vlp.eval.markup import img
 from vlp.eval.specs import Spec, SyntheticData, TaskSpec
 from vlp.eval.tasks.base import Task, TaskResult, image_root, read_csv, read_lines, user_path

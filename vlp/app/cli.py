@@ -72,7 +72,7 @@ def _train(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
     from vlp.app.evalhook import periodic_eval
-    from vlp.train import train
+    from vlp.train.trainer import train
 
     train(cfg, periodic_eval(cfg))
     return 0
@@ -110,7 +110,7 @@ def _export(args: argparse.Namespace) -> int:
         raise UserError("vlp export: --out FILE.safetensors (or --out DIR with --format open_clip-dir) is required")
     if cfg.tokenizer and cfg.format != "open_clip-dir":
         raise UserError("vlp export: --tokenizer goes with --format open_clip-dir")
-    from vlp.export import export, export_open_clip_dir
+    from vlp.train.export import export, export_open_clip_dir
 
     source = _one(cfg.checkpoint, "a checkpoint, run folder or .safetensors")
     if cfg.format == "open_clip-dir":

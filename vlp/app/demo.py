@@ -29,7 +29,7 @@ from vlp.core.weights import complete_checkpoints
 from vlp.data_tools.build import build_shards, fingerprint
 from vlp.data_tools.synth import generate
 from vlp.eval.runner import run
-from vlp.train import train
+from vlp.train.trainer import train
 
 DEMO = "vlp demo"
 

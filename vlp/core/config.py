@@ -80,7 +80,7 @@ class DataSource(Section):
 
 
 class AugmentConfig(Section):
-    """Image augmentation in the loader, seeded per sample (vlp.data.TrainTransform)."""
+    """Image augmentation in the loader, seeded per sample (vlp.train.loader.batches.TrainTransform)."""
 
     scale_min: float = Field(0.9, gt=0, le=1, description="random resized crop: smallest area fraction")
     scale_max: float = Field(1.0, gt=0, le=1)
@@ -101,7 +101,7 @@ class AugmentConfig(Section):
 
 
 class TextAugmentConfig(Section):
-    """EDA-style caption augmentation in the loader, seeded per sample (vlp.augment)."""
+    """EDA-style caption augmentation in the loader, seeded per sample (vlp.train.loader.augment)."""
 
     word_dropout: float = Field(0.0, ge=0, lt=1, description="each word dropped with this probability")
     word_mask: float = Field(0.0, ge=0, lt=1, description="each word replaced by mask_word with this probability")

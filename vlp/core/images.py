@@ -114,8 +114,8 @@ def return_freed_pixels() -> None:
 
     Pillow allocates pixels in blocks of up to 16 MB. glibc's malloc raises its
     mmap threshold after the first such block is freed, so later blocks come from
-    per-thread arenas that keep them after free: 8 threads that each decoded one
-    81-Mpx image in turn held 4.3 GB (measured; 0.65 GB with this). A fixed 1 MiB
+    per-thread arenas that keep them after free: threads that each decode one huge
+    image in turn hold gigabytes (bench/decode_memory.py). A fixed 1 MiB
     threshold mmaps every large block and unmaps it on free. A no-op off glibc.
     """
     global _MALLOC_TUNED

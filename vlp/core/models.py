@@ -5,18 +5,17 @@ from one of its own configs (ViT-B-32, RN50, convnext_base_w, ...) or from the s
 configs shipped in `vlp/core/model_configs/` (registered with `open_clip.add_model_config`):
 
 - `vlp-tiny`: 4-layer width-128 ViT at 64 px with patch 8 (64 patches), 4-layer width-128
-  text tower, context 32, default 49408-token vocabulary. This configuration learned colour,
-  shape, counting and binding on the synthetic set in 10-20 minutes on 2 CPU cores (a
-  calibration run made before this project's demo preset). Patch 8, not 16: the synthetic scenes hold 1-6 small shapes in
+  text tower, context 32, default 49408-token vocabulary: small enough to learn colour,
+  shape, counting and binding on the synthetic set on a laptop CPU. Patch 8, not 16: the
+  synthetic scenes hold 1-6 small shapes in
   64 px, and counting / spatial relations need patches smaller than an object; a 4x4 grid
   of 16 px patches puts several objects in one token.
-- `vlp-tiny-p16`: the same with patch 16 (16 patches): the vision tower, ~70% of the step,
-  gets roughly 4x cheaper; use it for throughput-bound smoke runs.
+- `vlp-tiny-p16`: the same with patch 16 (16 patches): the vision tower, most of the step,
+  gets about 4x cheaper (a quarter of the tokens); for throughput-bound smoke runs.
 - `vlp-tiny-rn`: open_clip's ModifiedResNet (stages [1,1,1,1], width 16, attention pooling)
-  at 64 px with the same text tower. The demo's model: on the synthetic shapes it reached
-  shape zero-shot 99% after 51k samples where vlp-tiny (ViT) was at 22% after 110k, and it
-  trains at ~300 samples/s on 2 cores (convolutions suit small images; a ViT needs far more
-  data before its patches see shapes).
+  at 64 px with the same text tower. The demo's model: on the synthetic shapes it learns
+  shape far sooner than vlp-tiny (ViT), and trains faster on a CPU (convolutions suit small
+  images; a ViT needs far more data before its patches see shapes).
 - `vlp-tiny-sigmoid`: `vlp-tiny` with the SigLIP init (t' = log 10, bias -10). Not named
   '*siglip*': open_clip gives such names a sentencepiece tokenizer it must download.
 - `vlp-micro`: 32 px, 2 layers, width 64/32: for tests and CI only.

@@ -66,7 +66,7 @@ def _register_config(name: str, config_json: str, path: Path) -> str:
         config = json.loads(config_json)
     except json.JSONDecodeError:
         raise UserError(f"{path}: metadata '{META_CONFIG}' is not valid JSON") from None
-    if config == {}:  # vlp.export writes {} for a model open_clip knows by name
+    if config == {}:  # vlp.train.export writes {} for a model open_clip knows by name
         return name
     if not isinstance(config, dict) or not all(k in config for k in MODEL_CONFIG_KEYS):
         raise UserError(f"{path}: metadata '{META_CONFIG}' is not an open_clip model config")

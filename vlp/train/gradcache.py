@@ -15,7 +15,7 @@ Effective batch = chunks x chunk size (per rank) x world size. One `GradCache.st
    plus, on the last chunk only, (scale * g_scale).sum() [+ (bias * g_bias).sum()].
    Activations are alive for one chunk at a time.
 
-Why this is exact under DDP/DeepSpeed averaging: `vlp.losses.ContrastiveLoss` guarantees
+Why this is exact under DDP/DeepSpeed averaging: `vlp.train.losses.ContrastiveLoss` guarantees
 that the gradient reaching a rank's embeddings is world_size x d(global loss)/d(local
 embeddings) and that the scale gradients average over ranks to d(global loss)/d(scale).
 The usual recipe gathers without grad, takes d(loss)/d(local embeddings) and multiplies
@@ -113,14 +113,14 @@ class GradCache:
 
     model: an open_clip module, a DDP wrapper or a DeepSpeed engine (gas must be 1).
     loss_fn: called as loss_fn(img, txt, logit_scale, logit_bias, hard_negatives) -> dict
-        with 'loss' (e.g. vlp.losses.ContrastiveLoss), honouring its gradient contract.
+        with 'loss' (e.g. vlp.train.losses.ContrastiveLoss), honouring its gradient contract.
     chunk_size: per-rank micro-batch; None = no caching.
     autocast_dtype: e.g. torch.bfloat16 for autocast forwards of a plain fp32 module (not
         needed for a DeepSpeed bf16 engine, whose module is already bf16: inputs are cast).
     replay_rng: keep True; False exists to show that without replay gradients are wrong.
     normalize_images: uint8 images -> model input, applied to each image chunk after it
         is moved to the device, so the full batch can be held compactly (uint8, on the
-        host); the trainer passes `vlp.data.normalize` bound to the model's mean/std
+        host); the trainer passes `vlp.train.loader.batches.normalize` bound to the model's mean/std
         (`vlp.core.models.image_normalization`). None: images are model input already.
     """
 

@@ -21,7 +21,7 @@ from open_clip.transformer import PatchDropout
 from vlp.core.config import RunConfig
 from vlp.core.errors import UserError
 from vlp.core.models import unwrap
-from vlp.speedups import PAD_ID, allow_trimmed_text
+from vlp.train.speedups import PAD_ID, allow_trimmed_text
 
 
 class TokenDrop:

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vlp.core.errors import UserError
-from vlp.sources import Shard
+from vlp.train.loader.sources import Shard
 
 
 @dataclass(frozen=True)

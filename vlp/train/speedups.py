@@ -26,7 +26,7 @@ Each is on by default wherever it is exact for the model at hand (`"auto"`, deci
 - Compile (`train.compile`): `engine.compile()` compiles the module DeepSpeed trains in
   place (state-dict keys unchanged), so both gradient-cache passes and every rank run the
   compiled graphs; `compile_seconds()` is what the trainer logs as compile_s.
-- The optimizer step is already one fused kernel (vlp.schedule.make_optimizer).
+- The optimizer step is already one fused kernel (vlp.train.schedule.make_optimizer).
 """
 
 from __future__ import annotations

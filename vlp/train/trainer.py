@@ -2,14 +2,14 @@
 
 One optimizer step, end to end:
 
-    loader Batch (uint8 images, token ids, keys)          vlp.data
-      -> normalised per chunk on the device                vlp.data.normalize
-      -> GradCache.step: forwards/backwards in chunks     vlp.gradcache, vlp.losses
+    loader Batch (uint8 images, token ids, keys)          vlp.train.loader.batches
+      -> normalised per chunk on the device                vlp.train.loader.batches.normalize
+      -> GradCache.step: forwards/backwards in chunks     vlp.train.gradcache, vlp.train.losses
       -> engine.step(): clip, AdamW update                DeepSpeed
-      -> metrics line, maybe a checkpoint                 vlp.checkpoint
+      -> metrics line, maybe a checkpoint                 vlp.train.checkpoint
 
 The same command runs a single CPU process or many GPU nodes: the launcher's
-environment says where this process sits (vlp.distributed), and without a
+environment says where this process sits (vlp.core.distributed), and without a
 GPU DeepSpeed's CPU accelerator and gloo are used. SIGTERM / SIGINT (SLURM
 preemption, Ctrl-C) finish the current step, save a checkpoint and exit 0.
 """
@@ -34,7 +34,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from vlp.checkpoint import (
+from vlp.core import distributed as vdist
+from vlp.core.atomic import write_atomic
+from vlp.core.config import RunConfig, dump_config
+from vlp.core.errors import UserError, first_line
+from vlp.core.models import check_model, create_model, image_normalization
+from vlp.train.checkpoint import (
     check_run_folder,
     claim_run_folder,
     load_checkpoint,
@@ -42,24 +47,19 @@ from vlp.checkpoint import (
     save_checkpoint,
     use_safe_loading,
 )
-from vlp.core import distributed as vdist
-from vlp.core.atomic import write_atomic
-from vlp.core.config import RunConfig, dump_config
-from vlp.core.errors import UserError, first_line
-from vlp.core.models import check_model, create_model, image_normalization
-from vlp.data import Batch, ShardLoader, normalize
-from vlp.dsconfig import (
+from vlp.train.dsconfig import (
     check_deepspeed_config,
     deepspeed_config,
     offloads_optimizer,
     precision_of,
     zero_stage_of,
 )
-from vlp.gradcache import GradCache
-from vlp.losses import ContrastiveLoss
-from vlp.schedule import adam_settings, clamp_logit_scale, lr_at, make_optimizer, param_groups, set_lr
-from vlp.sources import resolve_sources
-from vlp.speedups import (
+from vlp.train.gradcache import GradCache
+from vlp.train.loader.batches import Batch, ShardLoader, normalize
+from vlp.train.loader.sources import resolve_sources
+from vlp.train.losses import ContrastiveLoss
+from vlp.train.schedule import adam_settings, clamp_logit_scale, lr_at, make_optimizer, param_groups, set_lr
+from vlp.train.speedups import (
     choose_speedups,
     compile_engine,
     compile_seconds,
@@ -67,7 +67,7 @@ from vlp.speedups import (
     use_channels_last,
     use_direct_attention,
 )
-from vlp.tokendrop import TokenDrop, truncate_tokens
+from vlp.train.tokendrop import TokenDrop, truncate_tokens
 
 
 @dataclass
@@ -338,7 +338,7 @@ class Trainer:
         use_safe_loading(self.engine)  # resuming never unpickles more than tensors and plain data
         if env.world_size == 1 and zero_stage_of(self.ds_config) == 0 and self.precision == "fp32":
             # Alone, DeepSpeed's gradient "all-reduce" copies every gradient into a flat buffer and back
-            # (about 6% of a vlp-tiny step on a CPU) to average over one rank: the same numbers, skipped.
+            # to average over one rank: a visible share of a small model's step, for the same numbers.
             self.engine.enable_backward_allreduce = False
         if self.speedups.channels_last:  # after initialize: DeepSpeed's broadcast of the weights needs them dense
             use_channels_last(self.engine.module)
@@ -446,18 +446,18 @@ class Trainer:
         try:
             while pos.step < self.total_steps:
                 batch = next(stream)
-                step, lr = self._step(batch, pos)
+                step_result, lr = self._step(batch, pos)
                 pos.step += 1
                 pos.epoch, pos.batch = batch.epoch, batch.index
                 pos.samples += global_batch
                 window.add(global_batch, batch.replaced)
                 bar.update(1)
-                evaluate = self._eval_due(pos)
+                eval_due = self._eval_due(pos)
                 checkpoint_due = pos.step % self.cfg.train.checkpoint_every == 0
                 if pos.step % self.cfg.train.log_every and not (
-                        checkpoint_due or evaluate or pos.step == self.total_steps):
+                        checkpoint_due or eval_due or pos.step == self.total_steps):
                     continue  # nothing read off the device on this step: it runs ahead of the host
-                record, stop = self._sync(step, lr, window.replaced)
+                record, stop = self._sync(step_result, lr, window.replaced)
                 pos.replaced += record.pop("replaced")
                 record = {"step": pos.step, "time": round(time.time(), 3), "epoch": pos.epoch, "samples": pos.samples,
                           **record,
@@ -468,11 +468,11 @@ class Trainer:
                 result.losses.append(record["loss"])
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                 sps=f"{record['samples_per_s']:.0f}", refresh=False)
-                evaluate = evaluate and not stop
-                if stop or evaluate or checkpoint_due:
+                eval_due = eval_due and not stop
+                if stop or eval_due or checkpoint_due:
                     checkpoint = self.save(pos)
                     last_saved = pos.step
-                    if evaluate:
+                    if eval_due:
                         metrics.log_eval(pos.step, self.evaluate(checkpoint))
                 if stop:
                     result.stopped_by_signal = True

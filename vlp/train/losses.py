@@ -9,7 +9,7 @@ effective batch (see vlp/gradcache.py).
 Kinds:
 - softmax: CLIP's symmetric InfoNCE. `exp(t)` is used as the model gives it: the trainer keeps
   t in [0, log max_logit_scale] by clamping the parameter after each update, as open_clip_train
-  does (vlp.schedule.clamp_logit_scale); a cap here would stop t's gradient at the cap.
+  does (vlp.train.schedule.clamp_logit_scale); a cap here would stop t's gradient at the cap.
   `local_loss=False` computes the full N x N logits on every rank (value = the global
   loss on every rank); `local_loss=True` only this rank's rows, B x N in each direction
   (value averaged over ranks = the global loss). Values equal open_clip's `ClipLoss`.
@@ -86,8 +86,8 @@ def _sum_over_row_blocks(fn, rows: tuple, shared: tuple) -> torch.Tensor:
 def _softmax_rows(
     q: torch.Tensor,
     pos: torch.Tensor,
-    hn: torch.Tensor | None,
-    hn_log_w: torch.Tensor | None,
+    negatives: torch.Tensor | None,
+    negative_log_weights: torch.Tensor | None,
     k: torch.Tensor,
     scale: torch.Tensor,
     decoupled: bool,
@@ -95,7 +95,7 @@ def _softmax_rows(
 ) -> torch.Tensor:
     """Sum over rows of -log softmax(positive) for queries q against keys k (+ hard negatives).
 
-    hn_log_w [rows, k]: log of each hard negative's weight; -inf drops a padding slot.
+    negative_log_weights [rows, k]: log of each hard negative's weight; -inf drops a padding slot.
     smoothing eps: the target is (1 - eps) x the positive + eps x the mean over the batch's
     columns (hard negatives get no share).
     """
@@ -105,16 +105,16 @@ def _softmax_rows(
         positive = (1 - smoothing) * positive + smoothing * logits.mean(dim=1)
     if decoupled:
         logits = logits.scatter(1, pos[:, None], float("-inf"))
-    if hn is not None:
-        logits = torch.cat([logits, scale * torch.einsum("rd,rkd->rk", q, hn) + hn_log_w], dim=1)
+    if negatives is not None:
+        logits = torch.cat([logits, scale * torch.einsum("rd,rkd->rk", q, negatives) + negative_log_weights], dim=1)
     return (torch.logsumexp(logits, dim=1) - positive).sum()
 
 
 def _sigmoid_rows(
     q: torch.Tensor,
     pos: torch.Tensor | None,
-    hn: torch.Tensor | None,
-    hn_w: torch.Tensor | None,
+    negatives: torch.Tensor | None,
+    negative_weights: torch.Tensor | None,
     k: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor,
@@ -128,13 +128,13 @@ def _sigmoid_rows(
     loss = F.softplus(logits).sum()
     if pos is not None:
         loss = loss - logits.gather(1, pos[:, None]).sum()
-    if hn is not None:
-        loss = loss + (hn_w * F.softplus(scale * torch.einsum("rd,rkd->rk", q, hn) + bias)).sum()
+    if negatives is not None:
+        loss = loss + (negative_weights * F.softplus(scale * torch.einsum("rd,rkd->rk", q, negatives) + bias)).sum()
     return loss
 
 
 def _pairwise_term(
-    img: torch.Tensor, txt: torch.Tensor, hn: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor
+    img: torch.Tensor, txt: torch.Tensor, negatives: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     """Mean over this rank's images of -log(e^pos / (e^pos + sum_k e^neg_k)), padding slots left out.
 
@@ -145,7 +145,7 @@ def _pairwise_term(
     is the global mean, which keeps the gradient contract of this module.
     """
     pos = scale * (img * txt).sum(-1, keepdim=True)
-    neg = (scale * torch.einsum("bd,bkd->bk", img, hn)).masked_fill(~keep, float("-inf"))
+    neg = (scale * torch.einsum("bd,bkd->bk", img, negatives)).masked_fill(~keep, float("-inf"))
     return (torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1) - pos.squeeze(1)).mean()
 
 
@@ -280,25 +280,25 @@ class ContrastiveLoss(nn.Module):
         (an image with fewer than k negatives) and take no part in the loss.
         """
         img, txt = image_features.float(), text_features.float()
-        hn = hn_w = None
+        negatives = negative_weights = None
         if hard_negatives is not None and hard_negatives.shape[1] > 0 and self.hard_negative_weight > 0:
-            hn = hard_negatives.float()
-            hn_w = torch.full(hn.shape[:2], self.hard_negative_weight, device=hn.device)
+            negatives = hard_negatives.float()
+            negative_weights = torch.full(negatives.shape[:2], self.hard_negative_weight, device=negatives.device)
             if hard_negative_mask is not None:
-                hn_w = hn_w * hard_negative_mask.to(hn.device, torch.float32)
+                negative_weights = negative_weights * hard_negative_mask.to(negatives.device, torch.float32)
         scale = logit_scale.float().reshape(())
         terms: dict[str, torch.Tensor] = {}
         pairwise = None
-        if hn is not None and self.hard_negative_mode == "pairwise":
-            pairwise = self.hard_negative_weight * _pairwise_term(img, txt, hn, hn_w > 0, scale)
-            hn = hn_w = None  # the contrastive part runs without them
+        if negatives is not None and self.hard_negative_mode == "pairwise":
+            pairwise = self.hard_negative_weight * _pairwise_term(img, txt, negatives, negative_weights > 0, scale)
+            negatives = negative_weights = None  # the contrastive part runs without them
         if self.kind == "softmax":
-            loss = self._softmax(img, txt, scale, hn, hn_w)
+            loss = self._softmax(img, txt, scale, negatives, negative_weights)
         else:
             if logit_bias is None:
                 raise ValueError("the sigmoid loss needs a logit_bias (build the model with init_logit_bias)")
             bias = logit_bias.float().reshape(())
-            loss = self._sigmoid(img, txt, scale, bias, hn, hn_w)
+            loss = self._sigmoid(img, txt, scale, bias, negatives, negative_weights)
             terms["logit_bias"] = bias.detach()
         terms["contrastive"] = loss.detach()
         if pairwise is not None:
@@ -324,28 +324,28 @@ class ContrastiveLoss(nn.Module):
         img: torch.Tensor,
         txt: torch.Tensor,
         scale: torch.Tensor,
-        hn: torch.Tensor | None,
-        hn_w: torch.Tensor | None,
+        negatives: torch.Tensor | None,
+        negative_weights: torch.Tensor | None,
     ) -> torch.Tensor:
         """Symmetric InfoNCE; rows = all N pairs (global) or this rank's B pairs (local_loss)."""
         b, world = img.shape[0], self.world_size
-        hn_log_w = None if hn_w is None else hn_w.log()  # weight 0 (padding) -> -inf: no share
+        negative_log_weights = None if negative_weights is None else negative_weights.log()  # weight 0 (padding) -> -inf: no share
         if world > 1 and self.local_loss:
             all_img, all_txt = vdist.all_gather_with_grad(img), vdist.all_gather_with_grad(txt)
-            q_img, q_txt, q_hn = img, txt, hn
+            q_img, q_txt, q_negatives = img, txt, negatives
             pos = torch.arange(b, device=img.device) + b * self.rank
         else:
             all_img, all_txt = self._gather_global(img), self._gather_global(txt)
-            q_img, q_txt, q_hn = all_img, all_txt, self._gather_global(hn)
-            if hn_log_w is not None and world > 1:
-                hn_log_w = vdist.all_gather_nograd(hn_log_w)
+            q_img, q_txt, q_negatives = all_img, all_txt, self._gather_global(negatives)
+            if negative_log_weights is not None and world > 1:
+                negative_log_weights = vdist.all_gather_nograd(negative_log_weights)
             pos = torch.arange(all_img.shape[0], device=img.device)
         n = q_img.shape[0]
 
         def rows(q, p, h, h_log_w, keys):
             return _sum_over_row_blocks(_softmax_rows, (q, p, h, h_log_w), (keys, scale, self.decoupled, self.label_smoothing))
 
-        i2t = rows(q_img, pos, q_hn, hn_log_w, all_txt) / n
+        i2t = rows(q_img, pos, q_negatives, negative_log_weights, all_txt) / n
         t2i = rows(q_txt, pos, None, None, all_img) / n
         return (i2t + t2i) / 2
 
@@ -357,8 +357,8 @@ class ContrastiveLoss(nn.Module):
         txt: torch.Tensor,
         scale: torch.Tensor,
         bias: torch.Tensor,
-        hn: torch.Tensor | None,
-        hn_w: torch.Tensor | None,
+        negatives: torch.Tensor | None,
+        negative_weights: torch.Tensor | None,
     ) -> torch.Tensor:
         """SigLIP: this rank's images against every text; divided by the local batch like open_clip."""
         b, world, rank = img.shape[0], self.world_size, self.rank
@@ -368,10 +368,10 @@ class ContrastiveLoss(nn.Module):
 
         arange = torch.arange(b, device=img.device)
         if world == 1:
-            return rows(txt, arange, hn, hn_w) / b
+            return rows(txt, arange, negatives, negative_weights) / b
         if not self.sigmoid_chunked:
-            return rows(vdist.all_gather_with_grad(txt), arange + b * rank, hn, hn_w) / b
-        loss = rows(txt, arange, hn, hn_w)
+            return rows(vdist.all_gather_with_grad(txt), arange + b * rank, negatives, negative_weights) / b
+        loss = rows(txt, arange, negatives, negative_weights)
         for other in self._exchanged_texts(txt):
             loss = loss + rows(other, None, None, None)
         return loss / b

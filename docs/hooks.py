@@ -1,0 +1,90 @@
+"""MkDocs hooks: the pages that are generated, so they cannot drift from what they describe.
+
+- index.md: the README (the repository's front door is the site's home page);
+- reference.md: every key of every command, from the pydantic schemas in vlp.core.config
+  (the same rows `vlp config show NAME --describe` prints);
+- results.md: every benchmark's figures, from bench/results/*.json (each with its date,
+  commit, machine and command), plus the plots those files name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from mkdocs.structure.files import File
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def on_files(files, config):
+    for name, text in (("index.md", index_page()), ("reference.md", reference_page()), ("results.md", results_page())):
+        files.append(File.generated(config, name, content=text))
+    for plot in sorted(RESULTS.glob("*.png")):
+        files.append(File.generated(config, f"results/{plot.name}", abs_src_path=str(plot)))
+    return files
+
+
+def index_page() -> str:
+    """The README, its links made relative to the site (docs/x.md -> x.md; other repository files as code)."""
+    text = (ROOT / "README.md").read_text()
+    text = re.sub(r"\]\(docs/([^)]+)\)", r"](\1)", text)
+    # a link to a repository file that is not a page: its text, and the path as code
+    return re.sub(r"\[([^\]]+)\]\((?!https?://)([^)#]+)\)",
+                  lambda m: m.group(0) if m.group(2).endswith(".md") else f"{m.group(1)} (`{m.group(2)}`)", text)
+
+
+def reference_page() -> str:
+    from vlp.app.flags import describe
+    from vlp.core.config import COMMAND_SCHEMAS
+
+    out = ["# Configuration reference", "",
+           "Every key of every command, generated from the schemas in `vlp/core/config.py` when this site is "
+           "built (`vlp config show NAME --describe` prints the same). Keys of `vlp train` are dotted "
+           "(`optim.lr=5e-4` on the command line, or nested in a YAML file); the other commands take the same "
+           "names as flags (`--image-size 256`) or as `key=value`.", ""]
+    for name, schema in COMMAND_SCHEMAS.items():
+        out += [f"## `{name}`", "", (schema.__doc__ or "").strip().split("\n")[0], "",
+                "| key | type | default | what |", "|---|---|---|---|"]
+        for key, kind, default, text in describe(schema):
+            cell = str(text).replace("|", "\\|")
+            out.append(f"| `{key}` | {kind} | `{default}` | {cell} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def results_page() -> str:
+    out = ["# Results", "",
+           "Generated from the result files in `bench/results/` when this site is built: each bench script "
+           "writes one (`--json`), with the figures, the date, the commit, the machine and the command that "
+           "made them. Nothing here is typed by hand.", ""]
+    for path in sorted(RESULTS.glob("*.json"), key=_order):
+        result = json.loads(path.read_text())
+        out += [f"## {result.get('title', path.stem)}", "",
+                f"`{result['command']}` — {result['date']}, commit `{result['commit']}`, {result['machine']}"
+                + (f"; {result['conditions']}" if result.get("conditions") else "") + ".", ""]
+        if result.get("about"):
+            out += [result["about"], ""]
+        for table in result.get("tables", []):
+            if table.get("title"):
+                out += [f"**{table['title']}**", ""]
+            out += ["| " + " | ".join(table["columns"]) + " |", "|" + "---|" * len(table["columns"])]
+            out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in table["rows"]]
+            out.append("")
+        for plot in result.get("plots", []):
+            out += [f"![{plot}](results/{plot})", ""]
+        if result.get("notes"):
+            out += [result["notes"], ""]
+    return "\n".join(out)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 0.01 else f"{value:.2f}".rstrip("0").rstrip(".")
+    return str(value).replace("|", "\\|")
+
+
+def _order(path: Path) -> tuple:
+    return (json.loads(path.read_text()).get("order", 50), path.stem)
