@@ -111,7 +111,7 @@ def render_compare(a: dict[str, Any], b: dict[str, Any], data: list[Row], label_
     body = (
         f"<h1>Comparison</h1><p>A: <code>{esc(label_a)}</code> ({esc(a.get('created', ''))})<br>"
         f"B: <code>{esc(label_b)}</code> ({esc(b.get('created', ''))})</p>"
-        f"{img(chart, 'main metrics')}<table><tr>{head}</tr>{''.join(body_rows)}</table>"
+        f"{img(chart, 'main metrics')}<table><thead><tr>{head}</tr></thead><tbody>{''.join(body_rows)}</tbody></table>"
     )
     return page("vlp eval compare", body)
 

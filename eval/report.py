@@ -49,7 +49,7 @@ def _summary(report: dict[str, Any]) -> str:
     chart = plots.bars(
         names, values, "main metric per task", "value", ylim=(0.0, max([1.0] + [v for v in values if v]))
     )
-    return f"<h2>Summary</h2><table><tr>{head}</tr>{body}</table>{img(chart, 'summary')}"
+    return f"<h2>Summary</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{img(chart, 'summary')}"
 
 
 def render_report(report: dict[str, Any]) -> str:

@@ -28,10 +28,12 @@ from __future__ import annotations
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,8 +135,9 @@ class Cluster:
 
 
 def _start_node(cluster: Cluster, name: str, argv: list[str]) -> None:
-    temp = cluster.root / name
-    temp.mkdir(parents=True, exist_ok=True)
+    # Ray's sockets live under its temp dir, and a Unix socket path is at most 107 bytes: a short folder
+    # of our own under /tmp, not the test's (pytest-xdist's basetemp adds to its length)
+    temp = Path(tempfile.mkdtemp(prefix=f"vr-{name}-", dir="/tmp"))
     cluster.temp_dirs[name] = temp
     log = open(cluster.root / f"{name}.log", "w")  # noqa: SIM115 - the node writes it while it runs
     cmd = [str(RAY), "start", *argv, "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp}", "--block"]
@@ -203,5 +206,7 @@ def stop(cluster: Cluster) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=10)
+    for temp in cluster.temp_dirs.values():  # the nodes' own folders under /tmp
+        shutil.rmtree(temp, ignore_errors=True)
     if cluster.netns:
         HOSTS.down()

@@ -127,7 +127,7 @@ def test_default_suite_end_to_end_with_random_tiny_model(tmp_path, capsys):
     assert enc["images_failed"] == 0 and enc["text_cache_hits"] > 0
     html = (out / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') >= 10
-    assert "http://" not in html and "https://" not in html and "<script" not in html and "<link" not in html
+    assert "http://" not in html and "https://" not in html and "<script src" not in html and "<link" not in html
     assert "wrote" in capsys.readouterr().out
 
 
