@@ -399,7 +399,7 @@ def build_shards(opts: ShardsBuildConfig, progress: bool = True) -> BuildSummary
                         f"(vlp writes {', '.join(sorted(RESERVED_FIELDS))}); rename the column in the input")
     output = BuildOutput(opts.output)
     try:
-        paths, origins = localize_inputs(list(opts.inputs), output.local)
+        paths, origins = localize_inputs(list(opts.inputs), output.inputs_dir())
         files = open_inputs(paths, opts.url_col, opts.caption_col, keep, origins)
         state = {"options": fingerprint(opts), "inputs": _input_fingerprint(files, origins)}
         with output.claim("shards", "vlp shards build", "choose a new --output folder"):

@@ -89,6 +89,8 @@ def read_stats(tar: str) -> tuple[ShardStats | None, str | None]:
         return None, None
     except (OSError, ValueError) as err:
         return None, f"{name}: not readable JSON ({type(err).__name__}); counted from the tar"
+    except UserError as err:  # not a regular file (a FIFO, a link to a device) or too large
+        return None, f"{name}: {str(err).rsplit(': ', 1)[-1]}; counted from the tar"
     if not isinstance(data, dict):
         return None, f"{name}: not a JSON object; counted from the tar"
     samples, rows, duplicates = _count(data.get("successes")), _count(data.get("count")), _count(

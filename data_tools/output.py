@@ -18,6 +18,7 @@ build per output URL.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from contextlib import AbstractContextManager, nullcontext
@@ -28,11 +29,40 @@ from vlp.core.errors import UserError
 from vlp.core.ownership import FolderLock, claim, claim_url
 
 
+def _private_dir(kind: str) -> Path:
+    """A fresh temporary folder named after this process; ones left by processes that died (a killed
+    build) are removed first, so they do not pile up."""
+    root = Path(tempfile.gettempdir())
+    for stale in root.glob(f"vlp-{kind}-*-*"):
+        pid = stale.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"vlp-{kind}-{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive, and not ours to clean
+        return True
+    return True
+
+
 class BuildOutput:
     def __init__(self, target: str):
         self.target = target
         self.remote = storage.is_object_url(target)
-        self.local = Path(tempfile.mkdtemp(prefix="vlp-staging-")) if self.remote else Path(target)
+        self.local = _private_dir("staging") if self.remote else Path(target)
+        self._inputs: Path | None = None
+
+    def inputs_dir(self) -> Path:
+        """A private folder for local copies of object-storage inputs, removed by close(): never the output
+        folder itself, which is not claimed yet when inputs are read."""
+        if self._inputs is None:
+            self._inputs = _private_dir("inputs")
+        return self._inputs
 
     def __str__(self) -> str:
         return self.target
@@ -66,6 +96,8 @@ class BuildOutput:
     def close(self) -> None:
         if self.remote:
             shutil.rmtree(self.local, ignore_errors=True)
+        if self._inputs is not None:
+            shutil.rmtree(self._inputs, ignore_errors=True)
 
     def claim(self, kind: str, command: str, hint: str) -> AbstractContextManager:
         """Make the output ours (vlp.core.ownership) before anything in it is read or deleted;
@@ -103,7 +135,7 @@ def localize_inputs(inputs: list[str], staging: Path) -> tuple[list[str], dict[s
                             "not http(s); image references inside them may be http(s) URLs")
         if not storage.exists(text):
             raise UserError(f"input {text}: no such object")
-        copy = staging / "inputs" / f"{i}-{text.rstrip('/').rsplit('/', 1)[-1]}"
+        copy = staging / f"{i}-{text.rstrip('/').rsplit('/', 1)[-1]}"
         copy.parent.mkdir(parents=True, exist_ok=True)
         with storage.errors_in_one_line(text), storage.open_read(text) as src, open(copy, "wb") as dst:
             shutil.copyfileobj(src, dst, 8 << 20)

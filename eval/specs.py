@@ -14,7 +14,7 @@ SYNTH_SEED = 10_000_019
 class Spec(BaseModel):
     """Suite YAML sections: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SyntheticData(Spec):

@@ -21,6 +21,7 @@ raised as `UserError` (the CLI prints it and exits 2).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from vlp.eval.tasks import TASKS
 from vlp.eval.tasks.base import TaskSpec
 
+from vlp.core import storage
 from vlp.core.errors import UserError
+from vlp.core.smallfiles import read_small
 
 SUITE_DIR = Path(__file__).parent / "suites"
 
 
 class SuiteHeader(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = "suite"
     description: str = ""
@@ -136,7 +139,7 @@ def load_suite(name_or_path: str, only: list[str] | None = None) -> Suite:
     """Read and validate a suite file; `only` keeps the named tasks (an unknown name is an error)."""
     path = find_suite(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_small(path, "suite", 16 << 20).decode("utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -151,3 +154,23 @@ def load_suite(name_or_path: str, only: list[str] | None = None) -> Suite:
             raise UserError(f"--only: no task {unknown[0]!r} in suite {path} (tasks: {', '.join(names)})")
         suite.tasks = [t for t in suite.tasks if t.name in only]
     return suite
+
+
+def check_files(suite: Suite) -> Suite:
+    """Every file and folder the suite's tasks name exists (an object-storage URL: the object or prefix):
+    for a run that evaluates at its end, or every N steps, a typo fails before the work, not after it."""
+    for task in suite.tasks:
+        data = getattr(task, "dataset", None)
+        for field in ("path", "image_root"):
+            value = getattr(data, field, None)
+            if value and not _exists(value):
+                raise UserError(f"suite {suite.path}, task {task.name}: dataset.{field} {value}: no such file "
+                                "or folder")
+    return suite
+
+
+def _exists(text: str) -> bool:
+    text = os.path.expandvars(text)
+    if storage.is_object_url(text):
+        return storage.exists(text) or bool(storage.names(text))
+    return Path(text).expanduser().exists()

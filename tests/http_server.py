@@ -4,7 +4,8 @@ Serves files from a folder, plus special paths that misbehave the ways the
 web does: /status/404, /status/500, /slow/<seconds>/<file> (answers late),
 /flaky/<n>/<file> (500 for the first n requests, then the file), and the
 ways a hostile server does: /drip/<seconds per byte>/<file> (the body a byte
-at a time, for as long as the client listens), /endless (a body without
+at a time, for as long as the client listens), /driphead/<seconds per byte>/<file>
+(the status line and headers a byte at a time), /endless (a body without
 end), /redirect/<scheme>/<rest> (302 to <scheme>://<rest>).
 """
 
@@ -48,6 +49,22 @@ def _handler(root: Path, hits: Counter):
             except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
                 pass
 
+        def _drip_head(self, seconds: float, body: bytes) -> None:
+            """Headers that never finish in time: a byte every `seconds`, for at most 60 s."""
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nX-Padding: {'x' * 200}\r\n"
+            head += f"Content-Length: {len(body)}\r\n\r\n"
+            deadline = time.monotonic() + 60
+            try:
+                for byte in head.encode():
+                    if time.monotonic() > deadline:
+                        return
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(seconds)
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+                pass
+
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
             hits[self.path] += 1
             parts = self.path.strip("/").split("/")
@@ -61,6 +78,8 @@ def _handler(root: Path, hits: Counter):
                 return None
             if parts[0] in ("drip", "endless"):
                 return self._stream(parts)
+            if parts[0] == "driphead":
+                return self._drip_head(float(parts[1]), root.joinpath(*parts[2:]).read_bytes())
             if parts[0] == "slow":
                 time.sleep(float(parts[1]))
                 parts = parts[2:]

@@ -61,6 +61,30 @@ def test_a_dripping_server_cannot_hold_a_row_past_the_timeout(image_dir, tmp_pat
     assert [f["reason"] for f in failures(tmp_path / "out")] == ["timeout"]
 
 
+def test_a_server_dripping_its_headers_cannot_hold_a_row_past_the_timeout(image_dir, tmp_path):
+    """A per-read socket timeout never fires on a header byte a second: the request's whole time is bounded."""
+    from vlp.core.fetch import FetchError, FetchOptions, fetch
+
+    with serve(image_dir) as (base, _):
+        start = time.monotonic()
+        with pytest.raises(FetchError) as caught:
+            fetch(f"{base}/driphead/0.5/a.png", str(tmp_path), FetchOptions(timeout=2.0, retries=0))
+        took = time.monotonic() - start
+        rows = [{"url": f"{base}/driphead/0.5/a.png", "caption": "drip"}, {"url": f"{base}/b.png", "caption": "ok"}]
+        summary = build([write_csv(tmp_path / "p.csv", rows)], tmp_path / "out", timeout=2.0, retries=0)
+    assert caught.value.reason == "timeout" and took < 10, took  # the headers alone would take about 2 minutes
+    assert (summary.written, summary.failed) == (1, 1)
+    assert [f["reason"] for f in failures(tmp_path / "out")] == ["timeout"]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1"])
+def test_a_timeout_must_be_finite_and_positive(tmp_path, capsys, value):
+    csv_path = write_csv(tmp_path / "p.csv", [{"url": "files/a.png", "caption": "x"}])
+    err = _one_line_error(capsys, ["shards", "build", str(csv_path), "--output", str(tmp_path / "out"),
+                                   "--timeout", value, "--quiet"])
+    assert "timeout" in err and not (tmp_path / "out").exists()
+
+
 def test_an_endless_body_is_cut_at_max_bytes(image_dir, tmp_path):
     with serve(image_dir) as (base, _):
         rows = [{"url": f"{base}/endless", "caption": "endless"}]
@@ -427,3 +451,157 @@ def test_builder_loader_and_eval_decode_under_the_budget(monkeypatch, tmp_path):
             results = list(pool.map(work, paths))
         assert len(results) == 8 and budget.peak == 10_000, name
         assert not any(getattr(r, "reason", None) for r in results), name
+
+
+# ------------------------------------------------------------------ early checks
+
+
+def test_a_demo_with_a_missing_suite_or_suite_file_fails_before_synthesis(tmp_path, capsys):
+    data, run = tmp_path / "data", tmp_path / "run"
+    common = [f"demo.data_dir={data}", f"train.output_dir={run}", "demo.pairs=100"]
+    err = _one_line_error(capsys, ["demo", *common, "demo.eval_suite=defualt"])
+    assert "defualt" in err
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: s\ntasks:\n  - name: ret\n    type: retrieval\n"
+                     f"    dataset: {{format: csv, path: {tmp_path / 'gone.csv'}}}\n")
+    err = _one_line_error(capsys, ["demo", *common, f"demo.eval_suite={suite}"])
+    assert "gone.csv" in err and "no such file" in err
+    assert not data.exists() and not run.exists()  # nothing synthesised, nothing claimed
+
+
+def test_a_train_eval_suite_naming_a_missing_file_fails_before_training(tmp_path, capsys):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: s\ntasks:\n  - name: ret\n    type: retrieval\n"
+                     f"    dataset: {{format: csv, path: {tmp_path / 'gone.csv'}}}\n")
+    err = _one_line_error(capsys, ["train", "model.name=vlp-micro", f"data.sources=[{{shards: '{tmp_path}'}}]",
+                                   "train.eval_every=5", f"train.eval_suite={suite}",
+                                   f"train.output_dir={tmp_path / 'run'}"])
+    assert "gone.csv" in err and not (tmp_path / "run").exists()
+
+
+def test_index_reads_no_fifo_and_no_endless_file_as_stats(tmp_path):
+    """A _stats.json that is a FIFO hung `vlp shards index`; one linked to /dev/zero read without limit."""
+    import os
+
+    from test_shards_index import write_img2dataset_folder
+
+    folder = tmp_path / "i2d"
+    write_img2dataset_folder(folder)
+    (folder / "00000_stats.json").unlink()
+    os.mkfifo(folder / "00000_stats.json")
+    (folder / "00001_stats.json").unlink()
+    (folder / "00001_stats.json").symlink_to("/dev/zero")
+    done = subprocess.run([sys.executable, "-m", "vlp", "shards", "index", str(folder)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "00000_stats.json: not a regular file" in done.stdout and "00001_stats.json: not a regular file" in done.stdout
+    assert json.loads((folder / "manifest.json").read_text())["written"] == 24  # counted from the tars
+
+
+# ------------------------------------------------------------------ writes where vlp was not asked to
+
+
+def test_export_writes_no_file_named_by_the_weights_and_never_into_a_checkpoint(tmp_path, capsys):
+    """A model named `settings` overwrote a user's settings.json; exporting over a checkpoint's own weights
+    broke that checkpoint's checksum."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vlp.core.config import LossConfig, ModelConfig
+    from vlp.core.models import create_model
+    from vlp.core.weights import META_NAME, read_metadata, write_weights
+
+    torch.manual_seed(0)
+    model, *_ = create_model(ModelConfig(name="vlp-micro"), LossConfig())
+    weights = tmp_path / "w.safetensors"
+    write_weights(model.state_dict(), weights, "vlp-micro")
+    renamed = tmp_path / "settings.safetensors"
+    save_file(load_file(str(weights)), str(renamed), metadata={**read_metadata(weights), META_NAME: "settings"})
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "settings.json").write_text("mine")
+    # "settings" is no model open_clip ships: its config goes beside the export, under the output's name
+    assert vlp_main(["export", str(renamed), "--out", str(proj / "model.safetensors")]) == 0
+    assert (proj / "settings.json").read_text() == "mine" and (proj / "model.json").is_file()
+    (proj / "other.json").write_text("mine too")
+    err = _one_line_error(capsys, ["export", str(weights), "--out", str(proj / "other.safetensors")])
+    assert "other.json" in err and (proj / "other.json").read_text() == "mine too"
+    # a checkpoint's files are checksummed by its mark: no export lands inside one
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "vlp_state.json").write_text("{}")
+    err = _one_line_error(capsys, ["export", str(weights), "--out", str(ckpt / "model.safetensors")])
+    assert "inside the checkpoint" in err and not (ckpt / "model.safetensors").exists()
+    err = _one_line_error(capsys, ["export", str(weights), "--out", str(weights)])
+    assert "is the weights being exported" in err
+
+
+def test_synth_never_writes_into_a_folder_vlp_did_not_make(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "images").mkdir(parents=True)
+    (out / "pairs.csv").write_text("my data")
+    err = _one_line_error(capsys, ["shards", "synth", "--out", str(out), "--n", "4"])
+    assert "not made by vlp" in err and (out / "pairs.csv").read_text() == "my data"
+    assert vlp_main(["shards", "synth", "--out", str(tmp_path / "new"), "--n", "4"]) == 0
+    assert vlp_main(["shards", "synth", "--out", str(tmp_path / "new"), "--n", "4", "--seed", "1"]) == 0  # its own
+
+
+def test_launch_init_follows_no_link_out_of_its_folder(tmp_path, capsys):
+    site = tmp_path / "site"
+    (site / "configs").mkdir(parents=True)
+    outside = tmp_path / "outside.yaml"
+    (site / "configs" / "default.yaml").symlink_to(outside)  # dangling: exists() is False, a copy would follow it
+    err = _one_line_error(capsys, ["launch", "init", str(site)])
+    assert "default.yaml" in err and not outside.exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (tmp_path / "site2").mkdir()
+    (tmp_path / "site2" / "launch").symlink_to(other)  # a folder on the way that leads out
+    err = _one_line_error(capsys, ["launch", "init", str(tmp_path / "site2")])
+    assert "leads out" in err and not any(other.iterdir())
+
+
+@pytest.mark.parametrize("mode,peak", [("RGB", 3), ("RGBA", 8), ("LA", 10), ("P+t", 9), ("I;16", 10), ("L", 4)])
+def test_the_decode_budget_weighs_each_mode_by_what_its_decode_holds(mode, peak):
+    """8 RGBA 9000x9000 PNGs held 2.07 GiB in one build worker, above the per-process bound: the budget
+    counted pixels as if every image were RGB."""
+    import numpy as np
+    from PIL import Image
+
+    from vlp.core import images
+
+    base = "P" if mode == "P+t" else mode
+    img = Image.new(base, (300, 200))
+    if mode == "P+t":
+        img.info["transparency"] = 0
+    with images.decoding(img):
+        held = images._BUDGET.in_use
+    assert images.peak_bytes_per_pixel(img) == peak and held == -(-300 * 200 * peak // 3)
+    # and 16-bit grey still maps onto 0..255 as before (integer arithmetic, no float64 copy)
+    arr = (np.arange(300 * 200, dtype=np.uint16).reshape(200, 300) * 7) % 65535
+    grey = images.to_rgb_pixels(Image.fromarray(arr, "I;16"))
+    want = np.round(arr.astype(np.float64) * (255.0 / 65535.0))
+    assert np.abs(np.asarray(grey)[..., 0].astype(int) - want).max() <= 1
+
+
+def test_staging_folders_of_a_killed_build_are_removed_by_the_next_one(tmp_path):
+    """A killed S3 build left its staging folder in the temp folder for good."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from vlp.data_tools.output import BuildOutput
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = Path(tempfile.gettempdir()) / f"vlp-staging-{dead.pid}-abc123"
+    left.mkdir()
+    (left / "00000.tar").write_bytes(b"half a shard")
+    mine = Path(tempfile.gettempdir()) / f"vlp-staging-{os.getpid()}-keep"  # a live process's: kept
+    mine.mkdir(exist_ok=True)
+    out = BuildOutput("s3://bucket/prefix")
+    try:
+        assert not left.exists() and mine.exists() and out.local.name.startswith(f"vlp-staging-{os.getpid()}-")
+    finally:
+        out.close()
+        mine.rmdir()

@@ -115,6 +115,20 @@ def test_a_torn_newest_checkpoint_falls_back_to_the_previous_one(run, shards, tm
     assert steps == [1, 2, 3]  # steps 2-3 redone after step 1, one consistent history
 
 
+def test_when_every_checkpoint_is_torn_resume_auto_stops_instead_of_starting_over(run, shards, tmp_path):
+    """It printed skip lines, restarted from step 0 and overwrote the old checkpoint folders."""
+    out = _copy(run, tmp_path / "run")
+    for step in ("step_00000001", "step_00000002"):
+        model_file = out / "checkpoints" / step / "mp_rank_00_model_states.pt"
+        model_file.write_bytes(model_file.read_bytes()[:100])
+    before = {p: p.read_bytes() for p in sorted((out / "checkpoints").rglob("*")) if p.is_file()}
+    proc = _vlp(*_train_args(shards, out, "train.steps=3", "train.resume=auto"), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "none of the 2 checkpoints" in last and "verifies" in last
+    assert {p: p.read_bytes() for p in sorted((out / "checkpoints").rglob("*")) if p.is_file()} == before
+
+
 def test_a_full_disk_is_one_line_and_older_checkpoints_stay(shards, tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()

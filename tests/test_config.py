@@ -155,3 +155,24 @@ def test_a_run_file_may_carry_sibling_sections_which_are_still_checked(tmp_path)
     path.write_text("demo:\n  pairz: 10\n")
     with pytest.raises(ConfigError, match="unknown config key 'demo.pairz'"):
         load_config(path)
+
+
+def _float_keys() -> list[tuple[str, str]]:
+    from vlp.app.flags import describe
+    from vlp.core.config import COMMAND_SCHEMAS
+
+    return [(name, key) for name, schema in COMMAND_SCHEMAS.items() for key, kind, _, _ in describe(schema)
+            if "float" in kind and "[]" not in key]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_key_of_every_command_must_be_finite(value):
+    """weight_decay=inf, init_logit_scale=nan, eps=inf... once started runs that ended in NaN losses."""
+    from vlp.core.config import COMMAND_SCHEMAS, load
+
+    keys = _float_keys()
+    assert len(keys) > 30 and ("train", "optim.weight_decay") in keys and ("shards", "timeout") in keys
+    for name, key in keys:
+        with pytest.raises(ConfigError) as caught:
+            load(COMMAND_SCHEMAS[name], None, [f"{key}={value}"])
+        assert key in str(caught.value) and "\n" not in str(caught.value), (name, key, caught.value)

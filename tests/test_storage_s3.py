@@ -374,3 +374,33 @@ def test_an_eval_mirror_never_writes_outside_its_cache(s3_here, tmp_path):
     local = storage.mirror("s3://data/evalset", cache)
     assert (local / "items.json").read_bytes() == b"[]" and local.is_relative_to(cache)
     assert list(cache.glob(".stamps/s3/data/evalset/items.json.etag"))
+
+
+def test_an_s3_input_builds_into_a_new_local_folder_without_copying_into_it(store, pairs, tmp_path):
+    """The input's local copy went into the output folder before the folder was claimed: refused as not vlp's."""
+    _upload_inputs(store, pairs)
+    out = tmp_path / "new"
+    printed = _ok(_vlp(_env(store), "shards", "build", "s3://data/set/pairs.parquet", "--output", str(out), *BUILD))
+    assert f"rows={ROWS} written={ROWS - 1}" in printed
+    assert not (out / "inputs").exists() and not any(p.suffix == ".parquet" and not p.stem.isdigit()
+                                                     for p in out.iterdir())
+
+
+def test_a_resumed_read_never_mixes_two_versions_of_an_object(s3_here):
+    """The connection drops mid-body and the object was replaced meanwhile: the resumed read fails (its
+    request is pinned to the ETag first read) instead of splicing the new version's bytes onto the old."""
+    from vlp.core import storage
+
+    first, second = os.urandom(12 << 20), os.urandom(12 << 20)
+    s3_here.client().put_object(Bucket="shards", Key="moving.tar", Body=first)
+    s3_here.cut_after = 5 << 20  # this GET's body breaks 5 MB in: the reader will ask for the rest
+    fh = storage.open_read("s3://shards/moving.tar")
+    head = fh.read(1 << 20)
+    assert head == first[: 1 << 20]
+    s3_here.client().put_object(Bucket="shards", Key="moving.tar", Body=second)
+    got = bytearray(head)
+    with pytest.raises(Exception):  # noqa: B017 - the client's error for a failed precondition, whatever its class
+        while chunk := fh.read(1 << 20):
+            got += chunk
+    assert bytes(got) == first[: len(got)] and len(got) < len(first)  # only the first version's bytes, then the error
+    fh.close()

@@ -240,11 +240,12 @@ def test_export_loads_in_stock_open_clip_as_file_and_folder(shards, tmp_path):
 
     exported = tmp_path / "export" / "model.safetensors"
     assert vlp_main(["export", str(out), "--out", str(exported)]) == 0
-    # stock open_clip, with our config registered from the json written next to the export (this process may
-    # know vlp-micro already: the subprocess below loads the export where vlp cannot be imported)
-    assert json.loads((exported.parent / "vlp-micro.json").read_text())["embed_dim"] > 0
-    open_clip.add_model_config(exported.parent / "vlp-micro.json")
-    model, _, preprocess = open_clip.create_model_and_transforms("vlp-micro", pretrained=str(exported))
+    # stock open_clip, with our config registered from the json written next to the export under the output's
+    # name (so the model is "model" to open_clip; the subprocess below loads the export where vlp cannot be imported)
+    assert json.loads((exported.parent / "model.json").read_text())["embed_dim"] > 0
+    assert not (exported.parent / "vlp-micro.json").exists()  # never a name taken from the weights' metadata
+    open_clip.add_model_config(exported.parent / "model.json")
+    model, _, preprocess = open_clip.create_model_and_transforms("model", pretrained=str(exported))
     model.eval()
     # the same weights through vlp's own loader of the checkpoint
     from safetensors.torch import load_file

@@ -4,6 +4,7 @@ The filters, each optional, in this order; a removed sample gets the reason of
 the first one that removes it:
 
 1. no usable image (`no_image`, or the decode reason: `corrupt_image`, ...);
+   with embeddings, a NaN or infinite embedding or CLIP score (`non_finite_embedding`);
 2. captions: `caption_too_short` (words or characters), `caption_too_long`,
    `other_language` (langdetect; `detail` names the language found);
 3. images: `image_too_small`, `aspect_ratio_too_large`;
@@ -23,7 +24,9 @@ embed`, or read from the shards when no filter needs embeddings); then one
 pass over the shards copies each kept sample's tar members unchanged into new
 shards and writes removed.jsonl (key, shard, reason, score, matched,
 matched_shard, detail).
-The manifest says rows == written + failed + duplicates, as a build's does
+Every sample the input shards' manifests list is accounted for: one that a shard
+does not hold (cut short, broken part way) is `missing_from_shard` in removed.jsonl
+(its key unknown). The manifest says rows == written + failed + duplicates, as a build's does
 (`source: "curate"`, with the filters and the CLIP threshold used), so `vlp
 shards verify` and `vlp train` take the output as they take a build.
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 from vlp.data_tools.curation import dedup, embeddings, filters
-from vlp.data_tools.curation.decontaminate import eval_images, matches
+from vlp.data_tools.curation.decontaminate import EvalImages, eval_images, matches
 from vlp.data_tools.curation.samples import ShardRef, batches, describe, list_shards, read_samples
 from vlp.data_tools.output import BuildOutput
 from vlp.data_tools.writer import SHARD_FILE, ShardWriter
@@ -56,7 +60,8 @@ from vlp.core.ownership import LOCK, MARKER
 
 REMOVED = "removed.jsonl"
 BATCH = 256  # samples decoded at once when scanning
-FILTER_ORDER = ("unusable_image", "caption_too_short", "caption_too_long", "other_language", "image_too_small",
+MISSING = "missing_from_shard"  # listed in a shard's manifest, not readable from the shard (cut short, broken)
+FILTER_ORDER = ("unusable_image", "non_finite_embedding", "caption_too_short", "caption_too_long", "other_language", "image_too_small",
                 "aspect_ratio_too_large", "duplicate", "eval_contamination", "semantic_duplicate", "low_clip_score")
 
 
@@ -127,8 +132,10 @@ def scan(shards: list[ShardRef], workers: int, progress: bool) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def decide(table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings | None, urls: list[str]) -> Decisions:
-    """Every filter in FILTER_ORDER over the whole table (urls: every shard's, by index)."""
+def decide(table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings | None, urls: list[str],
+           evals: EvalImages | None = None) -> Decisions:
+    """Every filter in FILTER_ORDER over the whole table (urls: every shard's, by index; evals: the
+    decontamination suite's images, embedded)."""
     n = table.num_rows
     keys = table.column("key").to_pylist()
     shard_col = table.column("shard").to_numpy()
@@ -141,6 +148,11 @@ def decide(table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings | Non
     for row, error in enumerate(errors):
         if error is not None:
             d.removed[row] = Removal(error, detail="the image could not be used")
+    scores = table.column("clip_score").to_numpy(zero_copy_only=False)
+    if emb is not None:  # a NaN or infinite embedding gives a non-finite score: it can pass no filter honestly
+        for row in np.nonzero(~np.isfinite(scores) & d.alive(n))[0]:
+            d.removed[int(row)] = Removal("non_finite_embedding", detail="the model gave a NaN or infinite "
+                                          "embedding or CLIP score")
     d.remove(filters.caption_too_short(table, opts), "caption_too_short")
     d.remove(filters.caption_too_long(table, opts), "caption_too_long")
     other, languages = filters.other_language(table, opts)
@@ -151,9 +163,8 @@ def decide(table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings | Non
     if opts.dedup:
         for row, first in dedup.exact_duplicates(table.column("sha256").to_pylist(), d.alive(n)).items():
             d.removed[row] = Removal("duplicate", **sample(first))
-    if opts.decontaminate_suite is not None:
-        decontaminate(d, table, opts, emb)
-    scores = table.column("clip_score").to_numpy(zero_copy_only=False)
+    if evals is not None:
+        decontaminate(d, table, opts, emb, evals)
     if opts.semdedup_threshold is not None:
         rows = np.nonzero(d.alive(n))[0]
         k = opts.semdedup_clusters or max(1, round(len(rows) / 1000))
@@ -176,10 +187,9 @@ def decide(table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings | Non
     return d
 
 
-def decontaminate(d: Decisions, table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings) -> None:
+def decontaminate(d: Decisions, table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings,
+                  evals: EvalImages) -> None:
     """Remove what is left that matches an eval image; shard by shard, so memory stays one shard's."""
-    encoder, _ = load_encoder(emb.model_spec())
-    evals = eval_images(opts.decontaminate_suite, encoder)
     alive = d.alive(table.num_rows)
     shard_col = table.column("shard").to_numpy()
     hashes = table.column("phash").fill_null(0).to_numpy()
@@ -189,6 +199,26 @@ def decontaminate(d: Decisions, table: pa.Table, opts: CurateConfig, emb: embedd
                         opts.decontaminate_hash_distance)
         for i, (name, cosine) in found.items():
             d.removed[int(rows[i])] = Removal("eval_contamination", score=round(cosine, 6), matched=name)
+
+
+def suite_for_decontamination(opts: CurateConfig, emb: embeddings.Embeddings) -> EvalImages:
+    """The suite's images embedded with the embeddings' model, before any work: a suite none of whose
+    images can be read is an error (it would remove nothing, silently); some unreadable are counted."""
+    encoder, _ = load_encoder(emb.model_spec())
+    evals = eval_images(opts.decontaminate_suite, encoder)
+    if not len(evals.names):
+        raise UserError(f"--decontaminate-suite {opts.decontaminate_suite}: none of its {evals.failed} images "
+                        "could be read, so nothing could be checked against it")
+    if evals.failed:
+        print(f"curate: {evals.failed} images of the decontamination suite could not be read; "
+              f"{len(evals.names)} are checked against", file=sys.stderr)
+    return evals
+
+
+def missing_samples(shards: list[ShardRef], table: pa.Table) -> dict[int, int]:
+    """Per shard index: samples its manifest lists beyond those that could be read (a cut or broken shard)."""
+    present = np.bincount(table.column("shard").to_numpy(), minlength=len(shards))
+    return {s.index: s.samples - int(present[s.index]) for s in shards if s.samples > present[s.index]}
 
 
 def _refuse_an_input_as_output(output: BuildOutput, shards: list[ShardRef], embeddings_dir: str | None) -> None:
@@ -221,8 +251,9 @@ def _output_key(key: str, shard: ShardRef, several_sets: bool) -> str:
 
 
 def write(shards: list[ShardRef], table: pa.Table, d: Decisions, opts: CurateConfig, output: BuildOutput,
-          progress: bool) -> list[dict]:
-    """One pass over the shards: kept samples into new shards, removals into removed.jsonl."""
+          progress: bool, missing: dict[int, int]) -> list[dict]:
+    """One pass over the shards: kept samples into new shards, removals (and samples the shards' manifests
+    list but the shards do not hold) into removed.jsonl."""
     keys, sha256 = table.column("key").to_pylist(), table.column("sha256").to_pylist()
     shard_col = table.column("shard").to_numpy()
     starts = np.searchsorted(shard_col, np.arange(len(shards)))
@@ -267,6 +298,11 @@ def write(shards: list[ShardRef], table: pa.Table, d: Decisions, opts: CurateCon
                 finish()
         if seen != expected:
             raise UserError(f"{shard.url}: {seen} samples read, {expected} embedded; the shards changed since")
+        for position in range(seen, seen + missing.get(shard.index, 0)):
+            removed_lines.append(json.dumps({"key": None, "shard": shard.url, "reason": MISSING, "score": None,
+                                             "matched": None, "matched_shard": None,
+                                             "detail": f"sample {position} of {shard.samples} listed: the shard "
+                                                       f"ends or breaks after {seen}"}))
         bar.update(expected)
     finish()
     bar.close()
@@ -284,28 +320,33 @@ def curate(opts: CurateConfig, progress: bool = True) -> CurateSummary:
     output = BuildOutput(opts.output)
     _refuse_an_input_as_output(output, shards, opts.embeddings)
     emb = embeddings.load(opts.embeddings, [s.url for s in shards]) if opts.embeddings else None
+    evals = suite_for_decontamination(opts, emb) if opts.decontaminate_suite is not None else None
     try:
         with output.claim("curated", "vlp shards curate", "choose a new --output folder"):
             _prepare_output(output, opts.overwrite)
-            return _curate(opts, shards, emb, output, progress)
+            return _curate(opts, shards, emb, evals, output, progress)
     finally:
         output.close()
 
 
-def _curate(opts: CurateConfig, shards: list[ShardRef], emb: embeddings.Embeddings | None, output: BuildOutput,
-            progress: bool) -> CurateSummary:
+def _curate(opts: CurateConfig, shards: list[ShardRef], emb: embeddings.Embeddings | None,
+            evals: EvalImages | None, output: BuildOutput, progress: bool) -> CurateSummary:
     table = emb.table if emb else scan(shards, 4, progress)
-    d = decide(table, opts, emb, [s.url for s in shards])
-    written = write(shards, table, d, opts, output, progress)
-    reasons = Counter(r.reason for r in d.removed.values())
+    missing = missing_samples(shards, table)  # every sample the input manifests list is accounted for
+    d = decide(table, opts, emb, [s.url for s in shards], evals)
+    written = write(shards, table, d, opts, output, progress, missing)
+    reasons = Counter(r.reason for r in d.removed.values()) + Counter({MISSING: sum(missing.values())})
     kept = sum(s["samples"] for s in written)
+    rows = table.num_rows + sum(missing.values())
     manifest = Manifest.model_validate({
-        "rows": table.num_rows, "written": kept, "failed": sum(n for r, n in reasons.items() if r != "duplicate"),
+        "rows": rows, "written": kept, "failed": sum(n for r, n in reasons.items() if r != "duplicate"),
         "duplicates": reasons.get("duplicate", 0),
         "failure_reasons": {r: n for r, n in sorted(reasons.items()) if r != "duplicate"},
         "shards": written, "inputs": opts.shards, "source": "curate",
     }).model_dump(mode="json")
     manifest["curation"] = {"order": list(FILTER_ORDER), "clip_threshold": d.clip_threshold,
                             "embeddings": opts.embeddings, "options": opts.model_dump(mode="json")}
+    if evals is not None:
+        manifest["curation"]["decontamination"] = {"images": len(evals.names), "unreadable": evals.failed}
     output.write(MANIFEST, json_bytes(manifest))
-    return CurateSummary(opts.output, table.num_rows, kept, reasons, len(written), d.clip_threshold)
+    return CurateSummary(opts.output, rows, kept, reasons, len(written), d.clip_threshold)

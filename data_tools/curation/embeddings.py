@@ -27,6 +27,7 @@ from vlp.eval.encoders import ModelSpec, resolve_model
 
 from vlp.core.atomic import write_atomic, write_json
 from vlp.core.errors import UserError
+from vlp.core.smallfiles import read_small
 
 FORMAT = "vlp-embeddings/1"
 META = "embed.json"
@@ -79,7 +80,7 @@ def write_meta(root: Path, meta: dict) -> None:
 
 def read_meta(root: Path) -> dict:
     try:
-        meta = json.loads((root / META).read_text())
+        meta = json.loads(read_small(root / META, "embeddings metadata"))
     except FileNotFoundError:
         raise UserError(f"{root}: no {META} (not a `vlp shards embed` output)") from None
     except (OSError, ValueError) as err:

@@ -40,6 +40,7 @@ from vlp.eval.synthetic import materialise
 from vlp.core import storage
 from vlp.core.errors import UserError
 from vlp.core.fetch import FetchOptions
+from vlp.core.smallfiles import read_small
 
 MAX_LISTED_SKIPS = 1000  # report.json lists at most this many skipped items per task (all are counted)
 SKIPS_IN_HTML = 20  # report.html lists the first ones; skipped.jsonl has every one
@@ -234,7 +235,7 @@ def read_text(path: Path, what: str) -> str:
     if not path.is_file():
         raise UserError(f"{what} file not found: {path}")
     try:
-        return path.read_bytes().decode("utf-8")
+        return read_small(path, f"{what} file").decode("utf-8")
     except UnicodeDecodeError as err:
         raise UserError(f"{what} file {path} is not UTF-8 text (byte {err.start})") from None
     except OSError as err:

@@ -39,6 +39,7 @@ from vlp.core.config import (
     load,
 )
 from vlp.core.errors import UserError
+from vlp.core.ownership import FolderLock, claim
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -179,7 +180,9 @@ def _synth(args: argparse.Namespace) -> int:
         raise UserError("vlp shards synth: --out DIR is required")
     from vlp.data_tools.synth import generate
 
-    csv_path = generate(cfg.out, n=cfg.n, seed=cfg.seed, image_size=cfg.image_size, workers=cfg.workers)
+    claim(cfg.out, "synth", "vlp shards synth", "choose a new --out folder")  # never over a user's files
+    with FolderLock(cfg.out):
+        csv_path = generate(cfg.out, n=cfg.n, seed=cfg.seed, image_size=cfg.image_size, workers=cfg.workers)
     print(f"wrote {cfg.n} synthetic pairs: {csv_path}")
     return 0
 

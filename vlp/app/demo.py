@@ -29,6 +29,7 @@ from vlp.core.weights import complete_checkpoints
 from vlp.data_tools.build import build_shards, fingerprint
 from vlp.data_tools.synth import generate
 from vlp.eval.runner import run
+from vlp.eval.suite import check_files, load_suite
 from vlp.train.trainer import train
 
 DEMO = "vlp demo"
@@ -133,6 +134,7 @@ def _check_folders(cfg: DemoRunConfig) -> None:
 
 def run_demo(cfg: DemoRunConfig) -> DemoResult:
     _check_folders(cfg)
+    check_files(load_suite(cfg.demo.eval_suite))  # a typo fails now, not after synthesis and training
     seconds: dict[str, float] = {}
 
     def stage(name, fn, *args):

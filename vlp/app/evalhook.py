@@ -19,14 +19,14 @@ from pathlib import Path
 
 from vlp.core.config import EvalConfig, RunConfig
 from vlp.eval.runner import run
-from vlp.eval.suite import load_suite
+from vlp.eval.suite import check_files, load_suite
 
 
 def periodic_eval(cfg: RunConfig) -> Callable[[Path], dict[str, float]] | None:
     """The trainer's eval callback for this config, or None when the config asks for no eval."""
     if not (cfg.train.eval_every and cfg.train.eval_suite):
         return None
-    load_suite(cfg.train.eval_suite)  # a bad suite fails now, not after the first eval_every steps
+    check_files(load_suite(cfg.train.eval_suite))  # a bad suite or a missing file fails now, not at the first eval
     out_root = Path(cfg.train.output_dir) / "eval"
 
     def evaluate(checkpoint: Path) -> dict[str, float]:

@@ -59,8 +59,9 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
 
 
 def json_bytes(value: Any, indent: int | None = 2) -> bytes:
-    """The one JSON format vlp writes (manifests, stats, state), for files written elsewhere too."""
-    return json.dumps(value, indent=indent).encode("utf-8")
+    """The one JSON format vlp writes (manifests, stats, state), for files written elsewhere too: strict
+    JSON, so a NaN or infinity is an error here rather than a file other readers refuse."""
+    return json.dumps(value, indent=indent, allow_nan=False).encode("utf-8")
 
 
 def write_json(path: str | Path, value: Any, indent: int | None = 2) -> None:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from vlp.core.errors import UserError
 from vlp.core.shipped import resolve
+from vlp.core.smallfiles import read_small
 
 
 class ConfigError(UserError):
@@ -50,8 +51,9 @@ def cpu_cores() -> int:
 
 
 class Section(BaseModel):
-    # extra="forbid": an unknown key is an error, not silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid": an unknown key is an error, not silently ignored. allow_inf_nan=False: every float
+    # key must be a finite number (NaN or inf would make a run end in NaN losses, or a deadline endless).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _split_commas(value: Any) -> Any:
@@ -623,7 +625,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_small(path, "config file", 16 << 20).decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(f"config file {path}: not UTF-8 text (byte {err.start})") from None
     except OSError as err:

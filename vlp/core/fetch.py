@@ -6,15 +6,18 @@ missing_file, empty_file, unreadable_file, too_large, http_<status>,
 timeout, connection_refused, connection_error, bad_redirect.
 
 `--timeout` bounds a request as a whole: connecting, the headers and every
-byte of the body, so a server that drips bytes cannot hold a row forever.
+byte of the body, so a server that drips bytes (of its headers or of its
+body) cannot hold a row past it; it must be finite and positive.
 Redirects are followed to http(s) URLs only.
 """
 
 from __future__ import annotations
 
 import errno
+import http.client
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -107,21 +110,99 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
+class _Deadline:
+    """One request's whole time: when it is up, every socket the request opened is shut down, which
+    ends whatever read is waiting on it (headers dripped a byte at a time included: a per-read socket
+    timeout would never fire on those)."""
+
+    def __init__(self, seconds: float):
+        self.at = time.monotonic() + seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+    def remaining(self) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0 or self.expired:
+            raise TimeoutError("the whole request took longer than its timeout")
+        return left
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                self._shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed
+            pass
 
 
-def _remaining(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("the whole request took longer than its timeout")
-    return left
+def _watched(base: type[http.client.HTTPConnection], deadline: _Deadline) -> type:
+    """`base` whose socket is handed to the deadline once connected (connecting gets what time is left)."""
+
+    class Connection(base):
+        def connect(self) -> None:
+            self.timeout = deadline.remaining()
+            super().connect()
+            deadline.watch(self.sock)
+
+    return Connection
+
+
+class _DeadlineHTTP(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(_watched(http.client.HTTPConnection, self.deadline), req)
+
+
+class _DeadlineHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(_watched(http.client.HTTPSConnection, self.deadline), req, context=self._context)
 
 
 def _read_http(url: str, opts: FetchOptions) -> bytes:
     """GET url within `opts.timeout` seconds in all (connect, headers and body), at most max_bytes."""
-    deadline = time.monotonic() + opts.timeout
+    with _Deadline(opts.timeout) as deadline:
+        try:
+            return _read_http_within(url, opts, deadline)
+        except FetchError:
+            raise
+        except Exception:
+            if deadline.expired:  # whatever the shut socket raised (a reset, a short read): the time ran out
+                raise TimeoutError("the whole request took longer than its timeout") from None
+            raise
+
+
+def _read_http_within(url: str, opts: FetchOptions, deadline: _Deadline) -> bytes:
+    opener = urllib.request.build_opener(_HttpOnlyRedirects, _DeadlineHTTP(deadline), _DeadlineHTTPS(deadline))
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    with _OPENER.open(request, timeout=opts.timeout) as resp:
+    with opener.open(request, timeout=deadline.remaining()) as resp:
         declared = resp.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > opts.max_bytes:
             raise FetchError("too_large", f"{declared} bytes > {opts.max_bytes}")
@@ -131,7 +212,7 @@ def _read_http(url: str, opts: FetchOptions) -> bytes:
         parts, size = [], 0
         while True:
             if sock is not None:
-                sock.settimeout(_remaining(deadline))
+                sock.settimeout(deadline.remaining())
             piece = resp.read1(1 << 20)
             if not piece:
                 break
@@ -139,7 +220,8 @@ def _read_http(url: str, opts: FetchOptions) -> bytes:
             size += len(piece)
             if size > opts.max_bytes:
                 raise FetchError("too_large", f"more than {opts.max_bytes} bytes")
-            _remaining(deadline)
+            deadline.remaining()
+        deadline.remaining()  # a socket shut by the deadline reads as the end: that body is not whole
         data = b"".join(parts)
     if not data:
         raise FetchError("empty_file", "empty response body")

@@ -47,8 +47,9 @@ SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 EXIF_ORIENTATION = 0x0112
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
-# Full-size pixels one process may hold in decoding at once: 100 Mpx is ~300 MB of RGB
-# (about 1.2 GB in the worst, transparent, case). An image at the pixel limit fits, alone.
+# What one process may hold in decoding at once, in RGB pixels (3 bytes): about 300 MB, whatever the
+# images' modes (an image holds its mode's peak bytes per pixel / 3 of it). An image at the pixel limit
+# fits, alone.
 DECODE_BUDGET_PIXELS = 100_000_000
 
 # We check the pixel count ourselves, against a limit the caller chooses.
@@ -129,9 +130,24 @@ def return_freed_pixels() -> None:
 
 
 def decoding(img: Image.Image) -> contextlib.AbstractContextManager[None]:
-    """Hold this process's decode budget for an opened image (after `draft`) while its full-size pixels live."""
+    """Hold this process's decode budget for an opened image (after `draft`) while its full-size pixels live,
+    weighed by what decoding its mode to RGB holds at its peak (the budget counts RGB pixels: 3 bytes)."""
     w, h = img.size
-    return _BUDGET.hold(w * h)
+    return _BUDGET.hold(math.ceil(w * h * peak_bytes_per_pixel(img) / 3))
+
+
+def peak_bytes_per_pixel(img: Image.Image) -> int:
+    """Bytes per pixel alive at once while `to_rgb_pixels` turns an image of this mode into RGB."""
+    decoded = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3,
+               "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
+               "I": 4, "F": 4}.get(img.mode, 4)
+    if img.mode == "RGB":
+        return decoded
+    if _transparent(img):  # + the RGBA copy (unless RGBA already), the white RGB canvas, the alpha mask
+        return decoded + (0 if img.mode == "RGBA" else 4) + 3 + 1
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):  # + uint32 working copy, 8-bit grey, RGB
+        return decoded + 4 + 1 + 3
+    return decoded + 3
 
 
 def orientation(img: Image.Image) -> int:
@@ -164,15 +180,25 @@ def _load(img: Image.Image) -> Image.Image:
         raise ImageError("decode_error", f"{type(err).__name__}: {err}") from None
 
 
+def _transparent(img: Image.Image) -> bool:
+    return img.mode == "P" and "transparency" in img.info or img.mode in _ALPHA_MODES
+
+
 def _rgb(img: Image.Image) -> Image.Image:
+    """Memory-lean conversions (peak_bytes_per_pixel counts what each holds): 16-bit and float grey in
+    integer arithmetic, transparency pasted onto a white RGB canvas through its alpha (no RGBA canvas)."""
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info or img.mode in _ALPHA_MODES:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        arr = np.asarray(img)
+        if img.mode == "F":
+            arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+        top = 65535 if arr.max(initial=0) > 255 else 255
+        scaled = (np.clip(arr, 0, top).astype(np.uint32) * 255 + top // 2) // top
+        img = Image.fromarray(scaled.astype(np.uint8), "L")
+    if _transparent(img):
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
     return img.convert("RGB") if img.mode != "RGB" else img
 
 

@@ -43,6 +43,7 @@ from torch import nn
 
 from vlp.core.config import LossConfig, ModelConfig
 from vlp.core.errors import UserError
+from vlp.core.smallfiles import read_small
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"  # our small configs for CPU runs
 SOFTMAX_INIT_LOGIT_SCALE = math.log(1 / 0.07)
@@ -107,7 +108,7 @@ def register_config_file(cfg: ModelConfig) -> None:
     if not CONFIG_FILE_NAME.match(path.name):
         raise UserError(f"{what}: name the file <model name>.json (letters, digits, '.', '_', '+', '-')")
     try:
-        loaded = json.loads(path.read_bytes().decode("utf-8"))
+        loaded = json.loads(read_small(path, "model config", 16 << 20).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{what}: not a JSON model config ({type(err).__name__})") from None
     missing = [k for k in MODEL_CONFIG_KEYS if not isinstance(loaded, dict) or k not in loaded]

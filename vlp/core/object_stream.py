@@ -4,8 +4,9 @@ fsspec's file objects read an object in ranged GETs of one block each (s3fs: 5-8
 a 500 MB shard costs a hundred requests per epoch, each billed and each a chance to be
 throttled. A shard is read sequentially, so vlp asks for the whole object once and
 streams the response body, the way `aws s3 cp - | tar` would. If the connection drops
-mid-way, the stream asks again from where it stopped (a Range GET), a few times, before
-the error reaches the reader.
+mid-way, the stream asks again from where it stopped (a Range GET, pinned to the version
+first read: its VersionId, or If-Match on its ETag), a few times, before the error reaches
+the reader; an object replaced meanwhile is an error, never bytes of two versions.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class ObjectStream(io.RawIOBase):
         self.bucket, self.key, self.version = fs.split_path(inner)
         self.pos = 0
         self.body = None
+        self.etag: str | None = None  # of the first response: what a resumed request must still be
         self._request()  # now, so that a missing object or bucket is an error of the open
 
     def readable(self) -> bool:
@@ -35,7 +37,12 @@ class ObjectStream(io.RawIOBase):
         extra = {"Range": f"bytes={self.pos}-"} if self.pos else {}
         if self.version:
             extra["VersionId"] = self.version
+        elif self.etag:  # the rest of the same object: one replaced meanwhile fails (412), it is never mixed in
+            extra["IfMatch"] = self.etag
         response = sync(self.fs.loop, self.fs._call_s3, "get_object", Bucket=self.bucket, Key=self.key, **extra)
+        if not self.version and response.get("VersionId") and response["VersionId"] != "null":
+            self.version = response["VersionId"]  # a versioned bucket: later requests name this version
+        self.etag = self.etag or response.get("ETag")
         self.body = response["Body"]
 
     def readinto(self, buffer) -> int:

@@ -23,6 +23,7 @@ from vlp import __version__
 from vlp.core import storage
 from vlp.core.atomic import TMP_PREFIX, json_bytes, write_json
 from vlp.core.errors import UserError
+from vlp.core.smallfiles import read_small
 
 MARKER = ".vlp-owner.json"
 LOCK = ".vlp-lock"
@@ -31,8 +32,8 @@ LOCK = ".vlp-lock"
 def owner(folder: Path) -> dict | None:
     """The folder's marker, or None if vlp did not make it (or the marker is unreadable)."""
     try:
-        data = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
+        data = json.loads(read_small(folder / MARKER, "marker", 1 << 20))
+    except (OSError, ValueError, UserError):
         return None
     return data if isinstance(data, dict) else None
 

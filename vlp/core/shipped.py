@@ -19,6 +19,7 @@ import shutil
 from importlib.resources import files
 from pathlib import Path
 
+from vlp.core.confine import inside
 from vlp.core.errors import UserError
 
 PRESET_NAME = re.compile(r"^[\w-]+(\.yaml)?$")
@@ -53,8 +54,11 @@ def resolve(path: str | Path) -> str:
 def write_copies(dest: str | Path) -> list[Path]:
     """`dest/configs/*` and `dest/launch/*`: editable copies of the shipped files (never overwrites)."""
     dest = Path(dest)
-    pairs = [(src, dest / folder / src.name) for folder in FOLDERS for src in shipped_files(folder)]
-    existing = [str(target) for _, target in pairs if target.exists()]
+    # inside(): a name (or a folder on its way) that is a link out of dest is refused, even a dangling one,
+    # which exists() does not see and a copy would follow
+    pairs = [(src, inside(dest, f"{folder}/{src.name}", "vlp launch init: file"))
+             for folder in FOLDERS for src in shipped_files(folder)]
+    existing = [str(target) for _, target in pairs if target.exists() or target.is_symlink()]
     if existing:
         raise UserError(f"{existing[0]} exists; vlp launch init never overwrites (choose an empty folder)")
     for src, target in pairs:

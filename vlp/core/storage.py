@@ -28,6 +28,7 @@ from vlp.core.atomic import write_atomic
 from vlp.core.confine import inside, relative_name
 from vlp.core.errors import UserError, first_line
 from vlp.core.object_stream import open_object
+from vlp.core.smallfiles import DEFAULT_LIMIT, read_small
 
 URL = re.compile(r"^([a-z][a-z0-9+.-]*)://")
 # The object stores vlp reads and writes through fsspec. An allowlist: fsspec also speaks ftp, ssh,
@@ -97,9 +98,12 @@ def read_bytes(path: str | Path) -> bytes:
     """A whole file, local or remote (a missing one raises FileNotFoundError for the caller to phrase)."""
     path = str(path)
     if not protocol(path):
-        return Path(path).read_bytes()
+        return read_small(path)
     fs, inner = _fs(path)
     with errors_in_one_line(path, keep_missing=True):
+        size = fs.info(inner).get("size") or 0
+        if size > DEFAULT_LIMIT:
+            raise UserError(f"{path}: larger than {DEFAULT_LIMIT >> 20} MiB; refused")
         return fs.cat_file(inner)
 
 

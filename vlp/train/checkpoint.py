@@ -39,6 +39,7 @@ from vlp.core.atomic import fsync_dir, write_atomic, write_json
 from vlp.core.errors import UserError
 from vlp.core.ownership import LOCK, FolderLock, claim, owner
 from vlp.core.safeload import safe_torch_load
+from vlp.core.smallfiles import read_small
 from vlp.core.weights import STATE_FILE, WEIGHTS_FILE, complete_checkpoints, write_weights
 
 STAGING = ".staging"
@@ -114,7 +115,7 @@ def _drop_partial(partial: Path, root: Path, step: int, err: BaseException) -> N
 def verify_checkpoint(path: Path) -> str | None:
     """Why the checkpoint at `path` cannot be trusted, or None if its mark and every file it lists check out."""
     try:
-        mark = json.loads((path / STATE_FILE).read_text())
+        mark = json.loads(read_small(path / STATE_FILE, "checkpoint mark", 16 << 20))
     except (OSError, ValueError) as err:
         return f"completion mark {STATE_FILE} unreadable ({type(err).__name__})"
     files = mark.get("files") if isinstance(mark, dict) else None
@@ -132,10 +133,12 @@ def verify_checkpoint(path: Path) -> str | None:
 
 
 def resolve_resume(resume: str | None, root: Path, say=print) -> Path | None:
-    """'auto' -> the newest checkpoint that verifies (or None for a fresh start); a path -> that checkpoint.
+    """'auto' -> the newest checkpoint that verifies (None: there is none yet, a fresh start); a path ->
+    that checkpoint.
 
     A checkpoint that does not verify (a torn or truncated file, a missing one)
-    is skipped with a line saying why, and the next older one is tried.
+    is skipped with a line saying why, and the next older one is tried; when
+    checkpoints exist and none verifies, that is an error, not a fresh start.
     """
     if resume is None:
         return None
@@ -147,11 +150,17 @@ def resolve_resume(resume: str | None, root: Path, say=print) -> Path | None:
         if problem:
             raise UserError(f"config key 'train.resume': checkpoint {path} does not verify: {problem}")
         return path
-    for path in reversed(complete_checkpoints(root)):
+    found = complete_checkpoints(root)
+    problems = []
+    for path in reversed(found):
         problem = verify_checkpoint(path)
         if problem is None:
             return path
         say(f"skipping checkpoint {path}: {problem}")
+        problems.append(f"{path.name}: {problem}")
+    if found:  # starting over would overwrite those folders, and the run's history with them
+        raise UserError(f"train.resume=auto: none of the {len(found)} checkpoints in {root} verifies (newest: "
+                        f"{problems[0]}); resume one by path after repairing it, or choose a new train.output_dir")
     return None
 
 
@@ -225,7 +234,7 @@ def load_checkpoint(engine, path: Path, rank: int) -> dict:
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(safe_torch_load(rng_file))
-    state = json.loads((path / STATE_FILE).read_text())
+    state = json.loads(read_small(path / STATE_FILE, "checkpoint mark", 16 << 20))
     state.pop("files", None)
     return state
 

@@ -21,6 +21,7 @@ from typing import Any
 from vlp.core.config import RunConfig
 from vlp.core.errors import UserError
 from vlp.core.shipped import resolve
+from vlp.core.smallfiles import read_small
 
 
 def base_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
@@ -77,7 +78,7 @@ def _from_file(path: str) -> dict:
     if not p.is_file():
         raise UserError(f"config key 'train.deepspeed_config': no such file {path}")
     try:
-        return json.loads(p.read_text())
+        return json.loads(read_small(p, "config key 'train.deepspeed_config':", 16 << 20))
     except json.JSONDecodeError as err:
         raise UserError(f"config key 'train.deepspeed_config': {path} is not valid JSON ({err.msg})") from None
 

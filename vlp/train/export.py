@@ -2,8 +2,9 @@
 
 - `--format safetensors` (default): one open_clip state dict,
   `open_clip.create_model_and_transforms(name, pretrained="model.safetensors")`
-  (for our own model configs, add the `<name>.json` written next to it with
-  `open_clip.add_model_config`).
+  (for our own model configs, `open_clip.add_model_config("model.json")`, the
+  config written next to it under the output's name, and the model's name is then
+  the file's: `create_model_and_transforms("model", pretrained="model.safetensors")`).
 - `--format open_clip-dir`: a folder in the layout of open_clip's Hub models
   (`open_clip_config.json` with `model_cfg` + `preprocess_cfg`, `open_clip_model.safetensors`,
   a README, and the tokenizer files for a model with a Hugging Face tokenizer), which
@@ -30,6 +31,7 @@ from vlp.core.weights import (
     META_CONFIG,
     META_NAME,
     OPEN_CLIP_DIR_WEIGHTS,
+    STATE_FILE,
     checked_model_name,
     find_weights,
     read_metadata,
@@ -50,15 +52,35 @@ def _source(source: str | Path) -> tuple[Path, dict[str, str], str]:
 
 
 def export(source: str | Path, out: str | Path) -> tuple[Path, str]:
-    """Copy the weights of `source` to `out` (atomically) plus `<name>.json` for custom configs."""
+    """Copy the weights of `source` to `out` (atomically), plus, for a config open_clip does not ship, the
+    model config beside it as `out` with `.json` for its suffix: a name fixed by the output, never by the
+    weights' metadata (a model named `settings` must not overwrite a user's settings.json)."""
     src, meta, name = _source(source)
     out = Path(out)
+    _refuse_checkpoint_files(src, out)
+    register_model_configs()
+    config = out.with_suffix(".json")
+    side = (MODEL_CONFIG_DIR / f"{name}.json").is_file() or name not in open_clip.list_models()
+    if side and config.exists() and (not config.is_file() or config.read_bytes() != meta.get(META_CONFIG, "{}").encode()):
+        raise UserError(f"--out {out}: its model config would be written to {config}, which exists with other "
+                        "content; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_weights(load_file(str(src)), out, name, metadata=meta)
-    register_model_configs()
-    if (MODEL_CONFIG_DIR / f"{name}.json").is_file() or name not in open_clip.list_models():
-        write_atomic(out.parent / f"{name}.json", meta.get(META_CONFIG, "{}"))
+    if side:
+        write_atomic(config, meta.get(META_CONFIG, "{}"))
     return out, name
+
+
+def _refuse_checkpoint_files(src: Path, out: Path) -> None:
+    """An export never replaces its source, nor writes into a checkpoint (whose mark records every
+    file's checksum: a changed file would make the checkpoint fail to verify)."""
+    target = out.resolve()
+    if target == src.resolve():
+        raise UserError(f"--out {out} is the weights being exported; choose another --out")
+    for folder in target.parents:
+        if (folder / STATE_FILE).is_file():
+            raise UserError(f"--out {out} is inside the checkpoint {folder}, whose files are checksummed; choose "
+                            "another --out")
 
 
 def export_open_clip_dir(source: str | Path, out: str | Path, tokenizer: str | None = None) -> tuple[Path, str]:

@@ -215,7 +215,7 @@ class _Metrics:
         """One step's record: a line of metrics.jsonl; its numbers to the backends as train/<key>."""
         if not self.enabled:
             return
-        self.fh.write(json.dumps(record) + "\n")
+        self.fh.write(json.dumps(record, allow_nan=False) + "\n")
         self.fh.flush()
         scalars = {f"train/{key}": value for key, value in record.items()
                    if isinstance(value, int | float) and key != "step"}
@@ -458,6 +458,9 @@ class Trainer:
                         checkpoint_due or eval_due or pos.step == self.total_steps):
                     continue  # nothing read off the device on this step: it runs ahead of the host
                 record, stop = self._sync(step_result, lr, window.replaced)
+                if not math.isfinite(record["loss"]):  # every later step would be NaN too: stop, say so
+                    raise UserError(f"step {pos.step}: the loss is {record['loss']} (not finite); lower optim.lr, "
+                                    f"or check the data and the loss settings; the last checkpoint is kept")
                 pos.replaced += record.pop("replaced")
                 record = {"step": pos.step, "time": round(time.time(), 3), "epoch": pos.epoch, "samples": pos.samples,
                           **record,
