@@ -69,7 +69,8 @@ def fingerprint(cfg: ShardsBuildConfig) -> dict:
         "caption_col": cfg.caption_col,
         "keep_cols": list(cfg.keep_cols),
         "caption_cols": list(cfg.caption_cols),
-        "image": dataclasses.asdict(image_options(cfg)) | {"max_aspect_ratio": str(cfg.max_aspect_ratio)},
+        # "no limit" is fingerprinted as it was when it was spelled inf: such builds still resume
+        "image": dataclasses.asdict(image_options(cfg)) | {"max_aspect_ratio": str(cfg.max_aspect_ratio or float("inf"))},
         "fetch": dataclasses.asdict(fetch_options(cfg)),
         "caption_max_chars": cfg.caption_max_chars,
         "caption_reject_chars": cfg.caption_reject_chars,

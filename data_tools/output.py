@@ -18,6 +18,7 @@ build per output URL.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -25,8 +26,26 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from vlp.core import storage
+from vlp.core.atomic import json_bytes
 from vlp.core.errors import UserError
-from vlp.core.ownership import FolderLock, claim, claim_url
+from vlp.core.ownership import MARKER, FolderLock, claim, marker
+
+
+def claim_url(url: str, kind: str, command: str, hint: str) -> None:
+    """vlp.core.ownership's `claim` for an object-storage prefix: the marker is an object; a store gives no lock."""
+    names = set(storage.names(url))
+    if MARKER in names:
+        try:
+            mark = json.loads(storage.read_bytes(storage.join(url, MARKER)))
+        except ValueError:
+            mark = None
+        if not isinstance(mark, dict) or mark.get("kind") != kind:
+            found = mark.get("kind") if isinstance(mark, dict) else "unreadable"
+            raise UserError(f"{url} holds vlp {found!r} output, not {kind}; {hint}")
+        return
+    if names:
+        raise UserError(f"{url} is not empty and was not made by vlp; {hint}")
+    storage.write_bytes(storage.join(url, MARKER), json_bytes(marker(kind, command)))
 
 
 def _private_dir(kind: str) -> Path:

@@ -50,7 +50,7 @@ def _check_size(img: Image.Image, opts: ImageOptions) -> None:
     w, h = img.size
     if min(w, h) < max(opts.min_image_size, 1):
         raise ImageError("image_too_small", f"{w}x{h} < {opts.min_image_size}")
-    if max(w, h) / min(w, h) > opts.max_aspect_ratio:
+    if opts.max_aspect_ratio and max(w, h) / min(w, h) > opts.max_aspect_ratio:
         raise ImageError("aspect_ratio_too_large", f"{w}x{h} > {opts.max_aspect_ratio}")
 
 

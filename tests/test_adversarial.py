@@ -579,7 +579,7 @@ def test_the_decode_budget_weighs_each_mode_by_what_its_decode_holds(mode, peak)
     assert images.peak_bytes_per_pixel(img) == peak and held == -(-300 * 200 * peak // 3)
     # and 16-bit grey still maps onto 0..255 as before (integer arithmetic, no float64 copy)
     arr = (np.arange(300 * 200, dtype=np.uint16).reshape(200, 300) * 7) % 65535
-    grey = images.to_rgb_pixels(Image.fromarray(arr, "I;16"))
+    grey = images.to_rgb_pixels(Image.fromarray(arr))  # a uint16 array: mode I;16
     want = np.round(arr.astype(np.float64) * (255.0 / 65535.0))
     assert np.abs(np.asarray(grey)[..., 0].astype(int) - want).max() <= 1
 
@@ -605,3 +605,20 @@ def test_staging_folders_of_a_killed_build_are_removed_by_the_next_one(tmp_path)
     finally:
         out.close()
         mine.rmdir()
+
+
+def test_a_run_whose_loss_is_no_longer_finite_stops_in_one_line(tmp_path):
+    """NaN losses ran on to the end, exit 0, and metrics.jsonl held NaN (not JSON)."""
+    from shard_helpers import tiny_shards
+
+    shards = tiny_shards(tmp_path)
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "vlp", "train", "model.name=vlp-micro", "data.workers=0",
+                           f"data.sources=[{{shards: '{shards}'}}]", "train.batch_size=8", "train.steps=6",
+                           "optim.lr=1e30", "optim.warmup_steps=0", f"train.output_dir={out}"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "the loss is nan (not finite)" in last or "the loss is inf (not finite)" in last, last
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: 1 / 0)  # strict JSON: no NaN written

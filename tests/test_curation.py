@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import webdataset as wds
 from shard_helpers import build, noise_image, save, write_csv
@@ -321,3 +322,55 @@ def test_a_curated_folder_trains_unchanged(sets, tmp_path, capsys):
     assert len(lines) == 2
     curated = set(_samples(out))
     assert all(k in curated for line in lines for k in line["keys"])
+
+
+def test_a_cut_shard_is_accounted_sample_by_sample_not_reported_ok(sets, tmp_path, capsys):
+    """A truncated shard lost samples while the summary said rows == kept + removed: ok."""
+    a, _ = sets
+    cut = tmp_path / "cut"
+    shutil.copytree(a, cut)
+    (cut / ".vlp-owner.json").unlink()
+    tar = cut / "00001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    printed = _run(capsys, "shards", "curate", str(cut), "--output", str(tmp_path / "out"), "--quiet")
+    listed = sum(s["samples"] for s in json.loads((cut / "manifest.json").read_text())["shards"])
+    missing = [r for r in _removed(tmp_path / "out") if r["reason"] == "missing_from_shard"]
+    kept = len(_samples(tmp_path / "out"))
+    assert listed == ROWS and 0 < len(missing) < 16 and all(r["key"] is None for r in missing)
+    assert f"rows={ROWS} kept={kept}" in printed and "(rows == kept + removed: ok)" in printed
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["failure_reasons"]["missing_from_shard"] == len(missing) and manifest["rows"] == ROWS
+
+
+def test_non_finite_scores_are_a_removal_reason_and_the_manifest_stays_strict_json(sets, embedded, tmp_path, capsys):
+    """NaN CLIP scores disabled the score filter and wrote "clip_threshold": NaN into the manifest."""
+    import pyarrow.parquet as pq
+
+    a, _ = sets
+    emb = tmp_path / "emb"
+    shutil.copytree(embedded, emb)
+    path = embeddings.metadata_path(emb, 0)
+    table = pq.read_table(path)
+    scores = table.column("clip_score").to_numpy().copy()
+    scores[:5] = np.nan
+    pq.write_table(table.set_column(table.schema.get_field_index("clip_score"), "clip_score",
+                                    pa.array(scores, pa.float32())), path)
+    printed = _run(capsys, "shards", "curate", str(a), "--output", str(tmp_path / "out"), "--embeddings", str(emb),
+                   "--clip-score-top", "0.5", "--quiet")
+    removed = Counter(r["reason"] for r in _removed(tmp_path / "out"))
+    assert removed["non_finite_embedding"] == 5 and "(rows == kept + removed: ok)" in printed
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text(), parse_constant=lambda c: 1 / 0)
+    assert np.isfinite(manifest["curation"]["clip_threshold"])
+
+
+def test_a_decontamination_suite_none_of_whose_images_can_be_read_is_an_error_first(sets, embedded, tmp_path, capsys):
+    a, _ = sets
+    suite = tmp_path / "suite.yaml"
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "gone" / "pairs.csv").write_text("image,caption\nmissing.png,a thing\n")
+    suite.write_text("name: s\ntasks:\n  - name: ret\n    type: retrieval\n"
+                     f"    dataset: {{format: csv, path: {tmp_path / 'gone' / 'pairs.csv'}}}\n")
+    assert main(["shards", "curate", str(a), "--output", str(tmp_path / "out"), "--embeddings", str(embedded),
+                 "--decontaminate-suite", str(suite), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "none of its 1 images could be read" in err and not (tmp_path / "out").exists()

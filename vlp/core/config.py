@@ -349,7 +349,8 @@ class ShardsBuildConfig(Section):
     encode_format: Literal["jpg", "webp", "png"] = Field("jpg", description="image format in the tar")
     encode_quality: int = Field(95, ge=1, le=100, description="jpg/webp quality")
     min_image_size: int = Field(0, ge=0, description="reject images whose smaller side is below this")
-    max_aspect_ratio: float = Field(float("inf"), ge=1, description="reject images with longer/shorter above this")
+    max_aspect_ratio: float = Field(0.0, ge=0, description="reject images with longer/shorter above this "
+                                    "(0: no limit; else at least 1)")
     max_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb limit (width x height)")
     caption_max_chars: int = Field(512, gt=0, description="captions are cut (at a word) to this length")
     caption_reject_chars: int = Field(10_000, gt=0, description="captions longer than this are rejected")
@@ -372,6 +373,8 @@ class ShardsBuildConfig(Section):
     def _caption_limits(self) -> ShardsBuildConfig:
         if self.caption_reject_chars < self.caption_max_chars:
             raise ValueError("caption_reject_chars must be >= caption_max_chars")
+        if 0 < self.max_aspect_ratio < 1:
+            raise ValueError("max_aspect_ratio is 0 (no limit) or at least 1")
         return self
 
 

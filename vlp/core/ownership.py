@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from vlp import __version__
-from vlp.core import storage
-from vlp.core.atomic import TMP_PREFIX, json_bytes, write_json
+from vlp.core.atomic import TMP_PREFIX, write_json
 from vlp.core.errors import UserError
 from vlp.core.smallfiles import read_small
 
@@ -53,30 +52,13 @@ def claim(folder: str | Path, kind: str, command: str, hint: str) -> Path:
         raise UserError(f"{folder} is not empty and was not made by vlp; {hint}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / MARKER, _marker(kind, command))
+        write_json(folder / MARKER, marker(kind, command))
     except OSError as err:
         raise UserError(f"output {folder}: not writable ({err.strerror or err})") from None
     return folder
 
 
-def claim_url(url: str, kind: str, command: str, hint: str) -> None:
-    """`claim` for an object-storage prefix: the marker is an object; a store gives no lock."""
-    names = set(storage.names(url))
-    if MARKER in names:
-        try:
-            mark = json.loads(storage.read_bytes(storage.join(url, MARKER)))
-        except ValueError:
-            mark = None
-        if not isinstance(mark, dict) or mark.get("kind") != kind:
-            found = mark.get("kind") if isinstance(mark, dict) else "unreadable"
-            raise UserError(f"{url} holds vlp {found!r} output, not {kind}; {hint}")
-        return
-    if names:
-        raise UserError(f"{url} is not empty and was not made by vlp; {hint}")
-    storage.write_bytes(storage.join(url, MARKER), json_bytes(_marker(kind, command)))
-
-
-def _marker(kind: str, command: str) -> dict:
+def marker(kind: str, command: str) -> dict:
     return {"made_by": "vlp", "kind": kind, "command": command, "version": __version__}
 
 
