@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from vlp.eval.encoders import ModelSpec, resolve_model
 
 from vlp.core.atomic import write_atomic, write_json
-from vlp.core.errors import UserError
+from vlp.core.errors import UserError, first_line
 from vlp.core.smallfiles import read_small
 
 FORMAT = "vlp-embeddings/1"
@@ -85,8 +85,16 @@ def read_meta(root: Path) -> dict:
         raise UserError(f"{root}: no {META} (not a `vlp shards embed` output)") from None
     except (OSError, ValueError) as err:
         raise UserError(f"{root / META}: not readable JSON ({type(err).__name__})") from None
+    except RecursionError:
+        raise UserError(f"{root / META}: nested too deeply") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{root / META}: not a {FORMAT} file")
+    shards, model = meta.get("shards"), meta.get("model")
+    if not isinstance(model, dict) or not isinstance(shards, list) or not all(
+            isinstance(sh, dict) and type(sh.get("index")) is int and isinstance(sh.get("url"), str)
+            and type(sh.get("samples")) is int and sh["samples"] >= 0 for sh in shards) or [
+            sh["index"] for sh in shards] != list(range(len(shards))):
+        raise UserError(f"{root / META}: its model or shard list is not as `vlp shards embed` writes it")
     return meta
 
 
@@ -101,7 +109,9 @@ class Embeddings:
     def model_spec(self) -> ModelSpec:
         """The model these were embedded with (to embed more images alike: eval images for decontamination)."""
         m = self.meta["model"]
-        return resolve_model(m["source"], m["weights"], m["random_init"])
+        if not isinstance(m.get("source"), str) or not isinstance(m.get("weights"), str | None):
+            raise UserError(f"{self.root / META}: names no model to embed with")
+        return resolve_model(m["source"], m["weights"], bool(m.get("random_init")))
 
     def image_embeddings(self, rows: np.ndarray) -> np.ndarray:
         """float32 image embeddings of the given global row numbers (read shard by shard from the mapped files)."""
@@ -113,7 +123,7 @@ class Embeddings:
         out = None
         for shard in np.unique(shard_of[rows]):
             mine = np.nonzero(shard_of[rows] == shard)[0]
-            array = np.load(path_of(self.root, int(shard)), mmap_mode="r")
+            array = _load_array(path_of(self.root, int(shard)), int(np.sum(shard_of == shard)))
             if out is None:
                 out = np.zeros((len(rows), array.shape[1]), dtype=np.float32)
             out[mine] = array[rows[mine] - starts[shard]]
@@ -134,7 +144,7 @@ def load(root: str | Path, shard_urls: list[str]) -> Embeddings:
                         f"`vlp shards embed` again to finish")
     tables = []
     for s in meta["shards"]:
-        table = pq.read_table(metadata_path(root, s["index"]))  # the samples the shard held when embedded
+        table = _read_metadata(metadata_path(root, s["index"]))  # the samples the shard held when embedded
         tables.append(table.append_column("shard", pa.array(np.full(table.num_rows, s["index"]), pa.int64())))
     return Embeddings(root, meta, pa.concat_tables(tables))
 
@@ -144,3 +154,31 @@ def _first_difference(a: list[str], b: list[str]) -> str:
         if x != y:
             return f"{x} vs {y}"
     return "one list is longer"
+
+
+def _load_array(path: Path, rows: int) -> np.ndarray:
+    """An embeddings file, memory-mapped: a float (rows, dim) array, or a one-line error naming the file."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; run `vlp shards embed` again to write it") from None
+    except Exception as err:  # a cut or foreign .npy: numpy raises ValueError, OSError, SyntaxError (its header)
+        raise UserError(f"{path}: not a readable .npy array ({type(err).__name__}); embed this shard again") from None
+    if array.ndim != 2 or array.dtype.kind != "f" or array.shape[0] != rows or not array.shape[1]:
+        raise UserError(f"{path}: holds a {array.dtype} array of shape {array.shape}, not {rows} float embeddings; "
+                        "embed this shard again")
+    return array
+
+
+def _read_metadata(path: Path) -> pa.Table:
+    """A shard's metadata table, checked against METADATA_SCHEMA, or a one-line error naming the file."""
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; run `vlp shards embed` again to write it") from None
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError and more for a broken file
+        raise UserError(f"{path}: not a readable parquet file ({type(err).__name__}); embed this shard again") from None
+    try:
+        return table.select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA)
+    except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
+        raise UserError(f"{path}: not vlp's embedding metadata ({first_line(err)[:120]})") from None

@@ -42,7 +42,7 @@ from open_clip.tokenizer import HFTokenizer
 from torch import nn
 
 from vlp.core.config import LossConfig, ModelConfig
-from vlp.core.errors import UserError
+from vlp.core.errors import UserError, first_line
 from vlp.core.smallfiles import read_small
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"  # our small configs for CPU runs
@@ -130,9 +130,15 @@ def make_tokenizer(cfg: ModelConfig) -> Callable:
         if not (Path(cfg.tokenizer) / "tokenizer_config.json").is_file():
             raise UserError(f"config key 'model.tokenizer': {cfg.tokenizer} is not a Hugging Face tokenizer folder "
                             "(no tokenizer_config.json; save one with tokenizer.save_pretrained(DIR))")
-        return HFTokenizer(cfg.tokenizer, context_length=text_cfg.get("context_length", 77),
-                           tokenizer_mode=text_cfg.get("tokenizer_mode"),
-                           **text_cfg.get("tokenizer_kwargs", {}))
+        try:
+            tokenizer = HFTokenizer(cfg.tokenizer, context_length=text_cfg.get("context_length", 77),
+                                    tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                                    **text_cfg.get("tokenizer_kwargs", {}))
+            tokenizer(["a test caption"])  # a folder that loads but cannot tokenise fails here, not in a worker
+        except Exception as err:  # transformers and tokenizers raise many types for a broken folder
+            raise UserError(f"config key 'model.tokenizer': {cfg.tokenizer} is not a usable Hugging Face tokenizer "
+                            f"folder ({type(err).__name__}: {first_line(err)[:150]})") from None
+        return tokenizer
     hub = text_cfg.get("hf_tokenizer_name") or ("a SigLIP vocabulary" if "siglip" in cfg.name.lower() else None)
     try:
         return open_clip.get_tokenizer(cfg.name)

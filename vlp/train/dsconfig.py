@@ -67,6 +67,9 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+SECTIONS = ("bf16", "fp16", "zero_optimization", "optimizer", "scheduler")
+
+
 def check_deepspeed_config(cfg: RunConfig) -> None:
     """The DeepSpeed JSON the config names exists and parses (before any setup)."""
     if cfg.train.deepspeed_config:
@@ -78,9 +81,18 @@ def _from_file(path: str) -> dict:
     if not p.is_file():
         raise UserError(f"config key 'train.deepspeed_config': no such file {path}")
     try:
-        return json.loads(read_small(p, "config key 'train.deepspeed_config':", 16 << 20))
-    except json.JSONDecodeError as err:
-        raise UserError(f"config key 'train.deepspeed_config': {path} is not valid JSON ({err.msg})") from None
+        data = json.loads(read_small(p, "config key 'train.deepspeed_config':", 16 << 20))
+    except ValueError as err:  # not JSON, or not text in any of JSON's encodings
+        raise UserError(f"config key 'train.deepspeed_config': {path} is not valid JSON "
+                        f"({getattr(err, 'msg', type(err).__name__)})") from None
+    except RecursionError:
+        raise UserError(f"config key 'train.deepspeed_config': {path} is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config key 'train.deepspeed_config': {path} must hold a JSON object")
+    for section in SECTIONS:  # what vlp reads from the merged config must have the shape DeepSpeed gives it
+        if section in data and not isinstance(data[section], dict | str):
+            raise UserError(f"config key 'train.deepspeed_config': {path}: {section!r} must be an object")
+    return data
 
 
 def _from_accelerate() -> dict:
