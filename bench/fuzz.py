@@ -15,6 +15,14 @@ Targets (each calls the functions the commands call, on files it writes):
     config    YAML run files and key=value overrides -> vlp.core.config.load for every command schema
     suite     eval suite YAML and the public-format dataset files it names -> load_suite, then each
               task's load() and inputs()
+    embeddings  an embed output with one hostile file -> embeddings.load, the gathered embeddings,
+              curation's decisions
+    removed   a curated folder whose removed.jsonl is hostile -> verify_shards, inspect_shards
+    model_config  `model.config_file` JSON -> check_model
+    tokenizer `model.tokenizer` folder (Hugging Face files) -> make_tokenizer and tokenising
+    deepspeed_config  `train.deepspeed_config` JSON -> the checks and the merged DeepSpeed config
+    listing   object-store keys (moto's S3 server in-process) -> listing and mirroring, which must stay in
+              its cache folder
 
 "Uncaught" means what would reach a user as a traceback: anything but vlp's one-line errors
 (UserError, and RowFailure where a row or sample is refused). Each distinct crash (exception type
@@ -43,6 +51,7 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from vlp.data_tools.captions import normalise_caption
+from vlp.data_tools.curation import embeddings
 from vlp.data_tools.inspection import inspect_shards
 from vlp.data_tools.readers import iter_rows, open_inputs
 from vlp.data_tools.synth import make_pair
@@ -399,6 +408,226 @@ class Suite(Target):
             instance.inputs()
 
 
+class Embeddings(Target):
+    """An embed output (embed.json, image/text .npy, metadata parquet) with one file hostile -> load, the
+    embeddings curation gathers, and curation's decisions."""
+
+    name = "embeddings"
+
+    def __init__(self, work: Path):
+        super().__init__(work)
+        import numpy as np
+
+        self.urls = [str(work / "shards" / f"{i:05d}.tar") for i in range(2)]
+        self.seed_dir = work / "seed-emb"
+        rng = np.random.default_rng(0)
+        embeddings.write_meta(self.seed_dir, {"model": {"source": "vlp-micro", "weights": None, "random_init": True,
+                                                        "name": "vlp-micro"}, "sets": ["x"],
+                                              "shards": [{"index": i, "set": 0, "url": u, "samples": 3}
+                                                         for i, u in enumerate(self.urls)]})
+        for i in range(2):
+            vecs = rng.standard_normal((3, 8)).astype(np.float32)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            rows = [{"key": f"{i}{j:08d}", "position": j, "caption": "a thing", "clip_score": 0.5, "sha256": f"{j}",
+                     "width": 8, "height": 8, "phash": j, "error": None} for j in range(3)]
+            embeddings.write_shard(self.seed_dir, i, vecs, vecs, rows)
+        self.files = {str(p.relative_to(self.seed_dir)): p.read_bytes() for p in sorted(self.seed_dir.rglob("*"))
+                      if p.is_file() and not p.name.startswith(".")}
+
+    def strategy(self):
+        def edit(name):
+            data = self.files[name]
+            variants = [mutated(data), st.binary(max_size=200), st.just(data[: len(data) // 2])]
+            if name.endswith(".json"):
+                variants.append(tree_edit(json.loads(data)).map(lambda d: json.dumps(d).encode()))
+            return st.tuples(st.just(name), st.one_of(*variants))
+        return st.sampled_from(sorted(self.files)).flatmap(edit)
+
+    def run(self, case) -> None:
+        import numpy as np
+        from vlp.data_tools.curation.curate import decide
+
+        from vlp.core.config import CurateConfig
+
+        name, data = case
+        root = self.fresh() / "emb"
+        shutil.copytree(self.seed_dir, root)
+        (root / name).write_bytes(data)
+        emb = embeddings.load(root, self.urls)
+        emb.image_embeddings(np.arange(emb.table.num_rows))
+        decide(emb.table, CurateConfig(shards=["x"], output="o", clip_score_top=0.5), emb, self.urls)
+
+
+class Removed(Target):
+    """A curated folder whose removed.jsonl is hostile -> verify_shards, inspect_shards."""
+
+    name = "removed"
+
+    def __init__(self, work: Path):
+        super().__init__(work)
+        from vlp.data_tools.build import build_shards
+        from vlp.data_tools.curation.curate import curate
+        from vlp.data_tools.synth import generate
+
+        from vlp.core.config import CurateConfig, ShardsBuildConfig
+
+        src = work / "seed-shards"
+        csv_path = generate(work / "seed-pairs", n=6, seed=2, image_size=32, progress=False)
+        build_shards(ShardsBuildConfig(inputs=[str(csv_path)], output=str(src), image_size=32, workers=0),
+                     progress=False)
+        self.curated = work / "seed-curated"
+        curate(CurateConfig(shards=[str(src)], output=str(self.curated), dedup=True), progress=False)
+        self.seed = (self.curated / "removed.jsonl").read_bytes() or b'{"key": "1", "reason": "duplicate"}\n'
+
+    def strategy(self):
+        line = st.dictionaries(st.sampled_from(["key", "shard", "reason", "score", "matched"]) | TEXT,
+                               SCALAR | JSONISH, max_size=5).map(lambda d: json.dumps(d).encode())
+        return st.one_of(mutated(self.seed), st.lists(line, max_size=6).map(b"\n".join), st.binary(max_size=300))
+
+    def run(self, case) -> None:
+        folder = self.fresh() / "curated"
+        shutil.copytree(self.curated, folder)
+        (folder / ".vlp-lock").unlink(missing_ok=True)
+        (folder / "removed.jsonl").write_bytes(case)
+        _each(lambda: verify_shards(folder, progress=False), lambda: inspect_shards(folder, samples=2))
+
+
+class ModelConfigFile(Target):
+    """`model.config_file`: an open_clip model JSON of the user's -> the checks `vlp train` runs on it first."""
+
+    name = "model_config"
+
+    def __init__(self, work: Path):
+        super().__init__(work)
+        root = Path(__file__).resolve().parent.parent
+        self.seed = json.loads((root / "vlp" / "core" / "model_configs" / "vlp-micro.json").read_text())
+
+    def strategy(self):
+        return st.one_of(tree_edit(self.seed).map(lambda d: json.dumps(d).encode()),
+                         mutated(json.dumps(self.seed).encode()), st.binary(max_size=100))
+
+    def run(self, case) -> None:
+        from vlp.core.config import ModelConfig
+        from vlp.core.models import check_model
+
+        path = self.fresh() / "my-model.json"
+        path.write_bytes(case)
+        check_model(ModelConfig(config_file=str(path)))
+
+
+class TokenizerFolder(Target):
+    """`model.tokenizer`: a Hugging Face tokenizer folder of the user's -> vlp's tokenizer on captions."""
+
+    name = "tokenizer"
+
+    def __init__(self, work: Path):
+        super().__init__(work)
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", "a", "red", "circle", "two"])}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                       bos_token="[BOS]", eos_token="[EOS]")
+        self.seed_dir = work / "seed-tokenizer"
+        fast.save_pretrained(str(self.seed_dir))
+        self.files = {p.name: p.read_bytes() for p in sorted(self.seed_dir.iterdir()) if p.is_file()}
+
+    def strategy(self):
+        def edit(name):
+            data = self.files[name]
+            variants = [mutated(data), st.binary(max_size=200), st.just(b"")]
+            if name.endswith(".json"):
+                variants.append(tree_edit(json.loads(data)).map(lambda d: json.dumps(d).encode()))
+            return st.tuples(st.just(name), st.one_of(*variants))
+        return st.sampled_from(sorted(self.files)).flatmap(edit)
+
+    def run(self, case) -> None:
+        from vlp.core.config import ModelConfig
+        from vlp.core.models import make_tokenizer
+
+        name, data = case
+        folder = self.fresh() / "tok"
+        shutil.copytree(self.seed_dir, folder)
+        (folder / name).write_bytes(data)
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = make_tokenizer(ModelConfig(name="vlp-micro", tokenizer=str(folder)))
+            tokenizer(["a red circle", "two", ""])
+
+
+class DeepSpeedConfig(Target):
+    """`train.deepspeed_config`: a DeepSpeed JSON of the user's -> the checks and the merged config."""
+
+    name = "deepspeed_config"
+
+    def __init__(self, work: Path):
+        super().__init__(work)
+        root = Path(__file__).resolve().parent.parent
+        self.seeds = [json.loads(p.read_text()) for p in sorted((root / "launch").glob("ds_*.json"))]
+
+    def strategy(self):
+        return st.one_of(st.sampled_from(self.seeds).flatmap(tree_edit).map(lambda d: json.dumps(d).encode()),
+                         st.sampled_from(self.seeds).map(lambda d: json.dumps(d).encode()).flatmap(mutated),
+                         st.binary(max_size=100))
+
+    def run(self, case) -> None:
+        from vlp.core.config import RunConfig
+        from vlp.train.dsconfig import check_deepspeed_config, deepspeed_config
+
+        path = self.fresh() / "ds.json"
+        path.write_bytes(case)
+        cfg = RunConfig.model_validate({"train": {"deepspeed_config": str(path)}})
+        check_deepspeed_config(cfg)
+        deepspeed_config(cfg, 2)
+
+
+class Listing(Target):
+    """An object-store prefix with hostile keys (moto's S3 server in this process) -> listing, reading, and
+    mirroring into a cache folder, which must never be left."""
+
+    name = "listing"
+
+    def __init__(self, work: Path):
+        super().__init__(work)
+        import logging
+        import os
+
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x",
+                          AWS_DEFAULT_REGION="us-east-1", AWS_MAX_ATTEMPTS="1")
+        self.client = boto3.client("s3")
+        self.bucket = 0
+
+    def strategy(self):
+        key = st.one_of(st.sampled_from(["a.json", "../x", "../../etc/x", "/abs", "a//b", "a/./b", "a\\..\\b",
+                                         ".", "..", "a/../../b", "x" * 300, "ü/ñ.txt", "a/b/c.png"]), TEXT.filter(bool))
+        return st.lists(st.tuples(key, st.binary(max_size=30)), min_size=1, max_size=5)
+
+    def run(self, case) -> None:
+        from vlp.core import storage
+
+        self.bucket += 1
+        bucket = f"fuzz{self.bucket}"
+        self.client.create_bucket(Bucket=bucket)
+        for key, data in case:
+            try:
+                self.client.put_object(Bucket=bucket, Key=f"set/{key}", Body=data)
+            except Exception:  # a key the store itself refuses: not vlp's input
+                pass
+        cache = self.fresh() / "cache"
+        _each(lambda: storage.names(f"s3://{bucket}/set"), lambda: storage.mirror(f"s3://{bucket}/set", cache))
+        outside = [p for p in self.fresh().parent.rglob("*") if p.is_file() and cache not in p.parents]
+        if outside:
+            raise AssertionError(f"the mirror wrote outside its cache: {outside[:3]}")
+
+
 def _text_files(path: Path) -> dict[str, bytes]:
     """A dataset's small text files by relative name (the file itself when `path` is a file)."""
     if path.is_file():
@@ -431,7 +660,8 @@ def _each(*calls) -> None:
             pass
 
 
-TARGETS = {t.name: t for t in (Rows, Manifest, Tar, Config, Suite)}
+TARGETS = {t.name: t for t in (Rows, Manifest, Tar, Config, Suite, Embeddings, Removed, ModelConfigFile,
+                                TokenizerFolder, DeepSpeedConfig, Listing)}
 
 
 # ------------------------------------------------------------------ driver

@@ -90,8 +90,11 @@ def _from_file(path: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"config key 'train.deepspeed_config': {path} must hold a JSON object")
     for section in SECTIONS:  # what vlp reads from the merged config must have the shape DeepSpeed gives it
-        if section in data and not isinstance(data[section], dict | str):
+        if section in data and not isinstance(data[section], dict) and data[section] != "auto":
             raise UserError(f"config key 'train.deepspeed_config': {path}: {section!r} must be an object")
+    stage = data.get("zero_optimization", {}).get("stage", 0) if isinstance(data.get("zero_optimization"), dict) else 0
+    if stage != "auto" and (type(stage) is not int or not 0 <= stage <= 3):
+        raise UserError(f"config key 'train.deepspeed_config': {path}: zero_optimization.stage must be 0, 1, 2 or 3")
     return data
 
 
