@@ -39,6 +39,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tqdm import tqdm
 from vlp.data_tools.captions import CaptionError, normalise_caption
+from vlp.data_tools.counts import count_counterfactuals
 from vlp.data_tools.output import BuildOutput, localize_inputs
 from vlp.data_tools.pipeline import RowOptions, RowResult, init_worker, process_chunk
 from vlp.data_tools.ray_engine import RayWorkers
@@ -69,6 +70,7 @@ def fingerprint(cfg: ShardsBuildConfig) -> dict:
         "caption_col": cfg.caption_col,
         "keep_cols": list(cfg.keep_cols),
         "caption_cols": list(cfg.caption_cols),
+        **({"count_counterfactuals": True} if cfg.count_counterfactuals else {}),  # off: as before it existed
         # "no limit" is fingerprinted as it was when it was spelled inf: such builds still resume
         "image": dataclasses.asdict(image_options(cfg)) | {"max_aspect_ratio": str(cfg.max_aspect_ratio or float("inf"))},
         "fetch": dataclasses.asdict(fetch_options(cfg)),
@@ -281,12 +283,17 @@ def _record(row: Row, key: str, result: RowResult) -> dict:
     }
 
 
-def _sample_meta(record: dict, opts: ShardsBuildConfig, extra: dict) -> dict:
+def _sample_meta(record: dict, opts: ShardsBuildConfig, extra: dict, counts: Counter) -> dict:
     meta = {k: record[k] for k in ("key", "url", "caption", "status", "error_message", "width", "height",
                                    "original_width", "original_height", "sha256", "row")}
     meta.update({c: extra.get(c) for c in opts.keep_cols})
     if opts.caption_cols:
         meta["captions"] = [record["caption"], *more_captions(extra, opts)]
+    if opts.count_counterfactuals:
+        swapped = count_counterfactuals(record["caption"])
+        counts["captions_with_count" if swapped else "captions_without_count"] += 1
+        if swapped:
+            meta["hard_negatives"] = {"count": swapped}
     return meta
 
 
@@ -331,7 +338,7 @@ class _Writer:
                 record.update(status="duplicate", error_message="duplicate", detail=f"same image as row {first}")
             else:
                 self.seen[result.sha256] = row.index
-                meta = _sample_meta(record, self.opts, row.extra)
+                meta = _sample_meta(record, self.opts, row.extra, self.current.counts)
                 self.current.add_sample(key, result.image.data, result.image.ext, result.caption, meta)
         self.current.add_record(record)
 
@@ -354,7 +361,7 @@ class _Writer:
 def _finish(output: BuildOutput, opts: ShardsBuildConfig, inputs: list[str]) -> dict:
     """Assemble failures.jsonl and manifest.json (written last: the build's completion mark)."""
     n = completed_shards(output.names())
-    shards, totals, reasons = [], Counter(), Counter()
+    shards, totals, reasons, counts = [], Counter(), Counter(), Counter()
     lines = []
     for i in range(n):
         stats = json.loads(output.read(f"{shard_name(i)}_stats.json"))
@@ -362,6 +369,7 @@ def _finish(output: BuildOutput, opts: ShardsBuildConfig, inputs: list[str]) -> 
         totals.update(rows=stats["count"], written=stats["successes"], failed=stats["failed"],
                       duplicates=stats["duplicates"])
         reasons.update(stats["status_dict"])
+        counts.update(stats.get("counts", {}))
         table = pq.read_table(io.BytesIO(output.read(f"{shard_name(i)}.parquet")))
         for rec in table.to_pylist():
             if rec["status"] != "success":
@@ -381,6 +389,7 @@ def _finish(output: BuildOutput, opts: ShardsBuildConfig, inputs: list[str]) -> 
         "shards": shards,
         "inputs": inputs,
         "options": fingerprint(opts),
+        **({"counts": dict(sorted(counts.items()))} if counts else {}),
     }
     output.write("manifest.json", json_bytes(manifest))
     return manifest
@@ -394,7 +403,8 @@ def build_shards(opts: ShardsBuildConfig, progress: bool = True) -> BuildSummary
     if not opts.output:
         raise UserError("vlp shards build: --output DIR is required")
     keep = columns_read(opts)
-    clash = sorted(set(keep) & (RESERVED_FIELDS | {"captions"}))
+    clash = sorted(set(keep) & (RESERVED_FIELDS | {"captions"} | ({"hard_negatives"} if opts.count_counterfactuals
+                                                                 else set())))
     if clash:
         raise UserError(f"--keep-cols {','.join(clash)}: the sample json already has a field of that name "
                         f"(vlp writes {', '.join(sorted(RESERVED_FIELDS))}); rename the column in the input")

@@ -89,6 +89,7 @@ class ShardWriter:
         self._tar = wds.TarWriter(self._stream, mtime=0, user="vlp", group="vlp", encoder=False)
         self.records: list[dict] = []
         self.samples = 0
+        self.counts: Counter = Counter()  # e.g. captions with and without a count (--count-counterfactuals)
 
     def add_sample(self, key: str, image: bytes, ext: str, caption: str, meta: dict) -> None:
         # One dict -> contiguous members in sorted-suffix order: .jpg, .json, .txt.
@@ -118,6 +119,7 @@ class ShardWriter:
             "status_dict": dict(sorted(reasons.items())),
             "first_row": min(rows) if rows else None,
             "last_row": max(rows) if rows else None,
+            **({"counts": dict(sorted(self.counts.items()))} if self.counts else {}),
         }
 
     def close(self) -> dict:

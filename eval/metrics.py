@@ -138,13 +138,42 @@ def qb_norm(sims: torch.Tensor, bank_sims: torch.Tensor, beta: float = 20.0, k: 
     as they are. Only the order within a row matters for retrieval, so the
     normalised rows are kept in log space: beta*s - logsumexp(beta*s_bank).
     """
+    use = active_rows(sims, bank_sims, k)
+    return torch.where(use[:, None], inverted_softmax(sims, bank_sims, beta), sims.double())
+
+
+def inverted_softmax(sims: torch.Tensor, bank_sims: torch.Tensor, beta: float) -> torch.Tensor:
+    """log of exp(beta*s) / sum over the bank of exp(beta*s_bank), per gallery item (column): a gallery
+    item close to many bank items (a hub) is demoted. Rows keep their order up to this column shift, so
+    the log is what retrieval needs."""
+    return beta * sims.double() - torch.logsumexp(beta * bank_sims.double(), dim=0)[None, :]
+
+
+def active_rows(sims: torch.Tensor, bank_sims: torch.Tensor, k: int) -> torch.Tensor:
+    """QB-Norm's dynamic rule: the rows whose top-1 gallery item is among some bank item's top k."""
     bank_top = bank_sims.topk(min(k, bank_sims.shape[1]), dim=1).indices.reshape(-1)
     active = torch.zeros(sims.shape[1], dtype=torch.bool)
     active[bank_top] = True
-    log_norm = torch.logsumexp(beta * bank_sims.double(), dim=0)
-    normalised = beta * sims.double() - log_norm[None, :]
-    use = active[sims.argmax(dim=1)]
-    return torch.where(use[:, None], normalised, sims.double())
+    return active[sims.argmax(dim=1)]
+
+
+def db_norm(sims: torch.Tensor, query_bank_sims: torch.Tensor, gallery_bank_sims: torch.Tensor,
+            beta_query: float = 20.0, beta_gallery: float = 20.0, k: int = 1, dynamic: bool = False) -> torch.Tensor:
+    """Dual bank normalisation (DBNorm, "Balance Act", Wang et al., EMNLP 2023), in log space.
+
+    `sims` (queries, gallery) are the test scores; `query_bank_sims` (a query-modality bank, gallery) and
+    `gallery_bank_sims` (a gallery-modality bank, gallery) the two banks' scores against the same gallery.
+    Dual inverted softmax: the product of the inverted softmax over each bank,
+    exp(b1 s) / sum_Bq exp(b1 s_bq) * exp(b2 s) / sum_Bg exp(b2 s_bg), whose log is the sum of the two.
+    Dual dynamic inverted softmax (`dynamic`): each factor normalised only in the rows its own bank
+    activates (QB-Norm's rule, `active_rows`); elsewhere the factor is exp(b s), which ranks as s does."""
+    by_query = inverted_softmax(sims, query_bank_sims, beta_query)
+    by_gallery = inverted_softmax(sims, gallery_bank_sims, beta_gallery)
+    if dynamic:
+        by_query = torch.where(active_rows(sims, query_bank_sims, k)[:, None], by_query, beta_query * sims.double())
+        by_gallery = torch.where(active_rows(sims, gallery_bank_sims, k)[:, None], by_gallery,
+                                 beta_gallery * sims.double())
+    return by_query + by_gallery
 
 
 # ---------------------------------------------------------------------- pairs and groups

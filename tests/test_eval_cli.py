@@ -433,3 +433,29 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_retrieval_reports_both_dbnorm_variants_with_banks_from_files(exported, tmp_path):
+    """DBNorm's two banks come from other pairs (files), never from the evaluated queries."""
+    from test_eval_support import noise, save
+
+    bank = tmp_path / "bank"
+    for i in range(5):
+        save(noise(100 + i), bank / f"{i}.png")
+    (bank / "images.txt").write_text("".join(f"{i}.png\n" for i in range(5)))
+    (bank / "texts.txt").write_text("a red circle\ntwo blue squares\na green star\nthree triangles\na square\n")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(json.dumps({"name": "db", "tasks": [{
+        "name": "retrieval", "type": "retrieval", "dataset": {"format": "synthetic", "n": 12, "image_size": 32},
+        "db_norm": {"banks": {"texts": str(bank / "texts.txt"), "images": str(bank / "images.txt")},
+                    "beta_query": 10, "beta_gallery": 5}}]}))
+    out = tmp_path / "report"
+    assert run_cli("--model", exported, "--suite", suite, "--out", out, "--cache-dir", tmp_path / "cache",
+                   "--quiet") == 0
+    task = json.loads((out / "report.json").read_text())["tasks"]["retrieval"]
+    names = set(task["metrics"])
+    for suffix in ("", "_dbnorm", "_dbnorm_dynamic"):
+        assert {f"{d}_retrieval_recall@1{suffix}" for d in ("image", "text")} <= names
+    assert all(0 <= v <= 1 for v in task["metrics"].values())
+    assert task["details"]["db_norm"] == {"beta_query": 10, "beta_gallery": 5, "k": 1, "bank_texts": 5,
+                                          "bank_images": 5}

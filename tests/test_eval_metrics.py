@@ -166,6 +166,41 @@ def test_qb_norm_leaves_everything_when_no_row_hits_the_activation_set():
     assert torch.equal(metrics.qb_norm(sims, bank), sims.double())
 
 
+def test_db_norm_on_a_hand_computed_4x4_case():
+    """Gallery item 0 is a hub: close to every bank item of both banks. Query 1 ranks it first on raw scores
+    (0.6 against 0.5); after dual inverted softmax item 1 wins. beta 1 keeps the arithmetic by hand:
+    out[q, g] = 2 s[q, g] - log sum_j exp(Q[j, g]) - log sum_j exp(G[j, g])."""
+    sims = torch.tensor([[0.9, 0.1, 0.0, 0.0],
+                         [0.6, 0.5, 0.0, 0.1],
+                         [0.2, 0.0, 0.8, 0.1],
+                         [0.3, 0.1, 0.1, 0.7]])
+    query_bank = torch.tensor([[0.9, 0.0, 0.1, 0.0],
+                               [0.8, 0.1, 0.0, 0.2],
+                               [0.7, 0.0, 0.3, 0.0]])
+    gallery_bank = torch.tensor([[0.9, 0.2, 0.0, 0.1],
+                                 [0.8, 0.0, 0.2, 0.0]])
+    lse_q = [math.log(math.exp(0.9) + math.exp(0.8) + math.exp(0.7)), math.log(math.exp(0.0) + math.exp(0.1) + 1),
+             math.log(math.exp(0.1) + 1 + math.exp(0.3)), math.log(1 + math.exp(0.2) + 1)]
+    lse_g = [math.log(math.exp(0.9) + math.exp(0.8)), math.log(math.exp(0.2) + 1),
+             math.log(1 + math.exp(0.2)), math.log(math.exp(0.1) + 1)]
+    want = torch.tensor([[2 * sims[q, g].item() - lse_q[g] - lse_g[g] for g in range(4)] for q in range(4)],
+                        dtype=torch.float64)
+    out = metrics.db_norm(sims, query_bank, gallery_bank, beta_query=1.0, beta_gallery=1.0)
+    torch.testing.assert_close(out, want)
+    assert sims[1].argmax().item() == 0 and out[1].argmax().item() == 1  # the hub demoted
+    assert [int(r.argmax()) for r in out] == [0, 1, 2, 3]
+    # dynamic: a row is normalised by a bank only if its raw top-1 is among that bank's top-1 items; every
+    # bank item's top-1 here is item 0, so rows 0 and 1 are normalised, rows 2 and 3 keep 2 s (their order)
+    dyn = metrics.db_norm(sims, query_bank, gallery_bank, beta_query=1.0, beta_gallery=1.0, dynamic=True)
+    torch.testing.assert_close(dyn[:2], want[:2])
+    torch.testing.assert_close(dyn[2:], 2 * sims[2:].double())
+    # one bank of each side: with the gallery bank empty of hubs, only the query bank's factor demotes item 0
+    flat = torch.zeros(2, 4)
+    only_query = metrics.db_norm(sims, query_bank, flat, beta_query=1.0, beta_gallery=1.0)
+    torch.testing.assert_close(only_query, metrics.inverted_softmax(sims, query_bank, 1.0) + sims.double()
+                               - math.log(2))
+
+
 # ---------------------------------------------------------------------- templates
 
 

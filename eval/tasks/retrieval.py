@@ -17,7 +17,11 @@ after querybank normalisation (dynamic inverted softmax, eval.metrics.qb_norm)
 are reported next to them with a `_qbnorm` suffix. The querybank is either the
 test queries themselves (`self`: transductive, say so when quoting it) or
 files of other queries (`texts`: captions, one per line; `images`: image paths,
-one per line, relative to that file).
+one per line, relative to that file). With `db_norm`, dual bank normalisation
+(eval.metrics.db_norm) with a query-side and a gallery-side bank from such files
+(never the evaluated set: the paper builds its banks from training data), both
+variants: `_dbnorm` (dual inverted softmax) and `_dbnorm_dynamic` (dual dynamic
+inverted softmax).
 
 An image that cannot be loaded is skipped with its captions (one skip, its id).
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -86,11 +91,23 @@ class QBNormSpec(Spec):
     querybank: Literal["self"] | QueryBankFiles = "self"
 
 
+class DBNormSpec(Spec):
+    """Dual bank normalisation: a query-side and a gallery-side bank from another set of pairs (never the
+    evaluated queries: a transductive bank would flatter the figures)."""
+
+    banks: QueryBankFiles = Field(description="texts and images of another set: for text -> image the texts "
+                                  "are the query bank and the images the gallery bank, and the other way round")
+    beta_query: float = Field(20.0, gt=0, description="inverse temperature of the query-bank inverted softmax")
+    beta_gallery: float = Field(20.0, gt=0, description="inverse temperature of the gallery-bank inverted softmax")
+    k: int = Field(1, ge=1, description="the dynamic variant's activation set: each bank item's top k")
+
+
 class RetrievalSpec(TaskSpec):
     type: Literal["retrieval"]
     dataset: Data
     recall_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
     qb_norm: QBNormSpec | None = None
+    db_norm: DBNormSpec | None = None
 
     @field_validator("recall_k")
     @classmethod
@@ -192,15 +209,9 @@ class RetrievalTask(Task):
             self.images.append(RetrievalImage(image_id, group.image))
         if not self.images:
             raise UserError(f"task {self.name}: no image with a caption in the dataset")
-        self.bank_texts: list[str] = []
-        self.bank_images: list[ImageRef] = []
-        qb = self.spec.qb_norm
-        if qb is not None and isinstance(qb.querybank, QueryBankFiles):
-            self.bank_texts = read_lines(user_path(qb.querybank.texts), "querybank texts")
-            images_file = user_path(qb.querybank.images)
-            self.bank_images = [
-                resolve(p, images_file.parent) for p in read_lines(images_file, "querybank images")
-            ]
+        qb, db = self.spec.qb_norm, self.spec.db_norm
+        self.bank_texts, self.bank_images = _read_bank(qb.querybank if qb is not None else None, "querybank")
+        self.db_texts, self.db_images = _read_bank(db.banks if db is not None else None, "db_norm banks")
 
     def _load_csv(self, data: CsvPairs, groups: dict[str, CaptionedImage]) -> None:
         path = user_path(data.path)
@@ -214,8 +225,8 @@ class RetrievalTask(Task):
 
     def inputs(self) -> tuple[list[ImageRef], list[str]]:
         return (
-            [im.image for im in self.images] + self.bank_images,
-            [c.text for c in self.captions] + self.bank_texts,
+            [im.image for im in self.images] + self.bank_images + self.db_images,
+            [c.text for c in self.captions] + self.bank_texts + self.db_texts,
         )
 
     def score(self, store: FeatureStore) -> TaskResult:
@@ -239,6 +250,15 @@ class RetrievalTask(Task):
             t2i_n = metrics.qb_norm(t2i, bank_t @ image_feats.T, qb.beta, qb.k)
             i2t_n = metrics.qb_norm(t2i.T, bank_i @ text_feats.T, qb.beta, qb.k)
             self._add(out, curves, "_qbnorm", *metrics.retrieval_ranks_from_scores(t2i_n, text_image, i2t_n))
+        db = self.spec.db_norm
+        if db is not None:
+            bank_t, bank_i = _encode_bank(store, self.db_texts, self.db_images)
+            for suffix, dynamic in (("_dbnorm", False), ("_dbnorm_dynamic", True)):
+                norm = partial(metrics.db_norm, beta_query=db.beta_query, beta_gallery=db.beta_gallery, k=db.k,
+                               dynamic=dynamic)
+                t2i_n = norm(t2i, bank_t @ image_feats.T, bank_i @ image_feats.T)  # queries: texts
+                i2t_n = norm(t2i.T, bank_i @ text_feats.T, bank_t @ text_feats.T)  # queries: images
+                self._add(out, curves, suffix, *metrics.retrieval_ranks_from_scores(t2i_n, text_image, i2t_n))
         k1 = self.spec.recall_k[0]
         details: dict[str, Any] = {
             "n_images": len(kept),
@@ -252,6 +272,9 @@ class RetrievalTask(Task):
                 "k": qb.k,
                 "querybank": "self" if qb.querybank == "self" else "files",
             }
+        if db is not None:
+            details["db_norm"] = {"beta_query": db.beta_query, "beta_gallery": db.beta_gallery, "k": db.k,
+                                  "bank_texts": len(self.db_texts), "bank_images": len(self.db_images)}
         return TaskResult(
             metrics=out,
             main_metric=f"image_retrieval_recall@{k1}",
@@ -263,12 +286,10 @@ class RetrievalTask(Task):
     def _banks(
         self, store: FeatureStore, text_feats: torch.Tensor, image_feats: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Querybank features (texts for text -> image, images for image -> text)."""
+        """Querybank features (texts for text -> image, images for image -> text); `self`: the test set's."""
         if not self.bank_texts:
             return text_feats, image_feats
-        bank_images, failures = store.images(self.bank_images)
-        keep = [i for i in range(len(self.bank_images)) if i not in failures]
-        return store.texts(self.bank_texts), bank_images[keep]
+        return _encode_bank(store, self.bank_texts, self.bank_images)
 
     def _add(
         self,
@@ -294,3 +315,19 @@ class RetrievalTask(Task):
         if not curves.get("k"):
             return super().report_figures(name, result)
         return [img(plots.recall_curves(curves, f"{name}: recall@k"), "recall@k curves")]
+
+
+def _read_bank(files: QueryBankFiles | str | None, what: str) -> tuple[list[str], list[ImageRef]]:
+    """The texts and images a bank's files list (none for no bank, or QB-Norm's `self`)."""
+    if not isinstance(files, QueryBankFiles):
+        return [], []
+    texts = read_lines(user_path(files.texts), f"{what} texts")
+    images_file = user_path(files.images)
+    return texts, [resolve(p, images_file.parent) for p in read_lines(images_file, f"{what} images")]
+
+
+def _encode_bank(store: FeatureStore, texts: list[str], images: list[ImageRef]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bank's text and image features (images that cannot be read left out: a bank needs no item)."""
+    image_feats, failures = store.images(images)
+    keep = [i for i in range(len(images)) if i not in failures]
+    return store.texts(texts), image_feats[keep]

@@ -339,6 +339,10 @@ class ShardsBuildConfig(Section):
     caption_cols: CommaList = Field(default_factory=list, description="more captions of the same image: columns "
                                     "holding a caption or a JSON list of captions (a,b); the sample json gets "
                                     "`captions`, the main caption first, for data.multi_caption (LaCLIP)")
+    count_counterfactuals: bool = Field(False, description="captions that state a count (two..ten, 2..10) get "
+                                        "the same caption with each other count as hard negatives (sample json "
+                                        "`hard_negatives: {count: [...]}`), for data.hard_negatives; the manifest "
+                                        "counts captions with and without a count")
     image_size: int = Field(256, gt=0, description="target side in pixels")
     resize_mode: Literal["no", "border", "keep_ratio", "center_crop"] = Field(
         "border", description="border: pad to a square; keep_ratio: shorter side; center_crop; no")
