@@ -20,7 +20,9 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def on_files(files, config):
-    for name, text in (("index.md", index_page()), ("reference.md", reference_page()), ("results.md", results_page())):
+    pages = (("index.md", index_page()), ("reference.md", reference_page()), ("results.md", results_page()),
+             ("coming-from-open-clip.md", open_clip_page()))
+    for name, text in pages:
         files.append(File.generated(config, name, content=text))
     for plot in sorted(RESULTS.glob("*.png")):
         files.append(File.generated(config, f"results/{plot.name}", abs_src_path=str(plot)))
@@ -53,6 +55,21 @@ def reference_page() -> str:
             out.append(f"| `{key}` | {kind} | `{default}` | {cell} |")
         out.append("")
     return "\n".join(out)
+
+
+def open_clip_page() -> str:
+    from vlp.app.openclip_flags import mapping_table
+
+    return "\n".join([
+        "# Coming from open_clip_train", "",
+        "`vlp train` takes open_clip_train's flags as its users type them: each one with a vlp counterpart "
+        "becomes that key's override, and the command prints which (`vlp: --lr is open_clip_train's flag: "
+        "optim.lr=0.001`); one without stops with a line saying what to use instead. The table below is "
+        "generated from the one the command uses (`vlp/app/openclip_flags.py`).", "",
+        "`configs/open_clip_train.yaml` sets open_clip_train's defaults; where plain vlp differs, and why, "
+        "is on the [parity page](parity.md). vlp's keys are dotted (`optim.lr=5e-4`), a list item by its "
+        "index (`data.sources.0.shards=...`), and `vlp config show train --describe` lists them all.", "",
+        mapping_table(), ""])
 
 
 def results_page() -> str:

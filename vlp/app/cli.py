@@ -19,6 +19,7 @@ import yaml
 
 from vlp import __version__
 from vlp.app.flags import add_flags, describe_text, given, split_overrides
+from vlp.app.openclip_flags import translate
 from vlp.core.config import (
     COMMAND_SCHEMAS,
     CompareConfig,
@@ -354,9 +355,13 @@ def _take_local_rank(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_take_local_rank(list(sys.argv[1:] if argv is None else argv)))
-    func: Handler = args.func
+    words = _take_local_rank(list(sys.argv[1:] if argv is None else argv))
     try:
+        if words[:1] in (["train"], ["launch"], ["demo"]):  # open_clip_train's flags, as its users type them
+            rest, overrides = translate(words[1:])
+            words = [words[0], *overrides, *rest]  # before any option: argparse takes positionals first
+        args = parser.parse_args(words)
+        func: Handler = args.func
         return func(args) or 0
     except UserError as err:
         print(f"vlp: error: {err}", file=sys.stderr)

@@ -66,11 +66,19 @@ def node_commands(cfg: RunConfig, config_path: str | None, overrides: list[str])
     launch = cfg.launch
     train = _train_args(config_path, overrides)
     if launch.launcher == "slurm":
-        line = ["sbatch", f"--nodes={launch.nodes}", f"--gpus-per-node={launch.procs_per_node}",
+        extra = [f"--{flag}={value}" for flag, value in (("partition", launch.partition), ("account", launch.account),
+                                                         ("time", launch.time), ("cpus-per-task", launch.cpus_per_task))
+                 if value is not None]
+        if launch.env_setup:  # the job's environment carries it to the script, which runs it before vlp
+            extra.append(f"--export=ALL,VLP_ENV_SETUP={launch.env_setup}")
+        line = ["sbatch", f"--nodes={launch.nodes}", f"--gpus-per-node={launch.procs_per_node}", *extra,
                 resolve("launch/slurm.sbatch"), *train[3:]]
         return [shlex.join(line)]
     build = {"torchrun": _torchrun, "deepspeed": _deepspeed, "accelerate": _accelerate}[launch.launcher]
-    return [shlex.join(build(launch, node, train)) for node in range(launch.nodes)]
+    lines = [shlex.join(build(launch, node, train)) for node in range(launch.nodes)]
+    if launch.env_setup:  # the environment first, in the same shell
+        lines = [f"{launch.env_setup} && {line}" for line in lines]
+    return lines
 
 
 def describe(cfg: RunConfig, config_path: str | None, overrides: list[str]) -> str:
@@ -145,6 +153,8 @@ def run_this_node(cfg: RunConfig, config_path: str | None, overrides: list[str])
     if launch.launcher == "slurm":
         Path("logs").mkdir(exist_ok=True)  # sbatch's --output=logs/%x-%j.out needs it before the job starts
         argv = shlex.split(node_commands(cfg, config_path, overrides)[0])
+    elif launch.env_setup:  # one shell runs the environment line, then the launcher
+        argv = ["bash", "-c", node_commands(cfg, config_path, overrides)[launch.node_rank]]
     else:
         argv = shlex.split(node_commands(cfg, config_path, overrides)[launch.node_rank])
     if shutil.which(argv[0]) is None:

@@ -219,7 +219,10 @@ class TrainConfig(Section):
         None, gt=0, description="chunk for gradient caching; None = the whole batch at once"
     )
     samples: int | None = Field(20_000, gt=0, description="length in samples seen (global)")
-    steps: int | None = Field(None, gt=0, description="length in optimizer steps (overrides samples)")
+    epochs: int | None = Field(None, gt=0, description="length in epochs of the data plan (overrides samples; "
+                               "an epoch: every sample of the shards once with data.split=exact, "
+                               "data.samples_per_epoch with resampled)")
+    steps: int | None = Field(None, gt=0, description="length in optimizer steps (overrides epochs and samples)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False
@@ -246,6 +249,9 @@ class TrainConfig(Section):
     channels_last: Auto = Field("auto", description="image tower and images in channels-last memory format "
                                 "(faster convolutions); auto: on for convolutional towers (ResNet, ConvNeXt) at ZeRO "
                                 "stage 0")
+    flush_denormal: Auto = Field("auto", description="flush denormal floats to zero (torch.set_flush_denormal): "
+                                 "on a CPU, arithmetic on them is many times slower (white-background images "
+                                 "produce them); auto: on when training on the CPU; values below 1e-38 become 0")
     token_drop: TokenDropConfig = Field(default_factory=TokenDropConfig)
     trim_text: Auto = Field("auto", description="cut each batch's token ids after its longest caption (rounded up "
                             "to 8): exact for causal text towers that pool at the end-of-text token, and the text "
@@ -280,6 +286,12 @@ class LaunchConfig(Section):
                                                   "nodes and procs_per_node before anything starts")
     hosts: CommaList = Field(default_factory=list, description="the machines in node order, for DeepSpeed: vlp "
                              "writes logs/hostfile from them (under SLURM they come from the allocation)")
+    partition: str | None = Field(None, description="SLURM: sbatch --partition")
+    account: str | None = Field(None, description="SLURM: sbatch --account")
+    time: str | None = Field(None, description="SLURM: sbatch --time (e.g. 24:00:00; the script's own default)")
+    cpus_per_task: int | None = Field(None, gt=0, description="SLURM: sbatch --cpus-per-task")
+    env_setup: str | None = Field(None, description="a shell line run first on every node before vlp, e.g. "
+                                  "`source /path/to/venv/bin/activate` or `module load cuda` (SLURM: in the job)")
 
     @model_validator(mode="after")
     def _node_in_cluster(self) -> LaunchConfig:
@@ -554,14 +566,38 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _set_dotted(tree: dict, path: list[str], value: Any, text: str) -> None:
-    node = tree
-    for i, part in enumerate(path[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"config key '{'.'.join(path[: i + 1])}' is not a section (override {text!r})")
-        node = child
-    node[path[-1]] = value
+def _set_dotted(tree: dict, path: list[str], value: Any, text: str, defaults: Any = None) -> None:
+    """Set tree[a][b]... = value. A number names an item of a list (`data.sources.0.shards=...`, the form
+    vlp's own errors print): the list comes from the tree, else from the schema's defaults."""
+    node: Any = tree
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        defaults = _child(defaults, part)
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"config key '{'.'.join(path[: i + 1])}': no item {part} in a list of "
+                                  f"{len(node)} (override {text!r})")
+            index: Any = int(part)
+        elif isinstance(node, dict):
+            index = part
+            if not last and index not in node:
+                default = defaults if isinstance(defaults, list) else {}
+                node[index] = [dict(d) if isinstance(d, dict) else d for d in default] if isinstance(default, list) \
+                    else {}
+        else:
+            raise ConfigError(f"config key '{'.'.join(path[:i])}' is not a section (override {text!r})")
+        if last:
+            node[index] = value
+        else:
+            node = node[index]
+
+
+def _child(node: Any, part: str) -> Any:
+    if isinstance(node, dict):
+        return node.get(part)
+    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        return node[int(part)]
+    return None
 
 
 def _key_name(loc: tuple) -> str:
@@ -661,9 +697,10 @@ def load(
     tree = read_yaml(path) if path is not None else {}
     if path is not None and not tree:
         print(f"vlp: warning: config file {path} is empty; using the defaults", file=sys.stderr)
+    defaults = model.model_construct().model_dump(mode="json") if overrides else None  # lists to index into
     for text in overrides:
         keys, value = parse_override(text)
-        _set_dotted(tree, keys, value, text)
+        _set_dotted(tree, keys, value, text, defaults)
     for key, value in (flags or {}).items():
         _set_dotted(tree, key.split("."), value, key)
     return validate_tree(tree, model)

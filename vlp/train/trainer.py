@@ -56,6 +56,7 @@ from vlp.train.dsconfig import (
 )
 from vlp.train.gradcache import GradCache
 from vlp.train.loader.batches import Batch, ShardLoader, normalize
+from vlp.train.loader.plan import PlanSpec, steps_per_epoch
 from vlp.train.loader.sources import resolve_sources
 from vlp.train.losses import ContrastiveLoss
 from vlp.train.schedule import adam_settings, clamp_logit_scale, lr_at, make_optimizer, param_groups, set_lr
@@ -146,8 +147,13 @@ class _StopFlag:
 
 
 def total_steps(cfg: RunConfig, world_size: int) -> int:
+    """The run's length in optimizer steps: train.steps, else train.epochs of the data plan, else train.samples."""
     if cfg.train.steps:
         return cfg.train.steps
+    if cfg.train.epochs:
+        spec = PlanSpec(batch_size=cfg.train.batch_size, world_size=world_size, split=cfg.data.split,
+                        samples_per_epoch=cfg.data.samples_per_epoch)
+        return cfg.train.epochs * steps_per_epoch(spec, resolve_sources(cfg.data.sources))
     return math.ceil(cfg.train.samples / (cfg.train.batch_size * world_size))
 
 
@@ -180,19 +186,27 @@ class _Metrics:
     """Where the scalars go, rank 0 only: metrics.jsonl (one line per step) always, and the
     backends of train.report_to: tensorboard (event files in tensorboard/), wandb (a run in wandb/).
 
+    Beside metrics.jsonl, out.log has the same steps as plain lines (no carriage returns: what a
+    cluster's log collector and `tail -f` want, where a progress bar is noise).
+
     A resumed run keeps one history: metrics.jsonl and eval.jsonl drop the records past the
-    checkpoint, tensorboard purges them, and wandb gets a new run (each (re)start is one run,
-    named like the first and logging at the same global steps).
+    checkpoint, tensorboard purges them, and wandb resumes the same run (its id is kept in
+    wandb_run_id), logging at the same global steps. wandb's own variables (WANDB_PROJECT,
+    WANDB_DIR, WANDB_MODE, ...) are honoured; train.wandb_project is the project when
+    WANDB_PROJECT is not set.
     """
 
     def __init__(self, cfg: RunConfig, out: Path, enabled: bool, resumed_step: int = 0):
         self.enabled, self.out = enabled, out
-        self.fh = self.tb = self.wandb = None
+        self.fh = self.log_fh = self.tb = self.wandb = None
         if not enabled:
             return
         for name in ("metrics.jsonl", "eval.jsonl"):
             _truncate_history(out / name, resumed_step)
         self.fh = open(out / "metrics.jsonl", "a")  # noqa: SIM115
+        self.log_fh = open(out / "out.log", "a")  # noqa: SIM115
+        self.line(f"vlp train: {'resuming at step ' + str(resumed_step) if resumed_step else 'starting'}; "
+                  f"{cfg.model.name}, batch {cfg.train.batch_size} per rank")
         backends = cfg.train.report_to
         if "tensorboard" in backends:
             from torch.utils.tensorboard import SummaryWriter
@@ -201,22 +215,34 @@ class _Metrics:
         if "wandb" in backends:
             import wandb
 
+            id_file = out / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
             try:  # online without a login fails here, before the first step
                 self.wandb = wandb.init(
-                    project=cfg.train.wandb_project, name=cfg.train.run_name or out.resolve().name,
-                    dir=str(out), config=cfg.model_dump(mode="json"),
+                    project=os.environ.get("WANDB_PROJECT") or cfg.train.wandb_project,
+                    name=cfg.train.run_name or out.resolve().name, dir=os.environ.get("WANDB_DIR") or str(out),
+                    config=cfg.model_dump(mode="json"), id=run_id, resume="allow",
                 )  # mode: wandb reads $WANDB_MODE (online, offline, disabled)
+                write_atomic(id_file, run_id)  # a requeued job resumes this run instead of starting another
             except wandb.errors.Error as err:
                 self.close()
                 raise UserError(f"train.report_to: wandb could not start a run ({first_line(err)}); "
                                 "run `wandb login`, or set WANDB_MODE=offline") from None
 
+    def line(self, text: str) -> None:
+        """A plain line in out.log, time-stamped."""
+        if self.log_fh is not None:
+            self.log_fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+            self.log_fh.flush()
+
     def log(self, record: dict) -> None:
-        """One step's record: a line of metrics.jsonl; its numbers to the backends as train/<key>."""
+        """One step's record: a line of metrics.jsonl and of out.log; its numbers to the backends as train/<key>."""
         if not self.enabled:
             return
         self.fh.write(json.dumps(record, allow_nan=False) + "\n")
         self.fh.flush()
+        self.line(f"step {record['step']} epoch {record['epoch']} loss {record['loss']:.4f} lr {record['lr']:.3g} "
+                  f"samples/s {record['samples_per_s']:.1f} skipped {record['skipped_samples']}")
         scalars = {f"train/{key}": value for key, value in record.items()
                    if isinstance(value, int | float) and key != "step"}
         self._report(record["step"], scalars)
@@ -240,6 +266,10 @@ class _Metrics:
         """Flush and close everything; a wandb run ends with exit code 1 when training raised."""
         if self.fh:
             self.fh.close()
+        if self.log_fh:
+            self.line("vlp train: stopped by an error" if failed else "vlp train: done")
+            self.log_fh.close()
+            self.log_fh = None
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
@@ -306,6 +336,10 @@ class Trainer:
         self.lock = claim_run_folder(self.out) if self.is_main else None
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed + self.env.rank)
+        flush = cfg.train.flush_denormal
+        # a CPU computes with denormal floats in microcode, far slower; GPUs flush them anyway
+        want = not torch.cuda.is_available() if flush == "auto" else bool(flush)
+        self.flushes_denormals = want and torch.set_flush_denormal(want)  # False where the CPU cannot
         self._build()
 
     # ------------------------------------------------------------ setup
@@ -346,7 +380,8 @@ class Trainer:
             compile_engine(self.engine)  # compiles lazily, at the first forward of each kind
         joined = vdist.joined_hosts()  # in every log: did every node join?
         if self.is_main:
-            print(f"vlp train: {joined}; {self.speedups.line()}", file=sys.stderr)
+            denormals = "; denormals flushed" if self.flushes_denormals else ""
+            print(f"vlp train: {joined}; {self.speedups.line()}{denormals}", file=sys.stderr)
         if optimizer is None and self.is_main:
             print(f"optimizer states offloaded: {type(self.engine.basic_optimizer).__name__}", file=sys.stderr)
         self.device = self.engine.device
@@ -437,7 +472,7 @@ class Trainer:
             (self.out / "config.yaml").write_text(dump_config(self.cfg))
         result = TrainResult(pos, self.out)
         bar = tqdm(total=self.total_steps, initial=pos.step, unit="step", desc="train",
-                   disable=not self.is_main, dynamic_ncols=True)
+                   disable=None if self.is_main else True, dynamic_ncols=True)  # None: off in non-TTY logs
         global_batch = self.cfg.train.batch_size * self.env.world_size
         stream = self.loader.stream(pos.epoch, pos.batch + 1)
         last_saved = pos.step
@@ -486,6 +521,9 @@ class Trainer:
             if last_saved != pos.step:
                 self.save(pos)
             failed = False
+        except BaseException as err:  # the one-line reason in out.log too, then as before
+            metrics.line(f"error: {first_line(err) or type(err).__name__}")
+            raise
         finally:
             bar.close()
             metrics.close(failed)
