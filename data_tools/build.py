@@ -329,7 +329,7 @@ class _Writer:
         shard = row.index // self.opts.shard_size
         if self.current is None or self.current.shard != shard:
             self.close()
-            self.current = ShardWriter(self.out, shard, columns_read(self.opts))
+            self.current = ShardWriter(self.out, shard, columns_read(self.opts), fingerprint(self.opts))
         key = f"{shard_name(shard)}{row.index % self.opts.shard_size:0{self.digits}d}"
         record = _record(row, key, result)
         if result.reason is None:
@@ -406,12 +406,14 @@ def build_shards(opts: ShardsBuildConfig, progress: bool = True) -> BuildSummary
     clash = sorted(set(keep) & (RESERVED_FIELDS | {"captions"} | ({"hard_negatives"} if opts.count_counterfactuals
                                                                  else set())))
     if clash:
-        raise UserError(f"--keep-cols {','.join(clash)}: the sample json already has a field of that name "
+        flag = "--keep-cols" if clash[0] in opts.keep_cols else "--caption-cols"  # the flag the column came from
+        raise UserError(f"{flag} {','.join(clash)}: the sample json already has a field of that name "
                         f"(vlp writes {', '.join(sorted(RESERVED_FIELDS))}); rename the column in the input")
     output = BuildOutput(opts.output)
     try:
         paths, origins = localize_inputs(list(opts.inputs), output.inputs_dir())
-        files = open_inputs(paths, opts.url_col, opts.caption_col, keep, origins)
+        files = open_inputs(paths, opts.url_col, opts.caption_col, keep, origins,
+                            dict.fromkeys(opts.caption_cols, "--caption-cols"))
         state = {"options": fingerprint(opts), "inputs": _input_fingerprint(files, origins)}
         with output.claim("shards", "vlp shards build", "choose a new --output folder"):
             prepare_output(output, state, opts.overwrite)  # inside the lock: another build may be writing

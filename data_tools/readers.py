@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlp.core.errors import UserError
+from vlp.core.images import IMAGE_SUFFIXES
 
 # Captions can be absurdly long; the builder rejects those with a reason,
 # which needs the csv module to read them instead of raising.
@@ -118,15 +119,41 @@ def _columns(inp: InputFile) -> list[str] | None:
     return None
 
 
+def expand_table_folders(paths: list[str]) -> list[str]:
+    """A folder of tables (img2dataset's url_list folder: parquet, CSV, JSONL files) stands for its tables, in
+    name order; a folder of images stays one input; a folder holding both is refused (which was meant?)."""
+    out = []
+    for text in paths:
+        path = Path(text)
+        if not path.is_dir():
+            out.append(text)
+            continue
+        files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
+        tables = [p for p in files if _table_kind(p) is not None]
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        if tables and images:
+            raise UserError(f"input {path}: holds both tables ({tables[0].name}) and images ({images[0].name}); give "
+                            "the tables as inputs, or a folder of images alone")
+        out += [str(p) for p in tables] if tables else [text]
+    return out
+
+
+def _table_kind(path: Path) -> str | None:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return TABLE_SUFFIXES.get(suffixes[-1]) if suffixes else None
+
+
 def open_inputs(paths: list[str], url_col: str, caption_col: str, keep_cols: tuple[str, ...],
-                origins: dict[str, str] | None = None) -> list[InputFile]:
+                origins: dict[str, str] | None = None, flags: dict[str, str] | None = None) -> list[InputFile]:
     """Check every input before work starts: exists, readable, known format, has the columns.
 
     `origins` maps local copies of object-storage inputs to their URLs (data_tools.output)."""
     if not paths:
         raise UserError("no input given")
     inputs = []
-    for text in paths:
+    for text in expand_table_folders(paths):
         path = Path(text)
         if not path.exists():
             raise UserError(f"input {path}: no such file or folder")
@@ -142,7 +169,7 @@ def open_inputs(paths: list[str], url_col: str, caption_col: str, keep_cols: tup
             raise UserError(f"input {path}: cannot be read as {kind}{' (gz)' if gz else ''}: {err}") from None
         if columns is not None:
             for col, flag in [(url_col, "--url-col"), (caption_col, "--caption-col")] + [
-                (c, "--keep-cols") for c in keep_cols
+                (c, (flags or {}).get(c, "--keep-cols")) for c in keep_cols
             ]:
                 if col not in columns:
                     raise UserError(

@@ -51,6 +51,17 @@ def shard_name(shard: int) -> str:
     return f"{shard:05d}"
 
 
+# Failure reasons of getting the bytes (vlp.core.fetch, object storage, opt-out); every other reason is of the
+# image or caption (img2dataset's failed_to_resize).
+DOWNLOAD_REASONS = frozenset({"missing_file", "empty_file", "unreadable_file", "too_large", "timeout",
+                              "connection_refused", "connection_error", "bad_redirect", "unsupported_scheme",
+                              "storage_error", "opt_out"})
+
+
+def _download_failure(reason: str) -> bool:
+    return reason in DOWNLOAD_REASONS or reason.startswith("http_")
+
+
 # The three files a finished shard leaves (shard_name + suffix): what an --overwrite may delete.
 SHARD_FILE = re.compile(r"^\d{5}(\.tar|\.parquet|_stats\.json)$")
 
@@ -77,7 +88,7 @@ def _as_column_text(value) -> str | None:
 class ShardWriter:
     """Accumulates one shard's samples and records; `close()` makes it complete."""
 
-    def __init__(self, out_dir: Path, shard: int, keep_cols: tuple[str, ...]):
+    def __init__(self, out_dir: Path, shard: int, keep_cols: tuple[str, ...], config: dict | None = None):
         self.out_dir = out_dir
         self.shard = shard
         self.name = shard_name(shard)
@@ -90,6 +101,7 @@ class ShardWriter:
         self.records: list[dict] = []
         self.samples = 0
         self.counts: Counter = Counter()  # e.g. captions with and without a count (--count-counterfactuals)
+        self.config = config  # the build's options, in the stats as img2dataset writes its config
 
     def add_sample(self, key: str, image: bytes, ext: str, caption: str, meta: dict) -> None:
         # One dict -> contiguous members in sorted-suffix order: .jpg, .json, .txt.
@@ -117,9 +129,13 @@ class ShardWriter:
             "failed": statuses["failed"],
             "duplicates": statuses["duplicate"],
             "status_dict": dict(sorted(reasons.items())),
+            # img2dataset's own split of the failures (its readers expect both fields)
+            "failed_to_download": sum(n for r, n in reasons.items() if _download_failure(r)),
+            "failed_to_resize": sum(n for r, n in reasons.items() if not _download_failure(r)),
             "first_row": min(rows) if rows else None,
             "last_row": max(rows) if rows else None,
             **({"counts": dict(sorted(self.counts.items()))} if self.counts else {}),
+            **({"config": self.config} if self.config is not None else {}),
         }
 
     def close(self) -> dict:

@@ -58,18 +58,25 @@ def reference_page() -> str:
 
 
 def open_clip_page() -> str:
-    from vlp.app.openclip_flags import mapping_table
+    from vlp.app.foreign_flags import FLAGS, IMG2DATASET, mapping_table
 
     return "\n".join([
-        "# Coming from open_clip_train", "",
-        "`vlp train` takes open_clip_train's flags as its users type them: each one with a vlp counterpart "
-        "becomes that key's override, and the command prints which (`vlp: --lr is open_clip_train's flag: "
-        "optim.lr=0.001`); one without stops with a line saying what to use instead. The table below is "
-        "generated from the one the command uses (`vlp/app/openclip_flags.py`).", "",
+        "# Coming from open_clip_train and img2dataset", "",
+        "`vlp train` takes open_clip_train's flags, and `vlp shards build` img2dataset's, as their users type "
+        "them: each one with a vlp counterpart becomes that key's override, and the command prints which "
+        "(`vlp: --lr is open_clip_train's flag: optim.lr=0.001`); one without stops with a line saying what to "
+        "use instead. The tables below are generated from the ones the commands use "
+        "(`vlp/app/foreign_flags.py`).", "",
+        "## open_clip_train -> `vlp train`", "",
         "`configs/open_clip_train.yaml` sets open_clip_train's defaults; where plain vlp differs, and why, "
         "is on the [parity page](parity.md). vlp's keys are dotted (`optim.lr=5e-4`), a list item by its "
         "index (`data.sources.0.shards=...`), and `vlp config show train --describe` lists them all.", "",
-        mapping_table(), ""])
+        mapping_table(FLAGS, "open_clip_train"), "",
+        "## img2dataset -> `vlp shards build`", "",
+        "vlp's shards are img2dataset's webdataset layout (`NNNNN.tar`, `.parquet`, `_stats.json` with its "
+        "`successes`, `failed_to_download`, `failed_to_resize` and `config`); a folder of parquet, CSV or "
+        "JSONL files is read as img2dataset's url list folder.", "",
+        mapping_table(IMG2DATASET, "img2dataset"), ""])
 
 
 def results_page() -> str:

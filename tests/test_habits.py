@@ -9,7 +9,7 @@ import sys
 import yaml
 
 from vlp.app.cli import main
-from vlp.app.openclip_flags import FLAGS, mapping_table
+from vlp.app.foreign_flags import FLAGS, mapping_table
 
 
 def test_open_clip_train_flags_set_vlp_keys_and_say_which(capsys):
@@ -83,3 +83,50 @@ def test_a_run_writes_out_log_as_plain_lines(tmp_path):
     lines = log.splitlines()
     assert "vlp train: starting" in lines[0] and lines[-1].endswith("vlp train: done")
     assert sum(" step " in x and " loss " in x for x in lines) == 3
+
+
+def test_img2dataset_habits_a_folder_of_tables_stats_fields_and_a_build_that_writes_nothing(tmp_path, capsys):
+    """A folder of parquet files was read as an image folder (two rows, both missing_caption, exit 0)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from shard_helpers import noise_image, save
+
+    for i in range(4):
+        save(noise_image(24, 24, seed=i), tmp_path / "img" / f"{i}.png")
+    lists = tmp_path / "url_list"
+    lists.mkdir()
+    for part in range(2):
+        rows = [{"url": str(tmp_path / "img" / f"{2 * part + j}.png"), "caption": f"picture {2 * part + j}"}
+                for j in range(2)]
+        pq.write_table(pa.Table.from_pylist(rows), lists / f"part-{part}.parquet")
+    out = tmp_path / "shards"
+    assert main(["shards", "build", str(lists), "--output", str(out), "--image-size", "24", "--quiet"]) == 0
+    assert "rows=4 written=4" in capsys.readouterr().out
+    stats = json.loads((out / "00000_stats.json").read_text())
+    assert stats["successes"] == 4 and stats["failed_to_download"] == 0 and stats["failed_to_resize"] == 0
+    assert stats["config"]["image"]["image_size"] == 24
+    # every row failing is a failed command, with one line saying so
+    bad = tmp_path / "bad.csv"
+    bad.write_text("url,caption\nnowhere/1.png,a\nnowhere/2.png,b\n")
+    assert main(["shards", "build", str(bad), "--output", str(tmp_path / "none"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vlp: error: no row was written: all 2") and len(err.splitlines()) == 1
+    stats = json.loads((tmp_path / "none" / "00000_stats.json").read_text())
+    assert stats["failed_to_download"] == 2 and stats["failed_to_resize"] == 0
+
+
+def test_img2dataset_flags_build_as_vlp_flags(tmp_path, capsys):
+    from shard_helpers import noise_image, save, write_csv
+
+    save(noise_image(24, 24), tmp_path / "img" / "0.png")
+    pairs = write_csv(tmp_path / "p.csv", [{"link": "img/0.png", "text": "a picture", "lic": "cc"}])
+    assert main(["shards", "build", "--url_list", str(pairs), "--output_folder", str(tmp_path / "out"),
+                 "--input_format", "csv"]) == 2  # vlp reads the format from the suffix: said in one line
+    assert "--input_format" in capsys.readouterr().err
+    assert main(["shards", "build", "--url_list", str(pairs), "--output_folder", str(tmp_path / "out"),
+                 "--url_col", "link", "--caption_col", "text", "--save_additional_columns", "['lic']",
+                 "--image_size", "16", "--output_format", "webdataset", "--processes_count", "1", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "rows=1 written=1" in out and "vlp: --image_size is img2dataset's flag: image_size=16" in err
+    stats = json.loads((tmp_path / "out" / "00000_stats.json").read_text())
+    assert stats["config"]["image"]["image_size"] == 16 and stats["config"]["keep_cols"] == ["lic"]

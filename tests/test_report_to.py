@@ -173,7 +173,8 @@ def test_tensorboard_and_wandb_offline_get_the_metrics_jsonl_values(shards, tmp_
     assert tb["eval/shape/acc1"] == [(2, float(np.float32(evals[0]["eval/shape/acc1"])))]
 
 
-def test_a_stopped_run_finishes_its_wandb_run_and_a_resume_starts_another(shards, tmp_path, no_server):
+def test_a_stopped_run_finishes_its_wandb_run_and_a_resume_continues_it(shards, tmp_path, no_server):
+    """A requeued job resumes the same wandb run (its id kept in the run folder), not a new one per start."""
     out, stop = tmp_path / "run", tmp_path / "stop"
     stop.touch()  # asks for a clean stop after the first step, as SLURM's warning does via the launch scripts
     env = _env(tmp_path, no_server, VLP_STOP_FILE=str(stop))
@@ -189,9 +190,10 @@ def test_a_stopped_run_finishes_its_wandb_run_and_a_resume_starts_another(shards
     first_dir = next((out / "wandb").glob("offline-run-*"))
     proc = _vlp(_train_args(shards, out, "train.report_to=[wandb]", "train.resume=auto"), env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    (second_dir,) = set((out / "wandb").glob("offline-run-*")) - {first_dir}  # a new wandb run per start
+    (second_dir,) = set((out / "wandb").glob("offline-run-*")) - {first_dir}  # offline: a folder per start ...
     first_dir.rename(tmp_path / first_dir.name)
     second = _wandb_run(out)
+    assert second["run"].run_id == first["run"].run_id == (out / "wandb_run_id").read_text()  # ... of one run
     assert sorted(second["history"]) == [2, 3] and second["exit_code"] == 0
     metrics = _lines(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]

@@ -19,7 +19,7 @@ import yaml
 
 from vlp import __version__
 from vlp.app.flags import add_flags, describe_text, given, split_overrides
-from vlp.app.openclip_flags import translate
+from vlp.app.foreign_flags import translate
 from vlp.core.config import (
     COMMAND_SCHEMAS,
     CompareConfig,
@@ -128,7 +128,12 @@ def _build(args: argparse.Namespace) -> int:
     cfg = _config(args, ShardsBuildConfig, positional="inputs")
     from vlp.data_tools.build import build_shards
 
-    print(build_shards(cfg, progress=not cfg.quiet).line())
+    summary = build_shards(cfg, progress=not cfg.quiet)
+    print(summary.line())
+    if summary.rows and not summary.written:  # a build that wrote nothing did not work, whatever the reasons
+        print(f"vlp: error: no row was written: all {summary.rows} failed or were duplicates (failures.jsonl "
+              f"in {cfg.output} has each row's reason)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -358,8 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     words = _take_local_rank(list(sys.argv[1:] if argv is None else argv))
     try:
         if words[:1] in (["train"], ["launch"], ["demo"]):  # open_clip_train's flags, as its users type them
-            rest, overrides = translate(words[1:])
+            rest, overrides = translate(words[1:], words[0])
             words = [words[0], *overrides, *rest]  # before any option: argparse takes positionals first
+        elif words[:2] == ["shards", "build"]:  # img2dataset's
+            rest, overrides = translate(words[2:], "build")
+            words = [*words[:2], *overrides, *rest]
         args = parser.parse_args(words)
         func: Handler = args.func
         return func(args) or 0

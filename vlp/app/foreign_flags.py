@@ -1,10 +1,11 @@
-"""open_clip_train's flags, as its users type them, mapped to vlp's keys: one table.
+"""Other tools' flags, as their users type them, mapped to vlp's keys: one table per tool.
 
-`vlp train` (and `vlp launch`, `vlp demo`) accept open_clip_train's flags: each one with a vlp
-key becomes that key's override and the command prints which (`vlp: --lr is open_clip_train's
-flag: optim.lr=0.001`), so the user learns vlp's spelling; a flag with no vlp counterpart stops
-with one line naming what to use instead. The table is also the docs' "Coming from
-open_clip_train" page (generated), so the two cannot drift apart.
+`vlp train` (and `vlp launch`, `vlp demo`) accept open_clip_train's flags, `vlp shards build`
+img2dataset's: each one with a vlp counterpart becomes that key's override and the command
+prints which (`vlp: --lr is open_clip_train's flag: optim.lr=0.001`), so the user learns vlp's
+spelling; a flag with none stops with one line naming what to use instead. The tables are
+also the docs' "Coming from open_clip_train / img2dataset" page (generated), so they cannot
+drift apart.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from vlp.core.errors import UserError
 
 @dataclass(frozen=True)
 class Flag:
-    flag: str  # open_clip_train's spelling
-    key: str | None  # the vlp key it sets (None: no counterpart; `note` says what to do)
-    value: Callable[[str], str] | None = None  # open_clip_train's value -> vlp's (None: as typed)
+    flag: str  # the other tool's spelling
+    key: str | None  # the vlp key it sets ("": a positional word; ".": checked, nothing to set; None: no
+    # counterpart, `note` says what to do)
+    value: Callable[[str], str] | None = None  # the tool's value -> vlp's (None: as typed)
     switch: bool = False  # takes no value (store_true)
     note: str = ""
 
@@ -83,18 +85,66 @@ FLAGS = (
     Flag("--device", None, note="vlp uses the GPUs when there are any, else the CPU"),
     Flag("--ddp-static-graph", None, note="vlp trains under DeepSpeed, not DDP"),
 )
-BY_FLAG = {f.flag: f for f in FLAGS}
 
 
-def translate(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(argv without open_clip_train's flags, the `key=value` overrides they stand for). A flag that has no
-    vlp counterpart is a UserError naming what to use instead; each translation is printed."""
+def _python_list(value: str) -> str:
+    """img2dataset's `['a','b']` (a Python list in a string) -> `a,b`."""
+    return ",".join(v.strip().strip("'\"") for v in value.strip("[]").split(",") if v.strip().strip("'\""))
+
+
+def _only(expected: str, what: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value != expected:
+            raise UserError(f"{what} {value}: vlp writes {expected} only")
+        return value
+    return check
+
+
+IMG2DATASET = (
+    Flag("--url_list", "", note="an input file or a folder of them (parquet, CSV, TSV, JSONL; also .gz)"),
+    Flag("--output_folder", "output"),
+    Flag("--input_format", None, note="vlp reads the format from each input's suffix: drop the flag"),
+    Flag("--output_format", ".", _only("webdataset", "--output_format"),
+         note="webdataset only (vlp's shards are img2dataset's webdataset layout)"),
+    Flag("--url_col", "url_col"),
+    Flag("--caption_col", "caption_col"),
+    Flag("--save_additional_columns", "keep_cols", _python_list),
+    Flag("--image_size", "image_size"),
+    Flag("--resize_mode", "resize_mode", note="no, border, keep_ratio, center_crop (keep_ratio_largest: none)"),
+    Flag("--resize_only_if_bigger", "resize_only_if_bigger"),
+    Flag("--encode_format", "encode_format"),
+    Flag("--encode_quality", "encode_quality"),
+    Flag("--min_image_size", "min_image_size"),
+    Flag("--max_aspect_ratio", "max_aspect_ratio"),
+    Flag("--max_image_area", "max_pixels"),
+    Flag("--number_sample_per_shard", "shard_size"),
+    Flag("--processes_count", "workers"),
+    Flag("--thread_count", "threads"),
+    Flag("--timeout", "timeout"),
+    Flag("--retries", "retries"),
+    Flag("--distributor", "engine", lambda v: {"multiprocessing": "local", "ray": "ray"}.get(v, v),
+         note="multiprocessing -> local, ray -> ray (pyspark: none)"),
+    Flag("--incremental_mode", None, note="vlp resumes a build in the same --output by itself; --overwrite starts "
+         "over"),
+    Flag("--enable_wandb", None, note="vlp prints its progress and writes manifest.json and failures.jsonl"),
+    Flag("--disallowed_header_directives", None, note="not yet: vlp does not read X-Robots-Tag"),
+    Flag("--user_agent_token", None, note="not yet"),
+)
+TABLES = {"train": ("open_clip_train", FLAGS), "launch": ("open_clip_train", FLAGS), "demo": ("open_clip_train", FLAGS),
+          "build": ("img2dataset", IMG2DATASET)}
+
+
+def translate(argv: list[str], command: str = "train") -> tuple[list[str], list[str]]:
+    """(argv without the other tool's flags, the `key=value` overrides and positional words they stand for).
+    A flag that has no vlp counterpart is a UserError naming what to use instead; each translation is printed."""
+    tool, table = TABLES[command]
+    by_flag = {f.flag: f for f in table}
     rest, overrides = [], []
     i = 0
     while i < len(argv):
         word = argv[i]
         name, eq, inline = word.partition("=")
-        spec = BY_FLAG.get(name) if word.startswith("--") else None
+        spec = by_flag.get(name) if word.startswith("--") else None
         if spec is None:
             rest.append(word)
             i += 1
@@ -106,19 +156,22 @@ def translate(argv: list[str]) -> tuple[list[str], list[str]]:
         elif i + 1 < len(argv):
             raw, i = argv[i + 1], i + 2
         else:
-            raise UserError(f"{name}: open_clip_train's flag needs a value")
+            raise UserError(f"{name}: {tool}'s flag needs a value")
         if spec.key is None:
-            raise UserError(f"{name} is open_clip_train's flag, with no vlp counterpart: {spec.note}")
-        override = f"{spec.key}={spec.value(raw) if spec.value else raw}"
-        print(f"vlp: {name} is open_clip_train's flag: {override}", file=sys.stderr)
+            raise UserError(f"{name} is {tool}'s flag, with no vlp counterpart: {spec.note}")
+        value = spec.value(raw) if spec.value else raw
+        if spec.key == ".":  # what vlp does anyway
+            continue
+        override = f"{spec.key}={value}" if spec.key else value
+        print(f"vlp: {name} is {tool}'s flag: {override}", file=sys.stderr)
         overrides.append(override)
     return rest, overrides
 
 
-def mapping_table() -> str:
+def mapping_table(flags: tuple[Flag, ...] = FLAGS, tool: str = "open_clip_train") -> str:
     """The docs' table: every flag, its vlp key and what to know."""
-    lines = ["| open_clip_train | vlp | note |", "|---|---|---|"]
-    for f in FLAGS:
-        key = f"`{f.key}`" if f.key else "-"
+    lines = [f"| {tool} | vlp | note |", "|---|---|---|"]
+    for f in flags:
+        key = {"": "the input (positional)", ".": "(what vlp does)", None: "-"}.get(f.key, f"`{f.key}`")
         lines.append(f"| `{f.flag}` | {key} | {f.note.replace('|', '/')} |")
     return "\n".join(lines)
