@@ -90,7 +90,9 @@ def image_options(cfg: ShardsBuildConfig) -> ImageOptions:
 
 
 def fetch_options(cfg: ShardsBuildConfig) -> FetchOptions:
-    return FetchOptions(timeout=cfg.timeout, retries=cfg.retries, max_bytes=cfg.max_bytes)
+    return FetchOptions(timeout=cfg.timeout, retries=cfg.retries, max_bytes=cfg.max_bytes,
+                        disallowed=tuple(d.lower() for d in cfg.disallowed_header_directives),
+                        user_agent_token=cfg.user_agent_token)
 
 
 def row_options(cfg: ShardsBuildConfig) -> RowOptions:

@@ -5,7 +5,8 @@ web does: /status/404, /status/500, /slow/<seconds>/<file> (answers late),
 /flaky/<n>/<file> (500 for the first n requests, then the file), and the
 ways a hostile server does: /drip/<seconds per byte>/<file> (the body a byte
 at a time, for as long as the client listens), /driphead/<seconds per byte>/<file>
-(the status line and headers a byte at a time), /endless (a body without
+(the status line and headers a byte at a time), /robots/<X-Robots-Tag>/<file>
+(the file with that opt-out header), /endless (a body without
 end), /redirect/<scheme>/<rest> (302 to <scheme>://<rest>).
 """
 
@@ -80,6 +81,16 @@ def _handler(root: Path, hits: Counter):
                 return self._stream(parts)
             if parts[0] == "driphead":
                 return self._drip_head(float(parts[1]), root.joinpath(*parts[2:]).read_bytes())
+            if parts[0] == "robots":  # /robots/<X-Robots-Tag value, URL-quoted>/<file>
+                from urllib.parse import unquote
+
+                body = root.joinpath(*parts[2:]).read_bytes()
+                self.send_response(200)
+                self.send_header("X-Robots-Tag", unquote(parts[1]))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return None
             if parts[0] == "slow":
                 time.sleep(float(parts[1]))
                 parts = parts[2:]

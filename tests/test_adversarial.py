@@ -85,6 +85,23 @@ def test_a_timeout_must_be_finite_and_positive(tmp_path, capsys, value):
     assert "timeout" in err and not (tmp_path / "out").exists()
 
 
+def test_opt_out_headers_are_respected_and_counted(image_dir, tmp_path):
+    """img2dataset's default: X-Robots-Tag noai / noimageai / noindex / noimageindex, for every agent or ours."""
+    from urllib.parse import quote
+
+    tags = ["noai", "otherbot: noai", "vlp: noindex", "noarchive, NoImageAI", "mybot: noai", "noarchive"]
+    with serve(image_dir) as (base, hits):
+        rows = [{"url": f"{base}/robots/{quote(t, safe='')}/a.png", "caption": t} for t in tags]
+        summary = build([write_csv(tmp_path / "p.csv", rows)], tmp_path / "out", retries=2,
+                        user_agent_token="mybot")
+    reasons = {f["caption"] if "caption" in f else f["url"]: f["reason"] for f in failures(tmp_path / "out")}
+    assert summary.failed == 4 and summary.written == 1 and summary.duplicates == 1  # the two allowed: one image
+    assert sorted(reasons.values()) == ["opt_out"] * 4
+    assert sum(n for path, n in hits.items() if path.startswith("/robots/")) == 6  # refused once each, no retry
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["failure_reasons"]["opt_out"] == 4
+
+
 def test_an_endless_body_is_cut_at_max_bytes(image_dir, tmp_path):
     with serve(image_dir) as (base, _):
         rows = [{"url": f"{base}/endless", "caption": "endless"}]

@@ -127,8 +127,8 @@ IMG2DATASET = (
     Flag("--incremental_mode", None, note="vlp resumes a build in the same --output by itself; --overwrite starts "
          "over"),
     Flag("--enable_wandb", None, note="vlp prints its progress and writes manifest.json and failures.jsonl"),
-    Flag("--disallowed_header_directives", None, note="not yet: vlp does not read X-Robots-Tag"),
-    Flag("--user_agent_token", None, note="not yet"),
+    Flag("--disallowed_header_directives", "disallowed_header_directives", _python_list),
+    Flag("--user_agent_token", "user_agent_token"),
 )
 TABLES = {"train": ("open_clip_train", FLAGS), "launch": ("open_clip_train", FLAGS), "demo": ("open_clip_train", FLAGS),
           "build": ("img2dataset", IMG2DATASET)}

@@ -382,6 +382,11 @@ class ShardsBuildConfig(Section):
     timeout: float = Field(10.0, gt=0, description="per-request timeout, seconds")
     retries: int = Field(2, ge=0, description="retries for transient http errors")
     max_bytes: int = Field(50_000_000, gt=0, description="largest image file accepted, bytes")
+    disallowed_header_directives: CommaList = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+        description="X-Robots-Tag directives that opt an image out (failure reason opt_out); [] respects none")
+    user_agent_token: str | None = Field(None, description="a name added to vlp's User-Agent; X-Robots-Tag "
+                                         "directives for it (`name: noai`) apply too")
     overwrite: bool = Field(False, description="delete an existing build in the output folder and start over")
     quiet: bool = Field(False, description="no progress bar")
 

@@ -3,7 +3,12 @@
 Every way a fetch can go wrong maps to one short reason string (the
 `reason` of `FetchError`), so failures.jsonl can be grouped and counted:
 missing_file, empty_file, unreadable_file, too_large, http_<status>,
-timeout, connection_refused, connection_error, bad_redirect.
+timeout, connection_refused, connection_error, bad_redirect, opt_out.
+
+Opt-out is respected: a response whose X-Robots-Tag carries a refusing directive
+(img2dataset's list by default: noai, noimageai, noindex, noimageindex; for every
+agent, or for vlp's by name) is not used: `opt_out`, never retried. The
+User-Agent names vlp (and `--user-agent-token`).
 
 `--timeout` bounds a request as a whole: connecting, the headers and every
 byte of the body, so a server that drips bytes (of its headers or of its
@@ -35,11 +40,21 @@ class FetchError(RowFailure):
     """A failure of this stage; `reason` is one of the codes in the module docstring."""
 
 
+# img2dataset's default: responses whose X-Robots-Tag carries one of these are not used (the site opts out)
+DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+
+
 @dataclass(frozen=True)
 class FetchOptions:
     timeout: float = 10.0
     retries: int = 2
     max_bytes: int = 50_000_000
+    disallowed: tuple[str, ...] = DISALLOWED_DIRECTIVES  # X-Robots-Tag directives that refuse the image
+    user_agent_token: str | None = None  # named in the User-Agent; directives for it ("tok: noai") apply too
+
+    @property
+    def user_agent(self) -> str:
+        return USER_AGENT + (f" {self.user_agent_token}" if self.user_agent_token else "")
 
 
 def is_url(ref: str) -> bool:
@@ -201,8 +216,11 @@ def _read_http(url: str, opts: FetchOptions) -> bytes:
 
 def _read_http_within(url: str, opts: FetchOptions, deadline: _Deadline) -> bytes:
     opener = urllib.request.build_opener(_HttpOnlyRedirects, _DeadlineHTTP(deadline), _DeadlineHTTPS(deadline))
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    request = urllib.request.Request(url, headers={"User-Agent": opts.user_agent})
     with opener.open(request, timeout=deadline.remaining()) as resp:
+        refused = opted_out(resp.headers.get_all("X-Robots-Tag") or [], opts)
+        if refused:
+            raise FetchError("opt_out", f"X-Robots-Tag: {refused}")
         declared = resp.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > opts.max_bytes:
             raise FetchError("too_large", f"{declared} bytes > {opts.max_bytes}")
@@ -226,6 +244,23 @@ def _read_http_within(url: str, opts: FetchOptions, deadline: _Deadline) -> byte
     if not data:
         raise FetchError("empty_file", "empty response body")
     return data
+
+
+def opted_out(values: list[str], opts: FetchOptions) -> str | None:
+    """The first refusing X-Robots-Tag directive that applies to us, or None.
+
+    A value is comma-separated directives; one may be meant for a named agent only
+    ("googlebot: noindex"): it applies when the name is vlp's (`vlp`, or the user agent token)."""
+    ours = {"vlp", (opts.user_agent_token or "").lower()} - {""}
+    for value in values:
+        agent = None
+        for part in value.split(","):
+            part = part.strip()
+            if ":" in part:
+                agent, part = (x.strip() for x in part.split(":", 1))
+            if part.lower() in opts.disallowed and (agent is None or agent.lower() in ours):
+                return f"{agent + ': ' if agent else ''}{part}"
+    return None
 
 
 def _fetch_http(url: str, opts: FetchOptions) -> bytes:
