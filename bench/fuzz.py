@@ -69,7 +69,7 @@ from vlp.train.loader.reading import read_shard
 from vlp.train.loader.sources import resolve_source
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
-from baselines import write_result  # noqa: E402
+from baselines import RESULTS, provenance, write_result  # noqa: E402
 
 ALLOWED = (UserError, RowFailure)
 
@@ -701,6 +701,18 @@ def fuzz(target: Target, seconds: float, crash_dir: Path) -> tuple[int, dict[str
     return executions, crashes
 
 
+COLUMNS = ["target", "executions", "seconds", "uncaught exceptions", "where", "date", "commit"]
+
+
+def _merged(rows: list[list]) -> list[list]:
+    """The result file's rows with this run's replacing the same targets' (older rows without a date go)."""
+    path = RESULTS / "fuzz.json"
+    old = json.loads(path.read_text())["tables"][0] if path.is_file() else {"columns": [], "rows": []}
+    kept = {r[0]: r for r in old["rows"]} if old["columns"] == COLUMNS else {}
+    kept.update({r[0]: r for r in rows})
+    return [kept[name] for name in TARGETS if name in kept]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", choices=sorted(TARGETS), action="append",
@@ -720,10 +732,13 @@ def main() -> int:
                   flush=True)
             for where, message in crashes.items():
                 print(f"  {where}: {message}", flush=True)
-            rows.append([name, executions, f"{took:.0f}", len(crashes), "; ".join(crashes) or "-"])
+            run = provenance()
+            rows.append([name, executions, f"{took:.0f}", len(crashes), "; ".join(crashes) or "-", run["date"],
+                         run["commit"]])
             failed |= bool(crashes)
     write_result("fuzz", "Fuzzing every reader of outside input", [{
-        "columns": ["target", "executions", "seconds", "uncaught exceptions", "where"], "rows": rows}], order=90)
+        "columns": COLUMNS, "rows": _merged(rows)}], order=90,
+        notes="Each target's row is its latest run (targets are run a few at a time: `--target` repeated).")
     return 1 if failed else 0
 
 

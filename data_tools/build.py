@@ -148,7 +148,7 @@ def prepare_output(output: BuildOutput, state: dict, overwrite: bool) -> None:
             output.delete(name)
     elif STATE_FILE in names:
         previous = json.loads(output.read(STATE_FILE))
-        if previous != state:
+        if previous != json.loads(json_bytes(state)):  # as stored: tuples are lists there
             raise UserError(
                 f"output {output} holds a build of other inputs or options; pass --overwrite to start over"
             )

@@ -96,7 +96,7 @@ def test_opt_out_headers_are_respected_and_counted(image_dir, tmp_path):
                         user_agent_token="mybot")
     reasons = {f["caption"] if "caption" in f else f["url"]: f["reason"] for f in failures(tmp_path / "out")}
     assert summary.failed == 4 and summary.written == 1 and summary.duplicates == 1  # the two allowed: one image
-    assert sorted(reasons.values()) == ["opt_out"] * 4
+    assert sorted(reasons.values()) == ["duplicate"] + ["opt_out"] * 4  # failures.jsonl also names the duplicate
     assert sum(n for path, n in hits.items() if path.startswith("/robots/")) == 6  # refused once each, no retry
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["failure_reasons"]["opt_out"] == 4

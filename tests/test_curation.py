@@ -255,6 +255,81 @@ def test_semantic_dedup_keeps_the_best_caption_of_each_near_duplicate_group():
         assert group[i] == group[j] and j in kept and cosine >= 0.95
 
 
+def test_caption_threshold_keeps_a_near_duplicate_image_whose_caption_says_something_else():
+    """Planted: 20 groups of 4 near-identical images; in each, two captions of one kind and two of another.
+    Images alone keep one per group; with a caption threshold, one per (group, caption kind)."""
+    rng = np.random.default_rng(1)
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+    x = unit(np.repeat(rng.normal(size=(20, 64)), 4, axis=0) + rng.normal(scale=0.01, size=(80, 64)))
+    kinds = unit(rng.normal(size=(40, 32)))  # two caption kinds per group, near-orthogonal in 32-d
+    kind = np.repeat(np.arange(40), 2)  # members 0,1 of a group: kind 2g; members 2,3: kind 2g+1
+    text = unit(kinds[kind] + rng.normal(scale=0.01, size=(80, 32)))
+    scores = rng.random(80).astype(np.float32)
+    alone = dedup.semantic_duplicates(x, scores, threshold=0.95, k=5)
+    assert len(alone) == 60
+    removed = dedup.semantic_duplicates(x, scores, threshold=0.95, k=5, text=text, caption_threshold=0.9)
+    kept = sorted(set(range(80)) - set(removed))
+    assert sorted(kind[kept]) == list(range(40))  # one per caption kind of each group, the best-scored
+    for i, (j, _) in removed.items():
+        assert kind[i] == kind[j] and scores[j] >= scores[i]
+
+
+def test_caption_threshold_needs_embeddings(sets, tmp_path, capsys):
+    a, _ = sets
+    assert main(["shards", "curate", str(a), "--output", str(tmp_path / "o"), "--semdedup-caption-threshold",
+                 "0.9"]) == 2
+    assert "semdedup_caption_threshold need --embeddings" in capsys.readouterr().err
+
+
+def test_metadata_balancing_removes_unmatched_and_over_full_entries_and_counts_them(sets, tmp_path, capsys):
+    """MetaCLIP on real shards: entries are shape words; 'star' (a common one) is capped."""
+    a, _ = sets
+    entries = tmp_path / "entries.txt"
+    entries.write_text("Star\nsquare\n\ncircle\nred triangle\nstar\n")
+    out = tmp_path / "balanced"
+    printed = _run(capsys, "shards", "curate", str(a), "--output", str(out), "--metadata", str(entries),
+                   "--metadata-cap", "2", "--quiet")
+    curated = _samples(out)
+    captions = {k: v["txt"].decode() for k, v in _samples(a).items()}
+    import re
+
+    def found(caption: str) -> set[str]:
+        words = " ".join(re.findall(r"\w+", caption.lower()))
+        return {e for e in ("star", "square", "circle", "red triangle") if re.search(rf"\b{e}\b", words)}
+
+    removed = _removed(out)
+    reasons = {r["key"]: r["reason"] for r in removed}
+    assert set(curated) | set(reasons) == set(captions) and not set(curated) & set(reasons)
+    for key, caption in captions.items():
+        if not found(caption):
+            assert reasons[key] == "no_metadata_entry", caption
+        elif key in reasons:
+            assert reasons[key] == "metadata_balance"
+    counts = json.loads((out / "metadata_counts.json").read_text())
+    assert counts["entries"] == 4 and counts["cap"] == 2
+    before = Counter(e for c in captions.values() for e in found(c))
+    assert counts["before"] == dict(before)
+    assert counts["after"] == dict(Counter(e for k in curated for e in found(captions[k])))
+    assert any(n > 2 for n in before.values()) and "metadata_balance" in reasons.values()
+    for entry, n in before.items():  # an entry at or under the cap keeps every pair
+        if n <= 2:
+            assert counts["after"][entry] == n
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["curation"]["metadata"]["entries_over_cap"] == sum(n > 2 for n in before.values())
+    assert f"rows={ROWS} kept={len(curated)}" in printed and "(rows == kept + removed: ok)" in printed
+    # the draws are a function of (seed, key, entry): the same again; another seed, other pairs
+    again = _run(capsys, "shards", "curate", str(a), "--output", str(out), "--metadata", str(entries),
+                 "--metadata-cap", "2", "--overwrite", "--quiet")
+    assert again == printed and set(_samples(out)) == set(curated)
+    assert main(["shards", "curate", str(a), "--output", str(tmp_path / "none"), "--metadata",
+                 str(tmp_path / "missing.txt")]) == 2
+    assert capsys.readouterr().err.strip().endswith("missing.txt: no such file")
+    assert not (tmp_path / "none").exists()
+
+
 @pytest.mark.slow
 def test_embed_over_two_torchrun_ranks_writes_the_single_process_files(sets, embedded, tmp_path):
     """Each rank embeds every second shard; together they write what one process writes."""
@@ -302,6 +377,8 @@ def test_planted_defects_are_found_with_few_good_pairs_lost(short_demo, tmp_path
     assert found["mismatched_removed"] >= 0.9 and found["good_removed"] <= 0.05
     assert found["near_duplicates_removed"] >= 0.95 and found["eval_removed"] == 1.0
     assert "(rows == kept + removed: ok)" in printed
+    rules = {r["detail"] for r in _removed(tmp_path / "curated") if r["reason"] == "semantic_duplicate"}
+    assert rules == {"image cosine >= 0.9, hash within 10 bits"}  # the rule that removed each one
 
 
 @pytest.mark.slow

@@ -51,7 +51,7 @@ def _env(tmp_path: Path, server: socket.socket | None = None, **extra: str) -> d
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "RANK"}
     home = tmp_path / "wandb-home"
     env.update(OMP_NUM_THREADS="1", VLP_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="offline",
-               WANDB_SILENT="true", WANDB_ERROR_REPORTING="false", WANDB_DIR=str(home),
+               WANDB_SILENT="true", WANDB_ERROR_REPORTING="false",
                WANDB_CONFIG_DIR=str(home / "config"), WANDB_CACHE_DIR=str(home / "cache"),
                WANDB_DATA_DIR=str(home / "data"))
     if server is not None:
@@ -103,7 +103,7 @@ def _wandb_records(path: Path) -> list:
 
 
 def _wandb_run(out: Path) -> dict:
-    """The one offline run under out/wandb: its run record, history rows by step, and exit code."""
+    """The one offline run under out/wandb (out: the run folder or WANDB_DIR): its run record, history rows by step, and exit code."""
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     files = list(runs[0].glob("run-*.wandb"))
@@ -143,7 +143,7 @@ def test_tensorboard_and_wandb_offline_get_the_metrics_jsonl_values(shards, tmp_
     out = tmp_path / "run"
     proc = _vlp(_train_args(shards, out, "train.report_to=tensorboard,wandb", "train.eval_every=2",
                             f"train.eval_suite={suite}", "train.wandb_project=vlp-test"),
-                _env(tmp_path, no_server))
+                _env(tmp_path, no_server, WANDB_DIR=str(tmp_path / "wandb-dir")))  # honoured, as wandb's users expect
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = _lines(out / "metrics.jsonl")
     evals = _lines(out / "eval.jsonl")
@@ -151,7 +151,7 @@ def test_tensorboard_and_wandb_offline_get_the_metrics_jsonl_values(shards, tmp_
     scalars = ["loss", "lr", "epoch", "samples", "samples_per_s", "skipped_samples", "peak_memory_mb"]
 
     # wandb: the run record, every step's scalars at its global step, the eval at its step, a clean exit
-    wb = _wandb_run(out)
+    wb = _wandb_run(tmp_path / "wandb-dir")
     assert wb["run"].project == "vlp-test" and wb["run"].display_name == "run"  # the output folder's name
     assert wb["config"]["train"]["report_to"] == ["tensorboard", "wandb"]  # the resolved run config
     assert wb["config"]["model"]["name"] == "vlp-micro"

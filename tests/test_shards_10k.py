@@ -55,7 +55,7 @@ def _bad_row(kind: str, i: int, base: str, refused: str) -> bytes:
         "caption_too_long": (img, "very " * 3000 + "long"),
         "http_404": (f"{base}/status/404", "a red circle"),
         "http_500": (f"{base}/status/500", "a red circle"),
-        "timeout": (f"{base}/slow/2/x.png", "a red circle"),
+        "timeout": (f"{base}/slow/8/x.png", "a red circle"),
         "connection_refused": (refused, "a red circle"),
     }.get(kind, (img, ""))
     if kind == "caption_not_utf8":
@@ -92,7 +92,7 @@ def test_10k_rows_with_10_percent_bad_rows(tmp_path, capsys):
         mixed.write_bytes(b"\n".join(lines) + b"\n")
         out = tmp_path / "shards"
         code = vlp_main(["shards", "build", str(mixed), "--output", str(out), "--image-size", "64",
-                         "--shard-size", "2500", "--workers", "2", "--timeout", "0.5", "--retries", "0",
+                         "--shard-size", "2500", "--workers", "2", "--timeout", "2", "--retries", "0",
                          "--keep-cols", "kind,scene,counts,n_objects,hard_negatives", "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out

@@ -212,10 +212,12 @@ def test_503_storm_is_retried_then_a_per_row_reason(store, pairs):
     store.throttle, store.throttle_prefix = 3, "/data/set/images/"
     printed = _ok(_vlp(env, "shards", "build", "s3://data/set/pairs.parquet", "--output", "s3://shards/a", *BUILD))
     assert f"written={ROWS - 1} failed=1" in printed and store.throttle == 0
-    # a storm that does not end: every image fails with its reason, nothing is dropped, the build ends
+    # a storm that does not end: every image fails with its reason, nothing is dropped, the build ends, and
+    # (as img2dataset's users expect of a build that wrote nothing) exits 1 with one line
     store.throttle = -1
-    printed = _ok(_vlp(env, "shards", "build", "s3://data/set/pairs.parquet", "--output", "s3://shards/b", *BUILD))
-    assert f"rows={ROWS} written=0 failed={ROWS}" in printed
+    done = _vlp(env, "shards", "build", "s3://data/set/pairs.parquet", "--output", "s3://shards/b", *BUILD)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("vlp: error: no row was written")
+    assert f"rows={ROWS} written=0 failed={ROWS}" in done.stdout + done.stderr
     failures = [json.loads(line) for line in _objects(store, "shards", "b/")["failures.jsonl"].decode().splitlines()]
     reasons = {f["reason"] for f in failures}
     assert len(failures) == ROWS and reasons <= {"storage_error", "missing_file"}, reasons

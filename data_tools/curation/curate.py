@@ -14,8 +14,12 @@ the first one that removes it:
    eval suite `decontaminate_suite` (decontaminate.py; `matched`: the task
    and the eval image, `score`: the cosine);
 6. `semantic_duplicate`: SemDeDup on the image embeddings (dedup.py;
-   `matched` and `score`: the kept sample and the cosine);
-7. `low_clip_score`: below `min_clip_score`, or outside the top
+   `matched` and `score`: the kept sample and the cosine); with
+   `semdedup_caption_threshold`, only pairs whose captions agree too;
+7. `no_metadata_entry`, `metadata_balance`: MetaCLIP balancing against a
+   list of metadata entries (metadata.py; `detail`: the entries matched);
+   after dedup, so copies do not inflate an entry's count;
+8. `low_clip_score`: below `min_clip_score`, or outside the top
    `clip_score_top` fraction of what is left (one exact global threshold
    over every shard; `score`: the sample's CLIP score).
 
@@ -44,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
-from vlp.data_tools.curation import dedup, embeddings, filters
+from vlp.data_tools.curation import dedup, embeddings, filters, metadata
 from vlp.data_tools.curation.decontaminate import EvalImages, eval_images, matches
 from vlp.data_tools.curation.samples import ShardRef, batches, describe, list_shards, read_samples
 from vlp.data_tools.output import BuildOutput
@@ -59,10 +63,12 @@ from vlp.core.manifest import MANIFEST, Manifest
 from vlp.core.ownership import LOCK, MARKER
 
 REMOVED = "removed.jsonl"
+METADATA_COUNTS = "metadata_counts.json"  # MetaCLIP balancing: each entry's matches before and after
 BATCH = 256  # samples decoded at once when scanning
 MISSING = "missing_from_shard"  # listed in a shard's manifest, not readable from the shard (cut short, broken)
 FILTER_ORDER = ("unusable_image", "non_finite_embedding", "caption_too_short", "caption_too_long", "other_language", "image_too_small",
-                "aspect_ratio_too_large", "duplicate", "eval_contamination", "semantic_duplicate", "low_clip_score")
+                "aspect_ratio_too_large", "duplicate", "eval_contamination", "semantic_duplicate", "no_metadata_entry", "metadata_balance",
+                "low_clip_score")
 
 
 @dataclass
@@ -80,6 +86,7 @@ class Decisions:
 
     removed: dict[int, Removal] = field(default_factory=dict)
     clip_threshold: float | None = None
+    entry_counts: dict | None = None  # MetaCLIP balancing: {"before": {entry: n}, "after": {...}}
 
     def remove(self, mask: np.ndarray, reason: str, **fields) -> None:
         for row in np.nonzero(mask)[0]:
@@ -113,7 +120,9 @@ def _needs_embeddings(opts: CurateConfig) -> list[str]:
     return [name for name, on in (("min_clip_score", opts.min_clip_score is not None),
                                   ("clip_score_top", opts.clip_score_top is not None),
                                   ("semdedup_threshold", opts.semdedup_threshold is not None),
-                                  ("decontaminate_suite", opts.decontaminate_suite is not None)) if on]
+                                  ("decontaminate_suite", opts.decontaminate_suite is not None),
+                                  ("semdedup_caption_threshold", opts.semdedup_caption_threshold is not None))
+            if on]
 
 
 def scan(shards: list[ShardRef], workers: int, progress: bool) -> pa.Table:
@@ -169,10 +178,17 @@ def decide(table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings | Non
         rows = np.nonzero(d.alive(n))[0]
         k = opts.semdedup_clusters or max(1, round(len(rows) / 1000))
         hashes = table.column("phash").fill_null(0).to_numpy()[rows]
+        text = emb.text_embeddings(rows) if opts.semdedup_caption_threshold is not None else None
         found = dedup.semantic_duplicates(emb.image_embeddings(rows), scores[rows], opts.semdedup_threshold, k,
-                                          hashes, opts.semdedup_hash_distance)
+                                          hashes, opts.semdedup_hash_distance, text, opts.semdedup_caption_threshold)
+        rule = f"image cosine >= {opts.semdedup_threshold}" + (
+            f", caption cosine >= {opts.semdedup_caption_threshold}" if opts.semdedup_caption_threshold else "") + (
+            f", hash within {opts.semdedup_hash_distance} bits" if opts.semdedup_hash_distance is not None else "")
         for i, (j, cosine) in found.items():
-            d.removed[int(rows[i])] = Removal("semantic_duplicate", score=round(cosine, 6), **sample(rows[j]))
+            d.removed[int(rows[i])] = Removal("semantic_duplicate", score=round(cosine, 6), detail=rule,
+                                              **sample(rows[j]))
+    if opts.metadata is not None:
+        balance_metadata(d, table, opts)
     if opts.min_clip_score is not None or opts.clip_score_top is not None:
         alive = d.alive(n)
         d.clip_threshold = opts.min_clip_score
@@ -185,6 +201,23 @@ def decide(table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings | Non
             for row in np.nonzero(low)[0]:
                 d.removed[int(row)] = Removal("low_clip_score", score=round(float(scores[row]), 6))
     return d
+
+
+def balance_metadata(d: Decisions, table: pa.Table, opts: CurateConfig) -> None:
+    """MetaCLIP: remove what is left that matches no entry, and the draws an over-full entry loses."""
+    rows = np.nonzero(d.alive(table.num_rows))[0]
+    captions = table.column("caption").take(rows).to_pylist()
+    keys = table.column("key").take(rows).to_pylist()
+    entries = metadata.read_entries(opts.metadata, opts.metadata_case_sensitive)
+    found, kept, before, after = metadata.balance([c or "" for c in captions], keys, entries, opts.metadata_cap,
+                                                  opts.metadata_seed, opts.metadata_case_sensitive)
+    for i, row in enumerate(rows):
+        if not found[i]:
+            d.removed[int(row)] = Removal("no_metadata_entry", detail="the caption holds no metadata entry")
+        elif not kept[i]:
+            d.removed[int(row)] = Removal("metadata_balance", detail="entries: " + ", ".join(sorted(found[i])[:10]))
+    d.entry_counts = {"entries": len(entries), "cap": opts.metadata_cap,
+                      "before": dict(before.most_common()), "after": dict(after.most_common())}
 
 
 def decontaminate(d: Decisions, table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings,
@@ -240,7 +273,7 @@ def _prepare_output(output: BuildOutput, overwrite: bool) -> None:
     if names and not overwrite:
         raise UserError(f"{output}: not empty ({len(names)} files); --overwrite replaces a curated folder")
     for name in names:
-        if name == MANIFEST or name == REMOVED or SHARD_FILE.match(name):
+        if name in (MANIFEST, REMOVED, METADATA_COUNTS) or SHARD_FILE.match(name):
             output.delete(name)
     output.local.mkdir(parents=True, exist_ok=True)  # shards are written here (staged, for a URL output)
 
@@ -316,6 +349,8 @@ def curate(opts: CurateConfig, progress: bool = True) -> CurateSummary:
     need = _needs_embeddings(opts)
     if need and not opts.embeddings:
         raise UserError(f"vlp shards curate: {', '.join(need)} need --embeddings (from `vlp shards embed`)")
+    if opts.metadata is not None:
+        metadata.read_entries(opts.metadata)  # a missing or empty list is an error before any work
     shards = list_shards(opts.shards)
     output = BuildOutput(opts.output)
     _refuse_an_input_as_output(output, shards, opts.embeddings)
@@ -346,6 +381,13 @@ def _curate(opts: CurateConfig, shards: list[ShardRef], emb: embeddings.Embeddin
     }).model_dump(mode="json")
     manifest["curation"] = {"order": list(FILTER_ORDER), "clip_threshold": d.clip_threshold,
                             "embeddings": opts.embeddings, "options": opts.model_dump(mode="json")}
+    if d.entry_counts is not None:  # per-entry counts beside the manifest: 500k entries do not belong in it
+        output.write(METADATA_COUNTS, json_bytes(d.entry_counts))
+        manifest["curation"]["metadata"] = {"entries": d.entry_counts["entries"], "cap": opts.metadata_cap,
+                                            "entries_matched": len(d.entry_counts["before"]),
+                                            "entries_over_cap": sum(n > opts.metadata_cap
+                                                                    for n in d.entry_counts["before"].values()),
+                                            "counts": METADATA_COUNTS}
     if evals is not None:
         manifest["curation"]["decontamination"] = {"images": len(evals.names), "unreadable": evals.failed}
     output.write(MANIFEST, json_bytes(manifest))

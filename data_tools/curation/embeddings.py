@@ -117,6 +117,10 @@ class Embeddings:
         """float32 image embeddings of the given global row numbers (read shard by shard from the mapped files)."""
         return self._gather(img_path, rows)
 
+    def text_embeddings(self, rows: np.ndarray) -> np.ndarray:
+        """float32 caption embeddings of the given global row numbers."""
+        return self._gather(text_path, rows)
+
     def _gather(self, path_of, rows: np.ndarray) -> np.ndarray:
         shard_of = self.table.column("shard").to_numpy()
         starts = np.searchsorted(shard_of, np.arange(len(self.meta["shards"])))  # each shard's first row

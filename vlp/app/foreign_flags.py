@@ -20,8 +20,8 @@ from vlp.core.errors import UserError
 @dataclass(frozen=True)
 class Flag:
     flag: str  # the other tool's spelling
-    key: str | None  # the vlp key it sets ("": a positional word; ".": checked, nothing to set; None: no
-    # counterpart, `note` says what to do)
+    key: str | None  # the vlp key it sets ("": a positional word; ".": checked, nothing to set; "=": vlp's
+    # own flag of the same name and meaning, passed on as typed; None: no counterpart, `note` says what to do)
     value: Callable[[str], str] | None = None  # the tool's value -> vlp's (None: as typed)
     switch: bool = False  # takes no value (store_true)
     note: str = ""
@@ -120,8 +120,8 @@ IMG2DATASET = (
     Flag("--number_sample_per_shard", "shard_size"),
     Flag("--processes_count", "workers"),
     Flag("--thread_count", "threads"),
-    Flag("--timeout", "timeout"),
-    Flag("--retries", "retries"),
+    Flag("--timeout", "=", note="the same flag (seconds per request, total, finite)"),
+    Flag("--retries", "=", note="the same flag"),
     Flag("--distributor", "engine", lambda v: {"multiprocessing": "local", "ray": "ray"}.get(v, v),
          note="multiprocessing -> local, ray -> ray (pyspark: none)"),
     Flag("--incremental_mode", None, note="vlp resumes a build in the same --output by itself; --overwrite starts "
@@ -145,7 +145,7 @@ def translate(argv: list[str], command: str = "train") -> tuple[list[str], list[
         word = argv[i]
         name, eq, inline = word.partition("=")
         spec = by_flag.get(name) if word.startswith("--") else None
-        if spec is None:
+        if spec is None or spec.key == "=":
             rest.append(word)
             i += 1
             continue
@@ -172,6 +172,6 @@ def mapping_table(flags: tuple[Flag, ...] = FLAGS, tool: str = "open_clip_train"
     """The docs' table: every flag, its vlp key and what to know."""
     lines = [f"| {tool} | vlp | note |", "|---|---|---|"]
     for f in flags:
-        key = {"": "the input (positional)", ".": "(what vlp does)", None: "-"}.get(f.key, f"`{f.key}`")
+        key = {"": "the input (positional)", ".": "(what vlp does)", "=": f"`{f.flag}`", None: "-"}.get(f.key, f"`{f.key}`")
         lines.append(f"| `{f.flag}` | {key} | {f.note.replace('|', '/')} |")
     return "\n".join(lines)

@@ -485,6 +485,18 @@ class CurateConfig(Section):
                                              "cosine to a kept image of its cluster is at least this (e.g. 0.95)")
     semdedup_hash_distance: int | None = Field(None, ge=0, le=63, description="semantic dedup: also require the "
                                                "perceptual hashes within this many bits (near-copies only)")
+    semdedup_caption_threshold: float | None = Field(None, gt=0, le=1, description="semantic dedup: keep a "
+                                                     "near-duplicate image whose caption says something else: "
+                                                     "caption cosine (text embeddings) to the kept one's below "
+                                                     "this (e.g. 0.9); off: images alone decide")
+    metadata: str | None = Field(None, description="MetaCLIP balancing: a text file of metadata entries, one per "
+                                 "line; a pair is matched by the entries its caption contains (whole words, as "
+                                 "MetaCLIP); unmatched pairs are removed (no_metadata_entry), and an entry matched more "
+                                 "than metadata_cap times keeps a random metadata_cap of them (metadata_balance)")
+    metadata_cap: int = Field(20_000, gt=0, description="MetaCLIP's t: pairs kept per metadata entry (20k at 400M)")
+    metadata_seed: int = Field(0, description="MetaCLIP balancing's draws (deterministic from seed and sample key)")
+    metadata_case_sensitive: bool = Field(False, description="match metadata entries in their own case, as "
+                                          "MetaCLIP does (default: any case)")
     semdedup_clusters: int = Field(0, ge=0, description="k-means clusters for semantic dedup (0: about one per "
                                                         "1,000 samples)")
     shard_size: int = Field(10_000, gt=0, description="samples per output shard")

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import resource
+import secrets
 import signal
 import sys
 import time
@@ -182,6 +183,11 @@ def check_report_to(backends: list[str]) -> None:
                             f"pip install 'vlp[{backend}]' (or remove it from train.report_to)")
 
 
+# out.log's fields: (metrics.jsonl key, label, format)
+LOG_LINE = (("step", "step", ""), ("epoch", "epoch", ""), ("loss", "loss", ".4f"), ("lr", "lr", ".3g"),
+            ("samples_per_s", "samples/s", ".1f"), ("skipped_samples", "skipped", ""))
+
+
 class _Metrics:
     """Where the scalars go, rank 0 only: metrics.jsonl (one line per step) always, and the
     backends of train.report_to: tensorboard (event files in tensorboard/), wandb (a run in wandb/).
@@ -216,7 +222,7 @@ class _Metrics:
             import wandb
 
             id_file = out / "wandb_run_id"
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)  # wandb-style 8 chars
             try:  # online without a login fails here, before the first step
                 self.wandb = wandb.init(
                     project=os.environ.get("WANDB_PROJECT") or cfg.train.wandb_project,
@@ -241,8 +247,7 @@ class _Metrics:
             return
         self.fh.write(json.dumps(record, allow_nan=False) + "\n")
         self.fh.flush()
-        self.line(f"step {record['step']} epoch {record['epoch']} loss {record['loss']:.4f} lr {record['lr']:.3g} "
-                  f"samples/s {record['samples_per_s']:.1f} skipped {record['skipped_samples']}")
+        self.line(" ".join(f"{name} {record[key]:{spec}}" for key, name, spec in LOG_LINE if key in record))
         scalars = {f"train/{key}": value for key, value in record.items()
                    if isinstance(value, int | float) and key != "step"}
         self._report(record["step"], scalars)
