@@ -17,6 +17,17 @@
 times curate's decisions (exact dedup, SemDeDup with faiss k-means, the global
 top-fraction cut) on random embeddings of that many samples, and prints the
 peak memory of the process.
+
+    python bench/curation.py --real openmoji
+
+the same planted defects (10% captions swapped, near-duplicates by a 2% crop + JPEG, 50
+images of the set's eval suite) in a real image-text set (bench/real_sets.py's), embedded with
+a model trained on it, curated at the README's settings and at the earlier pHash ones.
+
+    python bench/curation.py --stream 1000000,10000000 [--dim 512]
+
+writes an embed output of that many random embeddings and runs SemDeDup through cluster
+files (cluster_files.py) in a fresh process: its time and peak memory.
 """
 
 from __future__ import annotations
@@ -87,6 +98,62 @@ def planted(args) -> None:
     write_result("curation_planted", "Curation on planted defects (synthetic set)", tables, order=40)
 
 
+REAL_SETTINGS = [  # (name, curate flags; SUITE stands for the set's eval suite)
+    ("CLIP top 90% only", ["--clip-score-top", "0.9"]),
+    ("decontaminate (defaults) + SemDeDup 0.9 with thumbnails + CLIP top 90%",
+     ["--decontaminate-suite", "SUITE", "--semdedup-threshold", "0.9", "--semdedup-copy-distance", "6",
+      "--clip-score-top", "0.9"]),
+    ("decontaminate with pHash 2 bits, no thumbnails + SemDeDup 0.9 with pHash 10 + CLIP top 90% (before)",
+     ["--decontaminate-suite", "SUITE", "--decontaminate-copy-distance", "none", "--decontaminate-hash-distance", "2",
+      "--semdedup-threshold", "0.9", "--semdedup-hash-distance", "10", "--clip-score-top", "0.9"]),
+]
+
+
+def planted_real(args) -> None:
+    """The planted-defect bench on a real image-text set (bench/real_sets.py's), with a model trained on it."""
+    import csv
+
+    import real_sets
+    from vlp.data_tools.curation.planted import plant_rows, score
+
+    sets_work = Path(args.real_work)
+    _, suite, _ = real_sets.SETS[args.real](sets_work)
+    data = sets_work / ("data" if args.real == "emoji" else "data-openmoji")
+    with open(data / "train.csv", newline="") as fh:
+        rows = [{"url": r["url"], "caption": r["caption"]} for r in csv.DictReader(fh)]
+    work = Path(args.work) / args.real
+    pairs = work / "pairs"
+    if not (pairs / "truth.json").exists():
+        plant_rows(pairs, rows, seed=1, mismatched=0.1, near_duplicates=len(rows) // 10, eval_suite=str(suite),
+                   eval_images=50, crop=(0.98, 0.98))
+    vlp("shards", "build", str(pairs / "pairs.csv"), "--output", str(work / "shards"), "--image-size", "64",
+        "--shard-size", "1000", "--overwrite", "--quiet")
+    run = work / "run"
+    if not (run / "checkpoints").exists():  # a model trained on these pairs (the recipe, as bench/real_sets.py)
+        vlp("train", "--config", "recipe-small", f"data.sources=[{{shards: '{work / 'shards'}'}}]",
+            f"train.output_dir={run}", f"train.samples={args.real_samples}")
+    vlp("shards", "embed", str(work / "shards"), "--out", str(work / "emb"), "--model", str(run), "--quiet")
+    results = []
+    for name, extra in REAL_SETTINGS:
+        out = work / "curated"
+        printed = vlp("shards", "curate", str(work / "shards"), "--output", str(out), "--embeddings", str(work / "emb"),
+                      *[str(suite) if e == "SUITE" else e for e in extra], "--overwrite", "--quiet")
+        print(printed.strip())
+        results.append((name, score(pairs, work / "shards", out)))
+    counts = results[0][1]["counts"]
+    table = {"title": f"planted defects in {args.real} ({len(rows)} real pairs; {counts['mismatched']} captions "
+                      f"swapped, {counts['near_duplicate_pairs']} near-duplicates by a 2% crop + JPEG, "
+                      f"{counts['eval']} eval images); model: vlp-tiny trained on them ({args.real_samples} samples)",
+             "columns": ["curation", "swapped removed", "good removed", "near-duplicates removed",
+                         "eval copies removed"],
+             "rows": [[name, f"{r['mismatched_removed']:.1%}", f"{r['good_removed']:.1%}",
+                       f"{r['near_duplicates_removed']:.1%}", f"{r['eval_removed']:.1%}"] for name, r in results]}
+    print(markdown(table))
+    write_result(f"curation_planted_{args.real}", f"Curation on planted defects ({args.real}, real drawings)",
+                 [table], order=41, about="targets: 100% of eval copies, >= 95% of near-duplicates, >= 90% of "
+                 "swapped captions, <= 2% of good pairs lost")
+
+
 def ab(work: Path, args) -> dict:
     """The same recipe on raw and curated shards, the same samples seen, then the default suite."""
     vlp("shards", "curate", str(work / "shards"), "--output", str(work / "curated"), "--embeddings", str(work / "emb"),
@@ -143,6 +210,76 @@ def scale(args) -> None:
         about=f"dim {args.dim}; 5% planted near-duplicates, 1% exact copies")
 
 
+SHARD_ROWS = 10_000
+
+
+def _synthetic_embeddings(root: Path, n: int, dim: int) -> None:
+    """An embed output of n random image embeddings (5% near-duplicates of a neighbour), written shard by shard."""
+    from vlp.data_tools.curation import embeddings
+
+    if (root / "embed.json").exists():
+        return
+    shards = []
+    for shard, start in enumerate(range(0, n, SHARD_ROWS)):
+        rng = np.random.default_rng(shard)
+        m = min(SHARD_ROWS, n - start)
+        x = rng.standard_normal((m, dim), dtype=np.float32)
+        near = rng.choice(m - 1, size=m // 20, replace=False)
+        x[near] = x[near + 1] + 0.01 * rng.standard_normal((len(near), dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        rows = [{"key": f"{start + i:09d}", "position": i, "caption": "", "clip_score": float(c), "sha256": None,
+                 "width": 64, "height": 64, "phash": 0, "error": None} for i, c in enumerate(rng.random(m))]
+        embeddings.write_shard(root, shard, x, np.zeros((m, 1), np.float32), rows)
+        shards.append({"index": shard, "set": 0, "url": f"{shard:05d}.tar", "samples": m})
+    embeddings.write_meta(root, {"model": {"source": "random", "weights": None, "random_init": True, "name": "x"},
+                                 "sets": ["x"], "shards": shards})
+
+
+STREAM_CHILD = """
+import json, resource, sys, time
+import numpy as np
+from vlp.data_tools.curation import cluster_files, embeddings
+root, k = sys.argv[1], int(sys.argv[2])
+meta = json.load(open(root + "/embed.json"))
+start = time.perf_counter()
+emb = embeddings.load(root, [s["url"] for s in meta["shards"]])
+rows = np.arange(emb.table.num_rows)
+scores = emb.table.column("clip_score").to_numpy()
+found, stats = cluster_files.semantic_duplicates(emb, rows, scores, np.zeros(len(rows), np.int64), k,
+                                                 cluster_files.Checks(0.95))
+print(json.dumps({"seconds": time.perf_counter() - start, "removed": len(found), "buckets": stats.buckets,
+                  "largest_bucket": stats.largest_bucket,
+                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def stream(args) -> None:
+    """SemDeDup through cluster files on an embed output of N random embeddings: time and peak memory of the
+    deciding process (a fresh one per size), against the size of the embeddings."""
+    rows = []
+    for n in (int(v) for v in args.stream.split(",")):
+        root = Path(args.work) / f"emb-{n}-{args.dim}"
+        start = time.perf_counter()
+        _synthetic_embeddings(root, n, args.dim)
+        made = time.perf_counter() - start
+        k = max(1, n // 1000)
+        done = subprocess.run([sys.executable, "-c", STREAM_CHILD, str(root), str(k)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(done.stderr[-3000:])
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        embeddings_mib = n * args.dim * 4 / 2**20
+        print(f"{n} samples, dim {args.dim}, k {k}: {r['seconds']:.0f} s, {r['removed']} removed, {r['buckets']} "
+              f"buckets (largest {r['largest_bucket']}), peak RSS {r['peak_mib']:.0f} MiB; the embeddings in memory "
+              f"would be {embeddings_mib:.0f} MiB (written in {made:.0f} s)", flush=True)
+        rows.append([n, k, f"{r['seconds']:.0f}", r["buckets"], r["largest_bucket"], f"{r['peak_mib']:.0f}",
+                     f"{embeddings_mib:.0f}"])
+    write_result("curation_stream", "SemDeDup through cluster files (random embeddings)", [{
+        "columns": ["samples", "clusters", "seconds", "buckets", "largest bucket", "peak RSS, MiB",
+                    "embeddings as float32, MiB"], "rows": rows}], order=46,
+        about=f"dim {args.dim}; 5% planted near-duplicates; one shard per {SHARD_ROWS} samples; threshold 0.95; "
+              "k-means on at most 256 points per centroid and 1M points; buckets of about 256 MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="runs/demo", help="a trained run or exported model (vlp demo: runs/demo)")
@@ -152,9 +289,19 @@ def main() -> None:
     parser.add_argument("--ab-samples", type=int, default=96000)
     parser.add_argument("--scale", help="comma-separated sample counts: time curate's decisions on random embeddings")
     parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--stream", help="comma-separated sample counts: SemDeDup through cluster files, time and "
+                        "peak memory")
+    parser.add_argument("--real", choices=["emoji", "openmoji"], help="the planted-defect bench on this real set "
+                        "(bench/real_sets.py's) with a model trained on it")
+    parser.add_argument("--real-work", default="/tmp/vlp-bench-real", help="where bench/real_sets.py keeps its sets")
+    parser.add_argument("--real-samples", type=int, default=30000)
     args = parser.parse_args()
     if args.scale:
         return scale(args)
+    if args.stream:
+        return stream(args)
+    if args.real:
+        return planted_real(args)
     planted(args)
 
 

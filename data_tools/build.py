@@ -42,6 +42,7 @@ from vlp.data_tools.captions import CaptionError, normalise_caption
 from vlp.data_tools.counts import count_counterfactuals
 from vlp.data_tools.output import BuildOutput, localize_inputs
 from vlp.data_tools.pipeline import RowOptions, RowResult, init_worker, process_chunk
+from vlp.data_tools.politeness import HostLimits
 from vlp.data_tools.ray_engine import RayWorkers
 from vlp.data_tools.readers import InputFile, Row, iter_rows, open_inputs
 from vlp.data_tools.reencode import ImageOptions
@@ -96,8 +97,10 @@ def fetch_options(cfg: ShardsBuildConfig) -> FetchOptions:
 
 
 def row_options(cfg: ShardsBuildConfig) -> RowOptions:
+    share = max(1, cfg.workers)  # each worker process schedules its own rows: the limits are split
+    hosts = HostLimits(max(1, cfg.host_concurrency // share), cfg.host_rate / share, cfg.max_retry_after)
     return RowOptions(image_options(cfg), fetch_options(cfg), cfg.caption_max_chars, cfg.caption_reject_chars,
-                      cfg.threads)
+                      cfg.threads, hosts)
 
 
 @dataclass

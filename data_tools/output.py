@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -48,15 +49,22 @@ def claim_url(url: str, kind: str, command: str, hint: str) -> None:
     storage.write_bytes(storage.join(url, MARKER), json_bytes(marker(kind, command)))
 
 
-def _private_dir(kind: str) -> Path:
+def private_dir(kind: str) -> Path:
     """A fresh temporary folder named after this process; ones left by processes that died (a killed
     build) are removed first, so they do not pile up."""
-    root = Path(tempfile.gettempdir())
-    for stale in root.glob(f"vlp-{kind}-*-*"):
+    remove_stale(kind)
+    return Path(tempfile.mkdtemp(prefix=f"vlp-{kind}-{os.getpid()}-"))
+
+
+def remove_stale(kind: str, on_stale: Callable[[Path], None] | None = None) -> None:
+    """Remove the private folders of this kind whose process died (`on_stale` first cleans up what such a
+    folder records)."""
+    for stale in Path(tempfile.gettempdir()).glob(f"vlp-{kind}-*-*"):
         pid = stale.name.split("-")[2]
         if pid.isdigit() and not _alive(int(pid)):
+            if on_stale is not None:
+                on_stale(stale)
             shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"vlp-{kind}-{os.getpid()}-"))
 
 
 def _alive(pid: int) -> bool:
@@ -73,14 +81,14 @@ class BuildOutput:
     def __init__(self, target: str):
         self.target = target
         self.remote = storage.is_object_url(target)
-        self.local = _private_dir("staging") if self.remote else Path(target)
+        self.local = private_dir("staging") if self.remote else Path(target)
         self._inputs: Path | None = None
 
     def inputs_dir(self) -> Path:
         """A private folder for local copies of object-storage inputs, removed by close(): never the output
         folder itself, which is not claimed yet when inputs are read."""
         if self._inputs is None:
-            self._inputs = _private_dir("inputs")
+            self._inputs = private_dir("inputs")
         return self._inputs
 
     def __str__(self) -> str:

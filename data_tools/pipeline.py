@@ -12,11 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from vlp.data_tools.captions import normalise_caption
+from vlp.data_tools.politeness import HostLimits, Scheduler, host_of
 from vlp.data_tools.readers import Row
 from vlp.data_tools.reencode import EncodedImage, ImageOptions, process_image
 
 from vlp.core.errors import RowFailure
-from vlp.core.fetch import FetchOptions, fetch, suffix_of
+from vlp.core.fetch import FetchOptions, RetryLater, fetch, suffix_of
 from vlp.core.images import return_freed_pixels
 from vlp.core.processes import die_with_parent
 
@@ -28,6 +29,7 @@ class RowOptions:
     caption_max_chars: int = 512
     caption_reject_chars: int = 10_000
     threads: int = 16
+    hosts: HostLimits = HostLimits()
 
 
 @dataclass
@@ -40,19 +42,22 @@ class RowResult:
     sha256: str | None = None
 
 
-def process_row(row: Row, opts: RowOptions) -> RowResult:
-    """One row -> a sample or a failure reason. Cheap checks first: a bad caption is not fetched."""
+def process_row(row: Row, opts: RowOptions, attempt: int = 0, defer: bool = False) -> RowResult:
+    """One row -> a sample or a failure reason. Cheap checks first: a bad caption is not fetched. With
+    `defer`, a host's Retry-After raises RetryLater (the scheduler runs the row again later)."""
     if row.error:
         return RowResult(row.index, row.error, row.detail)
     try:
         caption = normalise_caption(row.caption, opts.caption_max_chars, opts.caption_reject_chars)
         if not row.ref or not row.ref.strip():
             return RowResult(row.index, "missing_reference", "empty image path/URL")
-        data = fetch(row.ref.strip(), row.base_dir, opts.fetch)
+        data = fetch(row.ref.strip(), row.base_dir, opts.fetch, attempt, defer)
         sha = hashlib.sha256(data).hexdigest()
         image = process_image(data, suffix_of(row.ref.strip()), opts.image)
     except RowFailure as err:
         return RowResult(row.index, err.reason, err.detail)
+    except RetryLater:
+        raise
     except MemoryError:
         return RowResult(row.index, "decode_error", "out of memory while decoding")
     except Exception as err:  # a bug or an exotic file: recorded, never fatal
@@ -82,4 +87,6 @@ def process_chunk(rows: list[Row], opts: RowOptions | None = None) -> list[RowRe
     if _THREADS is None:
         return_freed_pixels()  # the threads decode concurrently
         _THREADS = ThreadPoolExecutor(opts.threads, thread_name_prefix="fetch")
-    return list(_THREADS.map(lambda r: process_row(r, opts), rows))
+    scheduler = Scheduler(opts.hosts, _THREADS, opts.threads)  # per-host limits; results in row order
+    return scheduler.run([host_of(r.ref or "") for r in rows],
+                         lambda i, attempt: process_row(rows[i], opts, attempt, defer=True))

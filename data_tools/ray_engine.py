@@ -29,7 +29,8 @@ engine resumes with either.
   directory: each task changes into it (where it exists on the node).
 - The cluster: --ray-address, else $RAY_ADDRESS, else a new Ray instance on
   this machine with --workers CPUs (shut down at the end, as is a connection
-  this build made). An address nothing answers at is a one-line error within
+  this build made; a killed build's instance is ended by the next build that
+  starts one). An address nothing answers at is a one-line error within
   seconds (a TCP check first), one that answers but is no Ray head within
   CONNECT_TIMEOUT_S: Ray alone retries for minutes.
 - The driver is the single writer: its write and dedup rate bounds the build.
@@ -41,8 +42,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -50,12 +53,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 
 import PIL
+from vlp.data_tools.output import private_dir, remove_stale
 from vlp.data_tools.pipeline import RowOptions, RowResult, process_chunk
 from vlp.data_tools.readers import Row
 
 import vlp
+from vlp.core.atomic import write_atomic
 from vlp.core.errors import RowFailure, UserError, first_line
 from vlp.core.fetch import FetchOptions, fetch, is_url
 
@@ -202,12 +208,58 @@ def connect(address: str | None, num_cpus: int) -> bool:
         _check_reachable(address)
         _init(ray, CONNECT_TIMEOUT_S, address=address, **quiet)
         return True
+    remove_stale("ray", _reap)  # what a killed build's instance left running goes first
     try:  # "local": a new instance even when another one runs on this machine
         ray.init(address="local", num_cpus=max(1, num_cpus), include_dashboard=False, **quiet)
     except Exception as err:
         first = first_line(err)
         raise UserError(f"--engine ray: cannot start a local Ray instance ({first})") from None
+    _record_processes()
     return True
+
+
+# ------------------------------------------------------------ a killed build's local instance
+
+PROCESSES = "processes.json"
+_RECORD: Path | None = None  # this process's record of the instance it started
+
+
+def _record_processes() -> None:
+    """The local instance's processes (this process's descendants: raylet, GCS, agents, workers), each
+    with its start time, in a folder named after this process. Ray stops most of them when this
+    process dies, but its agents poll for minutes before they notice; the next build ends them."""
+    import psutil
+
+    global _RECORD
+    procs = [{"pid": p.pid, "started": p.create_time()} for p in psutil.Process().children(recursive=True)]
+    _RECORD = private_dir("ray")
+    write_atomic(_RECORD / PROCESSES, json.dumps(procs))  # whole or absent, for whoever reads it
+
+
+def _forget_processes() -> None:
+    """The instance was shut down: nothing to end later."""
+    global _RECORD
+    if _RECORD is not None:
+        shutil.rmtree(_RECORD, ignore_errors=True)
+        _RECORD = None
+
+
+def _reap(folder: Path) -> None:
+    """Kill the processes a dead build recorded that still run (the same pid and start time: never a
+    process that reused the number)."""
+    import psutil
+
+    try:
+        procs = json.loads((folder / PROCESSES).read_text())
+    except (OSError, ValueError):
+        return
+    for rec in procs if isinstance(procs, list) else []:
+        try:
+            proc = psutil.Process(int(rec["pid"]))
+            if abs(proc.create_time() - float(rec["started"])) < 0.01:
+                proc.kill()
+        except (psutil.Error, KeyError, TypeError, ValueError):
+            continue
 
 
 # ------------------------------------------------------------ reachability
@@ -314,6 +366,7 @@ class RayWorkers:
                     pass
             if started:
                 ray.shutdown()
+                _forget_processes()
 
     def _results(self, ray, chunk: list[Row], ref, opts, cwd: str) -> list[RowResult]:
         died = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError)

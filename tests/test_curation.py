@@ -194,6 +194,12 @@ def test_embed_writes_clip_retrieval_layout_with_scores_that_match_the_embedding
     keys = [k for s in meta["shards"] for k in pq.read_table(embeddings.metadata_path(embedded, s["index"]))
             .column("key").to_pylist()]
     assert keys == list(_samples(a))
+    # each sample's source URL (from its json, as clip-retrieval keeps it) and its thumbnail
+    first = pq.read_table(embeddings.metadata_path(embedded, 0))
+    samples = _samples(a)
+    urls = first.column("url").to_pylist()
+    assert None not in urls and urls == [json.loads(samples[k]["json"])["url"] for k in first.column("key").to_pylist()]
+    assert {len(t) for t in first.column("thumb").to_pylist()} == {768}
 
 
 def test_embed_resumes_at_the_missing_shard_only(sets, embedded, tmp_path, capsys):
@@ -275,6 +281,29 @@ def test_caption_threshold_keeps_a_near_duplicate_image_whose_caption_says_somet
     assert sorted(kind[kept]) == list(range(40))  # one per caption kind of each group, the best-scored
     for i, (j, _) in removed.items():
         assert kind[i] == kind[j] and scores[j] >= scores[i]
+
+
+def test_cluster_files_decide_exactly_as_in_memory_with_one_bucket_or_many(sets, embedded):
+    """SemDeDup streamed through bucket files (peak memory one bucket) removes what the in-memory pass removes."""
+    from vlp.data_tools.curation import cluster_files
+
+    a, _ = sets
+    meta = json.loads((embedded / "embed.json").read_text())
+    emb = embeddings.load(embedded, [s["url"] for s in meta["shards"]])
+    table = emb.table
+    rows = np.nonzero(table.column("error").is_null().to_numpy(zero_copy_only=False))[0]
+    scores = table.column("clip_score").to_numpy(zero_copy_only=False)
+    hashes = table.column("phash").fill_null(0).to_numpy()
+    x = emb.image_embeddings(rows)
+    threshold = float(np.quantile((x @ x.T)[np.triu_indices(len(rows), 1)], 0.97))  # some pairs, not all
+    in_memory = dedup.semantic_duplicates(x, scores[rows], threshold, k=3)
+    expected = {int(rows[i]): (int(rows[j]), c) for i, (j, c) in in_memory.items()}
+    assert 0 < len(expected) < len(rows) - 3
+    for bucket_bytes in (1 << 30, 1):  # one bucket; as many buckets as clusters
+        found, stats = cluster_files.semantic_duplicates(emb, rows, scores, hashes, 3,
+                                                         cluster_files.Checks(threshold), bucket_bytes=bucket_bytes)
+        assert found.keys() == expected.keys() and all(found[r][0] == expected[r][0] for r in found)
+        assert stats.buckets == (1 if bucket_bytes > 1 else 3) and stats.largest_bucket <= len(rows)
 
 
 def test_caption_threshold_needs_embeddings(sets, tmp_path, capsys):

@@ -46,6 +46,7 @@ LAZY_THIRD_PARTY = {
     "pyarrow.parquet",
     "accelerate",  # optional: only under `accelerate launch`
     "ray",  # optional extra (vlp[ray]): only with `vlp shards build --engine ray`
+    "psutil",  # in the ray extra: only to end a killed build's local Ray instance
     "faiss",  # optional extra (vlp[curate]): only for semantic dedup and decontamination
     "langdetect",  # optional extra (vlp[curate]): only for the languages filter
 }

@@ -245,3 +245,35 @@ def test_without_ray_installed_the_error_says_how_to_install(tmp_path, monkeypat
     (tmp_path / "p.csv").write_text("url,caption\na.png,a picture\n")
     with pytest.raises(UserError, match=r"pip install 'vlp\[ray\]'"):
         build([tmp_path / "p.csv"], tmp_path / "out", engine="ray")
+
+
+def test_a_killed_builds_local_ray_instance_is_ended_by_the_next_build(tmp_path):
+    """The driver killed alone: Ray stops most of its instance, its agents linger for minutes; the next build
+    that starts a local instance ends every process the dead one recorded."""
+    from http_server import serve
+
+    save(noise_image(24, 24, seed=1), tmp_path / "www" / "a.png")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with serve(tmp_path / "www") as (base, _):
+        (tmp_path / "slow.csv").write_text("url,caption\n" + "".join(f"{base}/slow/0.5/a.png,picture {i}\n"
+                                                                     for i in range(400)))
+        proc = subprocess.Popen(_command("slow.csv", "out", 50, "--engine", "ray"), cwd=tmp_path, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        record = _wait_for(lambda: next(iter(Path("/tmp").glob(f"vlp-ray-{proc.pid}-*/processes.json")), None))
+        _wait_for(lambda: record.stat().st_size > 0)
+        recorded = json.loads(record.read_text())
+        assert recorded  # raylet, GCS, agents, workers
+        os.kill(proc.pid, signal.SIGKILL)  # the driver alone, no cleanup
+        proc.wait()
+    (tmp_path / "one.csv").write_text("url,caption\nwww/a.png,one picture\n")
+    _build(tmp_path, "one.csv", "next", 10, "--engine", "ray", env=env)
+
+    def running(rec: dict) -> bool:
+        try:
+            p = psutil.Process(rec["pid"])
+            return abs(p.create_time() - rec["started"]) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    assert not [r for r in recorded if running(r)]
+    assert not list(Path("/tmp").glob(f"vlp-ray-{proc.pid}-*"))  # the record is gone with them

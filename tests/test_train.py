@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from vlp.data_tools.build import build_shards
 from vlp.data_tools.synth import generate
 
@@ -270,6 +271,10 @@ def test_export_loads_in_stock_open_clip_as_file_and_folder(shards, tmp_path):
     folder = tmp_path / "open_clip_dir"
     assert vlp_main(["export", str(out), "--format", "open_clip-dir", "--out", str(folder)]) == 0
     assert {"open_clip_config.json", "open_clip_model.safetensors", "README.md"} <= {p.name for p in folder.iterdir()}
+    card = (folder / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])  # the Hub's metadata block
+    assert front["library_name"] == "open_clip" and "clip" in front["tags"]
+    assert str(tmp_path) not in card  # no path of this machine
     snapshot = tmp_path / "hub" / "models--someone--vlp-micro" / "snapshots" / ("0" * 40)
     shutil.copytree(folder, snapshot)
     (snapshot.parents[1] / "refs").mkdir()

@@ -11,11 +11,13 @@ the first one that removes it:
 4. `duplicate`: the same image bytes as an earlier sample of any of the shard
    sets (`matched`: the kept one);
 5. `eval_contamination`: the image is a near-duplicate of an image of the
-   eval suite `decontaminate_suite` (decontaminate.py; `matched`: the task
-   and the eval image, `score`: the cosine);
-6. `semantic_duplicate`: SemDeDup on the image embeddings (dedup.py;
-   `matched` and `score`: the kept sample and the cosine); with
-   `semdedup_caption_threshold`, only pairs whose captions agree too;
+   eval suite `decontaminate_suite` (decontaminate.py: embeddings, then the
+   thumbnails of copies.py by default; `matched`: the task and the eval image,
+   `score`: the cosine);
+6. `semantic_duplicate`: SemDeDup on the image embeddings (dedup.py, streamed
+   through cluster_files.py; `matched` and `score`: the kept sample and the
+   cosine, `detail`: the rule); with `semdedup_caption_threshold`, only pairs
+   whose captions agree too, with `semdedup_copy_distance` only near-copies;
 7. `no_metadata_entry`, `metadata_balance`: MetaCLIP balancing against a
    list of metadata entries (metadata.py; `detail`: the entries matched);
    after dedup, so copies do not inflate an entry's count;
@@ -37,6 +39,7 @@ shards verify` and `vlp train` take the output as they take a build.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -48,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
-from vlp.data_tools.curation import dedup, embeddings, filters, metadata
+from vlp.data_tools.curation import cluster_files, copies, dedup, embeddings, filters, metadata
 from vlp.data_tools.curation.decontaminate import EvalImages, eval_images, matches
 from vlp.data_tools.curation.samples import ShardRef, batches, describe, list_shards, read_samples
 from vlp.data_tools.output import BuildOutput
@@ -87,6 +90,7 @@ class Decisions:
     removed: dict[int, Removal] = field(default_factory=dict)
     clip_threshold: float | None = None
     entry_counts: dict | None = None  # MetaCLIP balancing: {"before": {entry: n}, "after": {...}}
+    semdedup: dict | None = None  # clusters, buckets, the largest bucket (cluster_files.Stats)
 
     def remove(self, mask: np.ndarray, reason: str, **fields) -> None:
         for row in np.nonzero(mask)[0]:
@@ -134,7 +138,7 @@ def scan(shards: list[ShardRef], workers: int, progress: bool) -> pa.Table:
             rows: list[dict] = []
             for batch in batches(read_samples(shard.url), BATCH):
                 rows += [row for row, _ in pool.map(describe, batch, range(len(rows), len(rows) + len(batch)))]
-            table = pa.Table.from_pylist(rows, schema=embeddings.METADATA_SCHEMA)
+            table = pa.Table.from_pylist(rows, schema=embeddings.TABLE_SCHEMA)  # (no thumbnails: not needed)
             tables.append(table.append_column("shard", pa.array(np.full(len(rows), shard.index), pa.int64())))
             bar.update(shard.samples)
     bar.close()
@@ -177,16 +181,18 @@ def decide(table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings | Non
     if opts.semdedup_threshold is not None:
         rows = np.nonzero(d.alive(n))[0]
         k = opts.semdedup_clusters or max(1, round(len(rows) / 1000))
-        hashes = table.column("phash").fill_null(0).to_numpy()[rows]
-        text = emb.text_embeddings(rows) if opts.semdedup_caption_threshold is not None else None
-        found = dedup.semantic_duplicates(emb.image_embeddings(rows), scores[rows], opts.semdedup_threshold, k,
-                                          hashes, opts.semdedup_hash_distance, text, opts.semdedup_caption_threshold)
+        hashes = table.column("phash").fill_null(0).to_numpy()
+        checks = cluster_files.Checks(opts.semdedup_threshold, opts.semdedup_hash_distance,
+                                      opts.semdedup_caption_threshold, opts.semdedup_copy_distance)
+        found, stats = cluster_files.semantic_duplicates(emb, rows, scores, hashes, k, checks)
+        d.semdedup = {"clusters": k, **dataclasses.asdict(stats)}
         rule = f"image cosine >= {opts.semdedup_threshold}" + (
             f", caption cosine >= {opts.semdedup_caption_threshold}" if opts.semdedup_caption_threshold else "") + (
-            f", hash within {opts.semdedup_hash_distance} bits" if opts.semdedup_hash_distance is not None else "")
-        for i, (j, cosine) in found.items():
-            d.removed[int(rows[i])] = Removal("semantic_duplicate", score=round(cosine, 6), detail=rule,
-                                              **sample(rows[j]))
+            f", hash within {opts.semdedup_hash_distance} bits" if opts.semdedup_hash_distance is not None else "") + (
+            f", thumbnails within {opts.semdedup_copy_distance} levels" if opts.semdedup_copy_distance is not None
+            else "")
+        for row, (kept, cosine) in found.items():
+            d.removed[row] = Removal("semantic_duplicate", score=round(cosine, 6), detail=rule, **sample(kept))
     if opts.metadata is not None:
         balance_metadata(d, table, opts)
     if opts.min_clip_score is not None or opts.clip_score_top is not None:
@@ -228,10 +234,33 @@ def decontaminate(d: Decisions, table: pa.Table, opts: CurateConfig, emb: embedd
     hashes = table.column("phash").fill_null(0).to_numpy()
     for shard in np.unique(shard_col):
         rows = np.nonzero(alive & (shard_col == shard))[0]
+        thumbs = _thumbnails(emb, rows, "decontaminate_copy_distance") \
+            if opts.decontaminate_copy_distance is not None else None
         found = matches(emb.image_embeddings(rows), hashes[rows], evals, opts.decontaminate_threshold,
-                        opts.decontaminate_hash_distance)
+                        opts.decontaminate_hash_distance, thumbs, opts.decontaminate_copy_distance)
         for i, (name, cosine) in found.items():
             d.removed[int(rows[i])] = Removal("eval_contamination", score=round(cosine, 6), matched=name)
+
+
+def _thumbnails(emb: embeddings.Embeddings, rows: np.ndarray, option: str) -> np.ndarray:
+    """The rows' image thumbnails ((n, copies.SIZE) uint8; each of these rows has an image)."""
+    thumbs, present = copies.as_array(emb.thumbnails(rows))
+    if not present.all():
+        raise UserError(f"{option}: {(~present).sum()} image(s) without a thumbnail in {emb.root}; run `vlp shards "
+                        "embed` again")
+    return thumbs
+
+
+def _check_thumbnails(emb: embeddings.Embeddings, opts: CurateConfig) -> None:
+    """Before any work: the copy checks asked for need thumbnails, which folders embedded by an older vlp lack."""
+    for option, on in (("decontaminate_copy_distance", opts.decontaminate_suite is not None
+                        and opts.decontaminate_copy_distance is not None),
+                       ("semdedup_copy_distance", opts.semdedup_threshold is not None
+                        and opts.semdedup_copy_distance is not None)):
+        if on and not emb.has_thumbnails():
+            raise UserError(f"{option}: the embeddings in {emb.root} hold no image thumbnails (made by an older "
+                            f"vlp); run `vlp shards embed` again, or pass --{option.replace('_', '-')} none "
+                            "(embeddings alone decide)")
 
 
 def suite_for_decontamination(opts: CurateConfig, emb: embeddings.Embeddings) -> EvalImages:
@@ -355,6 +384,8 @@ def curate(opts: CurateConfig, progress: bool = True) -> CurateSummary:
     output = BuildOutput(opts.output)
     _refuse_an_input_as_output(output, shards, opts.embeddings)
     emb = embeddings.load(opts.embeddings, [s.url for s in shards]) if opts.embeddings else None
+    if emb is not None:
+        _check_thumbnails(emb, opts)
     evals = suite_for_decontamination(opts, emb) if opts.decontaminate_suite is not None else None
     try:
         with output.claim("curated", "vlp shards curate", "choose a new --output folder"):
@@ -388,6 +419,8 @@ def _curate(opts: CurateConfig, shards: list[ShardRef], emb: embeddings.Embeddin
                                             "entries_over_cap": sum(n > opts.metadata_cap
                                                                     for n in d.entry_counts["before"].values()),
                                             "counts": METADATA_COUNTS}
+    if d.semdedup is not None:
+        manifest["curation"]["semdedup"] = d.semdedup
     if evals is not None:
         manifest["curation"]["decontamination"] = {"images": len(evals.names), "unreadable": evals.failed}
     output.write(MANIFEST, json_bytes(manifest))

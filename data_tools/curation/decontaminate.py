@@ -10,8 +10,11 @@ semantics the threshold can sit well above the similarity of merely alike
 images. A model trained on few concepts (vlp's synthetic world) embeds
 different pictures of the same content as closely as copies (the demo's
 model puts many training images within 0.98 of some eval image);
-`hash_distance` then also asks the two images' perceptual hashes (phash.py)
-to be within that many bits, which copies, resizes and re-encodings are.
+`copy_distance` (on by default) then also asks the two images' thumbnails
+(copies.py) to be within that many grey levels, which copies, resizes,
+re-encodings and small crops are, photos and flat drawings alike;
+`hash_distance` asks the same of their perceptual hashes (phash.py), which
+flat drawings re-encoded as JPEG often are not.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from vlp.data_tools.curation import copies
 from vlp.data_tools.curation.dedup import faiss_module
 from vlp.data_tools.curation.phash import distances, phash
 from vlp.data_tools.curation.samples import batches
@@ -34,11 +38,13 @@ from vlp.eval.tasks.base import Context, default_cache_dir
 class EvalImages:
     features: np.ndarray  # (n, dim) float32, normalised
     hashes: np.ndarray  # (n,) int64 perceptual hashes
+    thumbs: np.ndarray  # (n, VIEWS, copies.SIZE) uint8: each image's thumbnails (copies.views, the first repeated)
     names: list[str]  # "task: where the image is", per row
     failed: int  # images the suite names that could not be read (not matched against)
 
 
 BATCH = 64
+VIEWS = 3  # as it is, centre square, black-padded square
 
 
 def suite_images(suite: str) -> list[tuple[str, ImageRef]]:
@@ -56,7 +62,7 @@ def eval_images(suite: str, encoder: Encoder) -> EvalImages:
     refs: dict[str, tuple[str, ImageRef]] = {}
     for name, ref in suite_images(suite):
         refs.setdefault(ref.key, (name, ref))  # an image shared by tasks counts once
-    features, hashes, names, failed = [], [], [], 0
+    features, hashes, thumbs, names, failed = [], [], [], [], 0
     for batch in batches(list(refs.values()), BATCH):
         loaded = [(name, ref, load_image(ref)) for name, ref in batch]
         ok = [(name, ref, image) for name, ref, image in loaded if isinstance(image, Image.Image)]
@@ -64,10 +70,18 @@ def eval_images(suite: str, encoder: Encoder) -> EvalImages:
         if ok:
             features.append(encoder.encode_images([image for _, _, image in ok]).numpy())
             hashes += [phash(image) for _, _, image in ok]
+            thumbs += [_views(image) for _, _, image in ok]
             names += [f"{name}: {_short(ref.describe())}" for name, ref, _ in ok]
     dim = encoder.dim
     return EvalImages(np.concatenate(features) if features else np.zeros((0, dim), np.float32),
-                      np.array(hashes, dtype=np.int64), names, failed)
+                      np.array(hashes, dtype=np.int64),
+                      np.stack(thumbs) if thumbs else np.zeros((0, VIEWS, copies.SIZE), np.uint8), names, failed)
+
+
+def _views(image: Image.Image) -> np.ndarray:
+    views = copies.views(image)
+    views += views[:1] * (VIEWS - len(views))
+    return np.stack([np.frombuffer(v, np.uint8) for v in views])
 
 
 def _short(where: str) -> str:
@@ -77,10 +91,12 @@ def _short(where: str) -> str:
 
 
 def matches(train: np.ndarray, train_hashes: np.ndarray, evals: EvalImages, threshold: float,
-            hash_distance: int | None) -> dict[int, tuple[str, float]]:
+            hash_distance: int | None, train_thumbs: np.ndarray | None = None,
+            copy_distance: float | None = None) -> dict[int, tuple[str, float]]:
     """{training row index: (the eval image it matched, cosine)}: of the eval images at or above the cosine
     threshold (faiss range search, exact), with `hash_distance` only those whose perceptual hash is within
-    that many bits, the most similar."""
+    that many bits, with `copy_distance` only those whose thumbnail (nearest view) is within that many grey
+    levels of the training image's (rows of `train_thumbs`), the most similar."""
     if not len(evals.features) or not len(train):
         return {}
     faiss = faiss_module()
@@ -92,6 +108,9 @@ def matches(train: np.ndarray, train_hashes: np.ndarray, evals: EvalImages, thre
         cand, cand_sims = ids[limits[i]:limits[i + 1]], sims[limits[i]:limits[i + 1]]
         if hash_distance is not None and len(cand):
             close = distances(np.full(len(cand), train_hashes[i]), evals.hashes[cand]) <= hash_distance
+            cand, cand_sims = cand[close], cand_sims[close]
+        if copy_distance is not None and len(cand):
+            close = copies.distance(train_thumbs[i][None, None], evals.thumbs[cand]).min(axis=1) <= copy_distance
             cand, cand_sims = cand[close], cand_sims[close]
         if len(cand):
             best = int(np.argmax(cand_sims))

@@ -15,11 +15,14 @@ perceptual hashes (phash.py) within that many bits: for a model that embeds
 alike pictures as closely as copies (see decontaminate.py). With a caption
 threshold, a pair must also have captions that close (text-embedding cosine):
 a variant of a picture that says something else is not a duplicate of it.
+With a copy distance, a pair must also have thumbnails (copies.py) within that
+many grey levels: near-copies only, on flat drawings as on photos.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from vlp.data_tools.curation import copies
 from vlp.data_tools.curation.phash import distances
 
 from vlp.core.errors import UserError
@@ -66,25 +69,28 @@ def clusters(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 
 def semantic_duplicates(x: np.ndarray, scores: np.ndarray, threshold: float, k: int,
                         hashes: np.ndarray | None = None, hash_distance: int | None = None,
-                        text: np.ndarray | None = None, caption_threshold: float | None = None
+                        text: np.ndarray | None = None, caption_threshold: float | None = None,
+                        thumbs: np.ndarray | None = None, copy_distance: float | None = None
                         ) -> dict[int, tuple[int, float]]:
     """{removed index: (kept index it is a near-duplicate of, cosine)} over the rows of x. With
     `hash_distance`, a pair counts only if the images' perceptual hashes are that close too; with
     `caption_threshold`, only if their captions (rows of `text`) are that close too: a variant of a
-    picture with other words ("woman firefighter" beside "firefighter") is kept."""
+    picture with other words ("woman firefighter" beside "firefighter") is kept; with `copy_distance`, only
+    if their thumbnails (rows of `thumbs`) are that close too."""
     assigned = clusters(x, k)
     removed: dict[int, tuple[int, float]] = {}
     for c in np.unique(assigned):
         members = np.nonzero(assigned == c)[0]
         # best caption fit first; np.lexsort sorts by the last key first
         members = members[np.lexsort((members, -np.nan_to_num(scores[members], nan=-np.inf)))]
-        removed.update(_greedy(x, members, threshold, hashes, hash_distance, text, caption_threshold))
+        removed.update(_greedy(x, members, threshold, hashes, hash_distance, text, caption_threshold, thumbs,
+                               copy_distance))
     return removed
 
 
 def _greedy(x: np.ndarray, members: np.ndarray, threshold: float, hashes: np.ndarray | None,
-            hash_distance: int | None, text: np.ndarray | None = None, caption_threshold: float | None = None
-            ) -> dict[int, tuple[int, float]]:
+            hash_distance: int | None, text: np.ndarray | None = None, caption_threshold: float | None = None,
+            thumbs: np.ndarray | None = None, copy_distance: float | None = None) -> dict[int, tuple[int, float]]:
     """Visit members in order; remove one that is a near-duplicate of a member kept before it."""
     kept = np.empty(len(members), np.int64)  # indices of the kept members, the first n of them
     kept_x = np.empty((len(members), x.shape[1]), x.dtype)  # their embeddings, contiguous
@@ -97,6 +103,8 @@ def _greedy(x: np.ndarray, members: np.ndarray, threshold: float, hashes: np.nda
             close &= distances(np.full(n, hashes[row]), hashes[kept[:n]]) <= hash_distance
         if caption_threshold is not None and close.any():
             close &= text[kept[:n]] @ text[row] >= caption_threshold
+        if copy_distance is not None and close.any():
+            close &= copies.distance(thumbs[kept[:n]], thumbs[row][None]) <= copy_distance
         if close.any():
             j = int(np.argmax(np.where(close, sims, -np.inf)))
             removed[int(row)] = (int(kept[j]), float(sims[j]))

@@ -3,7 +3,7 @@
     EMB/embed.json                       the model, the shard sets, every shard (index, set, url, samples)
     EMB/img_emb/img_emb_00000.npy        float16 (samples, dim), L2-normalised, in the shard's sample order
     EMB/text_emb/text_emb_00000.npy      the same for the captions
-    EMB/metadata/metadata_00000.parquet  key, position, caption, clip_score, sha256, width, height, phash, error
+    EMB/metadata/metadata_00000.parquet  key, position, caption, clip_score, sha256, width, height, phash, thumb, url, error
 
 One file triple per input shard, numbered by the shard's index in embed.json.
 The metadata file is written last: its presence marks the shard complete, so
@@ -15,6 +15,7 @@ removes the sample with that reason).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from dataclasses import dataclass
@@ -40,8 +41,15 @@ METADATA_SCHEMA = pa.schema([
     ("width", pa.int64()),
     ("height", pa.int64()),
     ("phash", pa.int64()),  # perceptual hash of the image (phash.py): confirms copies of eval images
+    ("thumb", pa.binary()),  # 16x16 RGB thumbnail (copies.py): the near-copy signal; null in older folders
+    ("url", pa.string()),  # the image's source, from the sample's json (as clip-retrieval's metadata has it)
     ("error", pa.string()),  # null, or why the sample has no embedding (no_image, corrupt_image, ...)
 ])
+
+
+# what curation holds in memory for every sample: the metadata without thumbnails, which it reads a shard at a
+# time when a copy check needs them (768 bytes a sample would be most of the table), and without URLs (unused)
+TABLE_SCHEMA = pa.schema([f for f in METADATA_SCHEMA if f.name not in ("thumb", "url")])
 
 
 def img_path(root: Path, shard: int) -> Path:
@@ -121,13 +129,33 @@ class Embeddings:
         """float32 caption embeddings of the given global row numbers."""
         return self._gather(text_path, rows)
 
-    def _gather(self, path_of, rows: np.ndarray) -> np.ndarray:
+    def has_thumbnails(self) -> bool:
+        """Whether every shard's metadata holds image thumbnails (folders embedded before them do not)."""
+        return all("thumb" in pq.read_schema(metadata_path(self.root, s["index"])).names for s in self.meta["shards"])
+
+    def thumbnails(self, rows: np.ndarray) -> list[bytes | None]:
+        """The image thumbnails (copies.py) of the given global row numbers, read shard by shard."""
+        shard_of, starts = self._layout
+        out: list[bytes | None] = [None] * len(rows)
+        for shard in np.unique(shard_of[rows]):
+            mine = np.nonzero(shard_of[rows] == shard)[0]
+            column = pq.read_table(metadata_path(self.root, int(shard)), columns=["thumb"]).column("thumb")
+            for i, value in zip(mine, column.take(rows[mine] - starts[shard]).to_pylist(), strict=True):
+                out[i] = value
+        return out
+
+    @functools.cached_property
+    def _layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """(each row's shard, each shard's first row and one past its last): rows are in shard order."""
         shard_of = self.table.column("shard").to_numpy()
-        starts = np.searchsorted(shard_of, np.arange(len(self.meta["shards"])))  # each shard's first row
+        return shard_of, np.searchsorted(shard_of, np.arange(len(self.meta["shards"]) + 1))
+
+    def _gather(self, path_of, rows: np.ndarray) -> np.ndarray:
+        shard_of, starts = self._layout
         out = None
         for shard in np.unique(shard_of[rows]):
             mine = np.nonzero(shard_of[rows] == shard)[0]
-            array = _load_array(path_of(self.root, int(shard)), int(np.sum(shard_of == shard)))
+            array = _load_array(path_of(self.root, int(shard)), int(starts[shard + 1] - starts[shard]))
             if out is None:
                 out = np.zeros((len(rows), array.shape[1]), dtype=np.float32)
             out[mine] = array[rows[mine] - starts[shard]]
@@ -183,6 +211,6 @@ def _read_metadata(path: Path) -> pa.Table:
     except Exception as err:  # pyarrow raises ArrowInvalid, OSError and more for a broken file
         raise UserError(f"{path}: not a readable parquet file ({type(err).__name__}); embed this shard again") from None
     try:
-        return table.select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA)
+        return table.select(TABLE_SCHEMA.names).cast(TABLE_SCHEMA)
     except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
         raise UserError(f"{path}: not vlp's embedding metadata ({first_line(err)[:120]})") from None

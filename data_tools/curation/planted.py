@@ -12,6 +12,8 @@ plants three kinds of defect and records each in truth.json:
 - eval: new rows holding images of an eval suite's tasks, as they are, with a
   plain caption; truth names the row and the eval image.
 
+`plant_rows` plants the same defects into given rows (a real image set).
+
 The result is a pairs.csv for `vlp shards build`; bench/curation.py and
 tests/test_curation.py score curation against truth.json.
 """
@@ -28,6 +30,8 @@ from PIL import Image
 from vlp.data_tools.curation.decontaminate import suite_images
 from vlp.data_tools.synth import generate
 from vlp.eval.image_refs import load_image
+
+from vlp.core.images import decode_rgb
 
 TRUTH = "truth.json"
 
@@ -65,18 +69,31 @@ def eval_suite_images(suite: str, count: int, rng: np.random.Generator) -> list[
 def plant(root: str | Path, n: int, seed: int = 0, image_size: int = 64, mismatched: float = 0.2,
           near_duplicates: int = 50, eval_suite: str | None = "default", eval_images: int = 30,
           crop: tuple[float, float] = (0.96, 0.99)) -> Path:
-    """Write root/pairs.csv (clean rows, then planted ones) and root/truth.json; return the CSV path."""
+    """Write root/pairs.csv (clean synthetic rows, then planted ones) and root/truth.json; return the CSV path."""
     root = Path(root)
     csv_path = generate(root, n=n, seed=seed, image_size=image_size, progress=False)
     with open(csv_path, newline="") as fh:
         rows = [{"url": r["url"], "caption": r["caption"]} for r in csv.DictReader(fh)]
+    return plant_rows(root, rows, seed, mismatched, near_duplicates, eval_suite, eval_images, crop)
+
+
+def plant_rows(root: str | Path, rows: list[dict], seed: int = 0, mismatched: float = 0.2,
+               near_duplicates: int = 50, eval_suite: str | None = "default", eval_images: int = 30,
+               crop: tuple[float, float] = (0.96, 0.99)) -> Path:
+    """The same defects planted into given clean rows (url: a path, absolute or under root; caption), for
+    real image sets; writes root/pairs.csv and root/truth.json."""
+    root = Path(root)
+    csv_path = root / "pairs.csv"
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = [{"url": r["url"], "caption": r["caption"]} for r in rows]
+    n = len(rows)
     rng = np.random.default_rng([seed, 7])
     chosen = rng.choice(n, size=int(n * mismatched), replace=False)
     truth: dict = {"clean_rows": n, "mismatched": _rotate_captions(rows, chosen), "near_duplicate": [], "eval": []}
     for j, source in enumerate(rng.choice(n, size=near_duplicates, replace=False)):
         name = f"images/near{j:05d}.jpg"
-        with Image.open(root / rows[source]["url"]) as image:
-            _near_copy(image, rng, root / name, crop)
+        path = root / rows[source]["url"]
+        _near_copy(decode_rgb(path.read_bytes(), path.suffix), rng, root / name, crop)  # transparency on white
         truth["near_duplicate"].append([int(source), len(rows)])
         rows.append({"url": name, "caption": rows[source]["caption"]})
     if eval_suite and eval_images:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+from vlp.data_tools.curation.copies import thumbnail
 from vlp.data_tools.curation.phash import phash
 from webdataset import tariterators
 
@@ -65,6 +67,17 @@ class Sample:
         return None if ext is None else self.members[ext].decode("utf-8", "replace").strip()
 
 
+    @property
+    def url(self) -> str | None:
+        """The source URL or path the builder recorded in the sample's json (img2dataset's `url` field)."""
+        try:
+            meta = json.loads(self.members.get("json", b"{}"))
+        except ValueError:
+            return None
+        url = meta.get("url") if isinstance(meta, dict) else None
+        return url if isinstance(url, str) else None
+
+
 def read_samples(url: str) -> Iterator[Sample]:
     """A shard's samples in order (one open: one GET for a URL). A read error ends the shard early;
     the caller compares the count with the shard's expected samples."""
@@ -89,7 +102,8 @@ def describe(sample: Sample, position: int) -> tuple[dict, Image.Image | None]:
     """A sample's metadata row (embeddings.METADATA_SCHEMA, no CLIP score yet) and its decoded image
     (None, with `error` set, when there is no usable image: it cannot be embedded or judged)."""
     row = {"key": sample.key, "position": position, "caption": sample.caption or "", "clip_score": math.nan,
-           "sha256": None, "width": None, "height": None, "phash": None, "error": None}
+           "sha256": None, "width": None, "height": None, "phash": None, "thumb": None,
+           "url": sample.url, "error": None}
     image = sample.image
     if image is None:
         row["error"] = "no_image"
@@ -103,4 +117,5 @@ def describe(sample: Sample, position: int) -> tuple[dict, Image.Image | None]:
         return row, None
     row["width"], row["height"] = pixels.size
     row["phash"] = phash(pixels)
+    row["thumb"] = thumbnail(pixels)
     return row, pixels

@@ -110,8 +110,19 @@ def add_flags(parser: argparse.ArgumentParser, schema: type[BaseModel]) -> None:
 
 
 def given(args: argparse.Namespace, schema: type[BaseModel]) -> dict[str, Any]:
-    """The schema fields the user typed on the command line."""
-    return {name: getattr(args, name) for name in schema.model_fields if hasattr(args, name)}
+    """The schema fields the user typed on the command line (`none` or `null` for a field that may be None:
+    None, so a default that is on can be turned off from the command line)."""
+    out = {}
+    for name, field in schema.model_fields.items():
+        if hasattr(args, name):
+            value = getattr(args, name)
+            off = isinstance(value, str) and value.lower() in ("none", "null") and _optional(field.annotation)
+            out[name] = None if off else value
+    return out
+
+
+def _optional(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
 
 
 def split_overrides(values: list[str], schema: type[BaseModel]) -> tuple[list[str], list[str]]:

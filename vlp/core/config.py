@@ -374,6 +374,12 @@ class ShardsBuildConfig(Section):
     shard_size: int = Field(10_000, gt=0, description="input rows per shard")
     workers: int = Field(default_factory=cpu_cores, ge=0, description="worker processes (0: in-process; default: all cores)")
     threads: int = Field(16, ge=1, description="concurrent fetches per worker")
+    host_concurrency: int = Field(16, ge=1, description="requests to one host at once, over all workers (each "
+                                  "worker gets its share, at least 1)")
+    host_rate: float = Field(0.0, ge=0, description="request starts per second to one host, over all workers "
+                             "(0: no limit)")
+    max_retry_after: float = Field(60.0, gt=0, description="a 429/503 Retry-After pauses its host (not the "
+                                   "build) for at most this many seconds; the row is tried again")
     engine: Literal["local", "ray"] = Field(
         "local", description="local: a process pool on this machine; ray: tasks on a Ray cluster (same output)")
     ray_address: str | None = Field(
@@ -447,6 +453,9 @@ class EmbedConfig(Section):
     quiet: bool = Field(False, description="no progress bar")
 
 
+COPY_DISTANCE = 6.0  # thumbnails' mean grey-level difference that still counts as a copy (measured: docs' results)
+
+
 class CurateConfig(Section):
     """`vlp shards curate`: new shards with only the samples that pass the filters, and removed.jsonl."""
 
@@ -481,10 +490,18 @@ class CurateConfig(Section):
     decontaminate_hash_distance: int | None = Field(None, ge=0, le=63, description="eval decontamination: also "
                                                     "require the perceptual hashes within this many bits (e.g. 4): for "
                                                     "a model that embeds alike pictures as closely as copies")
+    decontaminate_copy_distance: float | None = Field(COPY_DISTANCE, ge=0, le=255, description="eval "
+                                                      "decontamination: also require the images' 16x16 thumbnails "
+                                                      "within this mean difference in grey levels (copies, re-encodes, "
+                                                      "resizes and small crops are; null: embeddings alone decide)")
     semdedup_threshold: float | None = Field(None, gt=0, le=1, description="semantic dedup: remove an image whose "
                                              "cosine to a kept image of its cluster is at least this (e.g. 0.95)")
     semdedup_hash_distance: int | None = Field(None, ge=0, le=63, description="semantic dedup: also require the "
                                                "perceptual hashes within this many bits (near-copies only)")
+    semdedup_copy_distance: float | None = Field(None, ge=0, le=255, description="semantic dedup: also require "
+                                                 "the images' thumbnails within this mean difference in grey levels "
+                                                 "(near-copies only, flat drawings included; e.g. the decontamination "
+                                                 "default)")
     semdedup_caption_threshold: float | None = Field(None, gt=0, le=1, description="semantic dedup: keep a "
                                                      "near-duplicate image whose caption says something else: "
                                                      "caption cosine (text embeddings) to the kept one's below "

@@ -18,6 +18,7 @@ Redirects are followed to http(s) URLs only.
 
 from __future__ import annotations
 
+import email.utils
 import errno
 import http.client
 import os
@@ -38,6 +39,15 @@ USER_AGENT = "vlp-shards/0.1 (image-text dataset builder)"
 
 class FetchError(RowFailure):
     """A failure of this stage; `reason` is one of the codes in the module docstring."""
+
+
+class RetryLater(Exception):  # noqa: N818 (not an error: a request to be called again)
+    """The host asked for time (429 or 503 with Retry-After): try the row again after `seconds`, as attempt
+    `attempt`. Raised only when the caller schedules retries itself (data_tools/politeness.py)."""
+
+    def __init__(self, seconds: float, attempt: int):
+        super().__init__(f"retry after {seconds:g} s")
+        self.seconds, self.attempt = seconds, attempt
 
 
 # img2dataset's default: responses whose X-Robots-Tag carries one of these are not used (the site opts out)
@@ -263,28 +273,45 @@ def opted_out(values: list[str], opts: FetchOptions) -> str | None:
     return None
 
 
-def _fetch_http(url: str, opts: FetchOptions) -> bytes:
-    attempt = 0
+def retry_after(err: BaseException) -> float | None:
+    """Seconds a 429 or 503 response asks to wait (its Retry-After: seconds or an HTTP date), else None."""
+    if not isinstance(err, urllib.error.HTTPError) or err.code not in (429, 503) or err.headers is None:
+        return None
+    value = (err.headers.get("Retry-After") or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time()) if when is not None else None
+
+
+def _fetch_http(url: str, opts: FetchOptions, attempt: int = 0, defer: bool = False) -> bytes:
+    """GET with retries of transient failures; with `defer`, a Retry-After is RetryLater for the caller's
+    scheduler instead of a sleep here (a thread that sleeps holds a slot other hosts could use)."""
     while True:
         try:
             return _read_http(url, opts)
         except FetchError:
             raise
         except Exception as err:  # urllib raises a zoo: HTTPError, URLError, OSError, http.client errors
-            failure = _classify(err)
+            failure, wait = _classify(err), retry_after(err)
         if attempt >= opts.retries or not _transient(failure):
             raise failure
         attempt += 1
+        if defer and wait is not None:
+            raise RetryLater(wait, attempt)
         time.sleep(min(0.2 * 2**attempt, 2.0))  # short backoff: a build is long, a stall is costly
 
 
-def fetch(ref: str, base_dir: str, opts: FetchOptions) -> bytes:
+def fetch(ref: str, base_dir: str, opts: FetchOptions, attempt: int = 0, defer: bool = False) -> bytes:
     """The bytes behind ref, or FetchError(reason). A relative ref in an object-storage input is a key
-    under the input's prefix."""
+    under the input's prefix. `attempt`, `defer`: see _fetch_http (http(s) only)."""
     if "://" not in ref and storage.is_object_url(base_dir) and not ref.startswith("/"):
         ref = storage.join(base_dir, ref)
     if is_url(ref):
-        return _fetch_http(ref, opts)
+        return _fetch_http(ref, opts, attempt, defer)
     if storage.is_object_url(ref):
         return _read_object(ref, opts.max_bytes)
     if "://" in ref and not ref.startswith("file://"):

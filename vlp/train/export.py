@@ -134,7 +134,12 @@ def _preprocess_cfg(name: str, weights: Path) -> dict:
 
 
 def _model_card(name: str, src: Path) -> str:
-    return (f"# {name}\n\nAn open_clip model exported by vlp from `{src}`.\n\n"
+    """README.md as the Hugging Face Hub reads it: its metadata block (library, tags) first, so the Hub lists
+    the folder as an open_clip model; no local path (a card travels, a path on this machine means nothing)."""
+    return ("---\nlibrary_name: open_clip\ntags:\n- clip\n- open_clip\n- vlp\n"
+            "pipeline_tag: zero-shot-image-classification\n---\n\n"
+            f"# {name}\n\nAn open_clip model (`{name}`) exported by vlp from the weights file `{src.name}`.\n\n"
             "```python\nimport open_clip\n"
             "model, _, preprocess = open_clip.create_model_and_transforms('local-dir:PATH/TO/THIS/FOLDER')\n"
-            "tokenizer = open_clip.get_tokenizer('local-dir:PATH/TO/THIS/FOLDER')\n```\n")
+            "tokenizer = open_clip.get_tokenizer('local-dir:PATH/TO/THIS/FOLDER')\n```\n\n"
+            "From the Hub: `open_clip.create_model_and_transforms('hf-hub:USER/REPO')`.\n")

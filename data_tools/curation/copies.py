@@ -1,0 +1,65 @@
+"""A near-copy signal that holds for photos and flat graphics: small colour thumbnails compared pixel by pixel.
+
+Curation must tell a copy of an image (re-encoded, resized, cropped by a few per cent) from
+another picture of the same thing. Embeddings cannot (a model trained on few concepts puts
+look-alikes as close as copies), and the DCT perceptual hash (phash.py) breaks on flat
+drawings: most of its 63 low-frequency coefficients sit near their median, so JPEG noise of
+half a grey level flips a dozen bits. A thumbnail compares what a person compares:
+
+- the image (RGB, transparency on white, as every reader here decodes it) is box-filtered to
+  16x16 colour pixels; each is the mean of its block, which averages JPEG noise away and moves
+  by a fraction of a level when a small crop or resize shifts the block's edges;
+- the distance between two images is the mean absolute difference of their 768 values, in
+  grey levels (0-255). A copy is within a few levels; another drawing differs by tens of levels
+  wherever it differs, and in colour as well as shape (a red and a blue heart are apart).
+
+An eval image is also compared as the builder would have stored it when it was not square
+(`center_crop` keeps the middle square, `border` pads with black): its thumbnails of those
+views are kept and the nearest counts. The default thresholds come from measured distributions
+of copy and distinct pairs (bench/curation.py --copy-signal; the docs' results page).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+SIDE = 16
+SIZE = SIDE * SIDE * 3  # bytes per thumbnail
+
+
+def thumbnail(image: Image.Image) -> bytes:
+    """The image's 16x16 RGB thumbnail (box filter), SIZE bytes."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return rgb.resize((SIDE, SIDE), Image.Resampling.BOX, reducing_gap=None).tobytes()
+
+
+def views(image: Image.Image) -> list[bytes]:
+    """Thumbnails of an eval image as a builder may have stored it: as it is, its centre square
+    (center_crop) and padded to a square with black (border); one view for a square image."""
+    w, h = image.size
+    out = [thumbnail(image)]
+    if w != h:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        out.append(thumbnail(image.crop((left, top, left + side, top + side))))
+        big = max(w, h)
+        padded = Image.new("RGB", (big, big), (0, 0, 0))
+        padded.paste(image.convert("RGB"), ((big - w) // 2, (big - h) // 2))
+        out.append(thumbnail(padded))
+    return out
+
+
+def as_array(thumbs: list[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
+    """((n, SIZE) uint8, (n,) bool: present) from stored thumbnails (None where a sample has none)."""
+    out = np.zeros((len(thumbs), SIZE), dtype=np.uint8)
+    present = np.zeros(len(thumbs), dtype=bool)
+    for i, t in enumerate(thumbs):
+        if t is not None and len(t) == SIZE:
+            out[i], present[i] = np.frombuffer(t, dtype=np.uint8), True
+    return out, present
+
+
+def distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean absolute difference, in grey levels, between rows of a and rows of b (same shape)."""
+    return np.abs(a.astype(np.int16) - b.astype(np.int16)).mean(axis=-1)
