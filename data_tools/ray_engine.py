@@ -336,7 +336,8 @@ class RayWorkers:
         try:
             cwd = os.getcwd()
             opts = ray.put(self.opts)
-            task = ray.remote(_run_chunk).options(max_retries=MAX_RETRIES, name=TASK_NAME)
+            # SPREAD: chunks go round the nodes, not first to the driver's (Ray's default packs a busy head)
+            task = ray.remote(_run_chunk).options(max_retries=MAX_RETRIES, name=TASK_NAME, scheduling_strategy="SPREAD")
             size = WINDOW_PER_CPU * max(1, int(ray.cluster_resources().get("CPU", 1)))
             # before work starts: the nodes must read the first window's images as this machine does
             first = [c for c in (next(chunks, None) for _ in range(size)) if c is not None]
