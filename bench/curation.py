@@ -56,6 +56,12 @@ def vlp(*args: str) -> str:
     return done.stdout
 
 
+def _score_rows(scored: list[tuple[str, dict]]) -> list[list[str]]:
+    """(curation name, planted.score result) -> the table's rows: each defect's share removed."""
+    keys = ("mismatched_removed", "good_removed", "near_duplicates_removed", "eval_removed")
+    return [[name, *(f"{s[k]:.1%}" for k in keys)] for name, s in scored]
+
+
 def planted(args) -> None:
     from vlp.data_tools.curation.planted import plant, score
 
@@ -91,8 +97,7 @@ def planted(args) -> None:
                       f"near-duplicates, {counts['eval']} eval images); model {args.model}",
              "columns": ["curation", "mismatched removed", "good removed", "near-duplicates removed",
                          "eval images removed"],
-             "rows": [[name, f"{s['mismatched_removed']:.1%}", f"{s['good_removed']:.1%}",
-                       f"{s['near_duplicates_removed']:.1%}", f"{s['eval_removed']:.1%}"] for name, s in rows]}
+             "rows": _score_rows(rows)}
     print(markdown(table))
     tables = [table, *([ab(work, args)] if args.ab else [])]
     write_result("curation_planted", "Curation on planted defects (synthetic set)", tables, order=40)
@@ -146,8 +151,7 @@ def planted_real(args) -> None:
                       f"{counts['eval']} eval images); model: vlp-tiny trained on them ({args.real_samples} samples)",
              "columns": ["curation", "swapped removed", "good removed", "near-duplicates removed",
                          "eval copies removed"],
-             "rows": [[name, f"{r['mismatched_removed']:.1%}", f"{r['good_removed']:.1%}",
-                       f"{r['near_duplicates_removed']:.1%}", f"{r['eval_removed']:.1%}"] for name, r in results]}
+             "rows": _score_rows(results)}
     print(markdown(table))
     write_result(f"curation_planted_{args.real}", f"Curation on planted defects ({args.real}, real drawings)",
                  [table], order=41, about="targets: 100% of eval copies, >= 95% of near-duplicates, >= 90% of "
