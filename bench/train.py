@@ -14,6 +14,10 @@ users get it. At 224 px the models are the small configs with their image towers
   the first 5 steps;
 - first step: seconds from launching the command to the end of its first step (start-up:
   imports, DeepSpeed and the process group, model, loader workers, the first batch).
+`--ceiling`: instead, the model alone: forward, backward and AdamW on random tensors already in
+memory (no loader, no trainer), with open_clip's plain modules and with vlp's exact speed-ups,
+the rate each tool's training step could reach with a free loader: where the plain model alone
+runs at most 1.5x open_clip_train's rate, no exact change to the step reaches 1.5x.
 `--compile`: also vlp with `train.compile` against open_clip_train `--torchcompile` (compiling
 takes minutes on a CPU). `--cache`: also a 4x batch by gradient caching (vlp, chunks of the
 batch) against open_clip_train's `--accum-freq 4`. Model FLOPs utilisation (MFU) is printed
@@ -69,6 +73,67 @@ def model_flops_per_pair(model_name: str, config_file: Path | None) -> float:
     return 3 * counter.get_total_flops() / 2
 
 
+def model_alone(model_name: str, config_file: Path | None, batch: int, speedups: bool, steps: int = 8) -> float:
+    """Samples/s of the model's training step alone (median of `steps` after 3), on random tensors."""
+    import statistics
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from vlp.core.config import ModelConfig
+    from vlp.core.models import create_model, forward
+    from vlp.train import speedups as fast
+
+    torch.manual_seed(0)
+    model, _, _, tokenizer = create_model(ModelConfig(name=model_name, config_file=str(config_file) if config_file
+                                                      else None))
+    size = model.visual.image_size
+    size = size if isinstance(size, tuple | list) else (size, size)
+    images = torch.randn(batch, 3, *size)
+    texts = tokenizer(["a photo of three small red circles"] * batch)
+    if speedups:
+        fast.allow_trimmed_text(model, model_name)
+        fast.use_direct_attention(model)
+        texts = fast.trim_tokens(texts)[0]
+        if fast._convolutional(model):
+            fast.use_channels_last(model)
+            images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    labels = torch.arange(batch)
+
+    def step() -> float:
+        start = time.perf_counter()
+        out = forward(model, images, texts)
+        logits = out.logit_scale * out.image @ out.text.T
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    times = [step() for _ in range(3 + steps)][3:]
+    return batch / statistics.median(times)
+
+
+def ceiling(args, work: Path) -> None:
+    """The model-alone table (--ceiling)."""
+    rows = []
+    for model in args.models.split(","):
+        for size in (int(s) for s in args.sizes.split(",")):
+            name, config = model_at(model, size, work)
+            batch = args.batch or (128 if size <= 64 else 64)
+            plain, fast = (model_alone(name, config, batch, speedups) for speedups in (False, True))
+            rows.append([model, size, batch, f"{plain:.1f}", f"{fast:.1f}", f"{fast / plain:.2f}x"])
+            print("  " + " | ".join(str(c) for c in rows[-1]), flush=True)
+    table = {"title": "fp32, one process; samples/s: median of 8 steps after 3, random tensors in memory",
+             "columns": ["model", "image px", "batch", "plain model alone samples/s",
+                         "with vlp's exact speed-ups samples/s", "ratio"], "rows": rows}
+    print(markdown(table))
+    write_result("train_ceiling", "Training step of the model alone: the rate a free loader would allow",
+                 [table], order=16)
+
+
 def model_at(model: str, size: int, work: Path) -> tuple[str, Path | None]:
     """(name, config file) of `model` with its image tower at `size` px (None: the shipped config as it is)."""
     from vlp.core.models import model_config
@@ -94,12 +159,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="default: 128 at 64 px, 64 at 224 px")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="also train.compile vs --torchcompile")
+    parser.add_argument("--ceiling", action="store_true", help="the model alone, without loader or trainer")
     parser.add_argument("--cache", action="store_true", help="also a 4x batch by gradient caching vs --accum-freq 4")
     parser.add_argument("--peak-tflops", type=float, help="the accelerator's peak, for MFU (default: from the GPU)")
     parser.add_argument("--name", default="", help="result file bench/results/train[_NAME].json")
     parser.add_argument("--work", default="/tmp/vlp-bench-train")
     args = parser.parse_args()
     work = Path(args.work)
+    if args.ceiling:
+        return ceiling(args, work)
     peak = peak_tflops(args.precision, args.peak_tflops)
     rows, runs = [], []
     for model in args.models.split(","):
