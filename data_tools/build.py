@@ -18,6 +18,8 @@ How a build runs:
   with exactly the files an uninterrupted build writes.
 - At the end, failures.jsonl and manifest.json are assembled from the shard
   records, and rows == written + failed + duplicates is checked.
+- A finished set grows in parts (data_tools.history): `--append` adds new inputs'
+  rows and `vlp shards retry` fetches failed rows again, each into new shards.
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 from vlp.data_tools.captions import CaptionError, normalise_caption
 from vlp.data_tools.counts import count_counterfactuals
+from vlp.data_tools.history import (
+    BASE_PART,
+    check_finished,
+    finished_parts,
+    latest_records,
+    parts_of,
+    retry_rows,
+)
 from vlp.data_tools.output import BuildOutput, localize_inputs
 from vlp.data_tools.pipeline import RowOptions, RowResult, init_worker, process_chunk
 from vlp.data_tools.politeness import HostLimits
@@ -50,7 +60,7 @@ from vlp.data_tools.writer import RECORD_FIELDS, ShardWriter, printable, shard_n
 
 from vlp.core import storage
 from vlp.core.atomic import TMP_PREFIX, json_bytes
-from vlp.core.config import ShardsBuildConfig
+from vlp.core.config import ShardsBuildConfig, ShardsRetryConfig
 from vlp.core.errors import UserError
 from vlp.core.fetch import FetchOptions
 from vlp.core.processes import die_with_parent
@@ -143,25 +153,61 @@ def _input_fingerprint(inputs: list[InputFile], origins: dict[str, str]) -> list
     return out
 
 
-def prepare_output(output: BuildOutput, state: dict, overwrite: bool) -> None:
-    """Refuse to mix two different builds in one (claimed, locked) output folder or URL."""
+def prepare_output(output: BuildOutput, state: dict, overwrite: bool) -> dict:
+    """Refuse to mix two different builds in one (claimed, locked) output folder or URL; the state in force
+    (a rerun of a first build that has grown since keeps its parts)."""
     names = output.names()
     if overwrite:
         for name in sorted(n for n in names if OWN_FILE.match(n)):
             output.delete(name)
     elif STATE_FILE in names:
         previous = json.loads(output.read(STATE_FILE))
-        if previous != json.loads(json_bytes(state)):  # as stored: tuples are lists there
+        first = {k: v for k, v in previous.items() if k != "parts"}
+        if first != json.loads(json_bytes(state)):  # as stored: tuples are lists there
             raise UserError(
                 f"output {output} holds a build of other inputs or options; pass --overwrite to start over"
             )
+        if "parts" in previous:
+            return previous
     elif any(OWN_FILE.match(n) for n in names):
         raise UserError(f"output {output} holds shards from another build; pass --overwrite to start over")
+    _remove_temp_files(output)
+    output.write(STATE_FILE, json_bytes(state))
+    return state
+
+
+def _remove_temp_files(output: BuildOutput) -> None:
+    """Leftovers of a killed build (only vlp's own temp files)."""
     if not output.remote:
-        for p in output.local.glob(TMP_PREFIX + "*"):  # leftovers of a killed build (only vlp's own temp files)
+        for p in output.local.glob(TMP_PREFIX + "*"):
             if p.is_file() and OWN_FILE.match(p.name):
                 p.unlink()
+
+
+def _stored_state(output: BuildOutput, command: str) -> dict:
+    if STATE_FILE not in output.names():
+        raise UserError(f"{command}: {output} holds no vlp shard build to add to (no {STATE_FILE}); "
+                        "build it first with `vlp shards build`")
+    return json.loads(output.read(STATE_FILE))
+
+
+def _start_part(output: BuildOutput, state: dict, part: dict, command: str) -> tuple[dict, dict]:
+    """(state, part): the unfinished last part if it is this one (a rerun resumes it), else `part` added
+    after the finished ones, its first shard and row where the set ends."""
+    part = json.loads(json_bytes(part))  # as stored: tuples are lists there
+    parts = parts_of(state)
+    last = parts[-1]
+    if finished_parts(output) == len(parts) - 1 and {**last, "first_shard": 0, "first_row": 0} == {
+            **part, "first_shard": 0, "first_row": 0}:
+        _remove_temp_files(output)
+        return state, last
+    check_finished(output, state, command)
+    manifest = json.loads(output.read("manifest.json"))
+    part = {**part, "first_shard": len(manifest["shards"]),
+            "first_row": manifest["rows"] if part["kind"] == "append" else 0}
+    state = {**state, "parts": [*state.get("parts", []), part]}
     output.write(STATE_FILE, json_bytes(state))
+    return state, part
 
 
 def completed_shards(names: set[str]) -> int:
@@ -185,11 +231,17 @@ def _load_hashes(output: BuildOutput, shards: int) -> dict[str, int]:
 # ------------------------------------------------------------ processing
 
 
-def _chunks(rows: Iterable[Row], shard_size: int) -> Iterator[list[Row]]:
+def position(row: Row, part: dict) -> int:
+    """The row's place in its part: it goes to shard part["first_shard"] + position // shard_size."""
+    return row.slot if row.slot is not None else row.index - part["first_row"]
+
+
+def _chunks(rows: Iterable[Row], shard_size: int, part: dict) -> Iterator[list[Row]]:
     """Rows in chunks of CHUNK_ROWS that never straddle a shard boundary."""
     chunk: list[Row] = []
     for row in rows:
-        if chunk and (len(chunk) == CHUNK_ROWS or row.index // shard_size != chunk[0].index // shard_size):
+        if chunk and (len(chunk) == CHUNK_ROWS or
+                      position(row, part) // shard_size != position(chunk[0], part) // shard_size):
             yield chunk
             chunk = []
         chunk.append(row)
@@ -325,17 +377,18 @@ def more_captions(extra: dict, opts: ShardsBuildConfig) -> list[str]:
 class _Writer:
     """Consumes results in row order: dedup, keys, shard rollover."""
 
-    def __init__(self, output: BuildOutput, opts: ShardsBuildConfig, seen: dict[str, int]):
-        self.output, self.out, self.opts, self.seen = output, output.local, opts, seen
+    def __init__(self, output: BuildOutput, opts: ShardsBuildConfig, seen: dict[str, int], part: dict):
+        self.output, self.out, self.opts, self.seen, self.part = output, output.local, opts, seen, part
         self.digits = len(str(opts.shard_size - 1))
         self.current: ShardWriter | None = None
 
     def add(self, row: Row, result: RowResult) -> None:
-        shard = row.index // self.opts.shard_size
+        place = position(row, self.part)
+        shard = self.part["first_shard"] + place // self.opts.shard_size
         if self.current is None or self.current.shard != shard:
             self.close()
             self.current = ShardWriter(self.out, shard, columns_read(self.opts), fingerprint(self.opts))
-        key = f"{shard_name(shard)}{row.index % self.opts.shard_size:0{self.digits}d}"
+        key = f"{shard_name(shard)}{place % self.opts.shard_size:0{self.digits}d}"
         record = _record(row, key, result)
         if result.reason is None:
             first = self.seen.get(result.sha256) if self.opts.dedup else None
@@ -363,26 +416,27 @@ class _Writer:
 # ------------------------------------------------------------ finishing
 
 
-def _finish(output: BuildOutput, opts: ShardsBuildConfig, inputs: list[str]) -> dict:
-    """Assemble failures.jsonl and manifest.json (written last: the build's completion mark)."""
+def _finish(output: BuildOutput, opts: ShardsBuildConfig, inputs: list[str], state: dict) -> dict:
+    """Assemble failures.jsonl and manifest.json (written last: the build's completion mark), each row
+    counted by its latest record (data_tools.history)."""
     n = completed_shards(output.names())
+    parts = parts_of(state)
     shards, totals, reasons, counts = [], Counter(), Counter(), Counter()
-    lines = []
     for i in range(n):
         stats = json.loads(output.read(f"{shard_name(i)}_stats.json"))
         shards.append({"name": f"{shard_name(i)}.tar", "samples": stats["successes"], "rows": stats["count"]})
-        totals.update(rows=stats["count"], written=stats["successes"], failed=stats["failed"],
-                      duplicates=stats["duplicates"])
-        reasons.update(stats["status_dict"])
         counts.update(stats.get("counts", {}))
-        table = pq.read_table(io.BytesIO(output.read(f"{shard_name(i)}.parquet")))
-        for rec in table.to_pylist():
-            if rec["status"] != "success":
-                lines.append(json.dumps({
-                    "row": rec["row"], "input": rec["input"], "line": rec["line"], "key": rec["key"],
-                    "url": rec["url"], "status": rec["status"], "reason": rec["error_message"],
-                    "detail": rec["detail"],
-                }, ensure_ascii=False))
+    lines = []
+    for _, rec in latest_records(output, parts, n):
+        totals.update(rows=1, **{{"success": "written", "failed": "failed"}.get(rec["status"], "duplicates"): 1})
+        if rec["status"] == "failed":
+            reasons[rec["error_message"]] += 1
+        if rec["status"] != "success":
+            lines.append(json.dumps({
+                "row": rec["row"], "input": rec["input"], "line": rec["line"], "key": rec["key"],
+                "url": rec["url"], "status": rec["status"], "reason": rec["error_message"],
+                "detail": rec["detail"],
+            }, ensure_ascii=False))
     output.write("failures.jsonl", "".join(line + "\n" for line in lines).encode())
     manifest = {
         "format": "vlp-shards/1",
@@ -395,6 +449,9 @@ def _finish(output: BuildOutput, opts: ShardsBuildConfig, inputs: list[str]) -> 
         "inputs": inputs,
         "options": fingerprint(opts),
         **({"counts": dict(sorted(counts.items()))} if counts else {}),
+        # a set grown by appends and retries lists its parts (each part's count marks it finished)
+        **({"parts": [{k: p[k] for k in ("kind", "first_shard", "first_row")} for p in parts]}
+           if len(parts) > 1 else {}),
     }
     output.write("manifest.json", json_bytes(manifest))
     return manifest
@@ -420,11 +477,86 @@ def build_shards(opts: ShardsBuildConfig, progress: bool = True) -> BuildSummary
         files = open_inputs(paths, opts.url_col, opts.caption_col, keep, origins,
                             dict.fromkeys(opts.caption_cols, "--caption-cols"))
         state = {"options": fingerprint(opts), "inputs": _input_fingerprint(files, origins)}
+        names = [inp.origin or str(inp.path) for inp in files]
+        rows = iter_rows(files, opts.url_col, opts.caption_col, keep)
+        if opts.append:
+            return _append(opts, output, state, names, rows, start, progress)
         with output.claim("shards", "vlp shards build", "choose a new --output folder"):
-            prepare_output(output, state, opts.overwrite)  # inside the lock: another build may be writing
-            return _build(opts, files, output, keep, start, progress)
+            state = prepare_output(output, state, opts.overwrite)  # inside the lock: another build may be writing
+            if len(parts_of(state)) > 1:  # the first build of a set that has grown since: nothing of it to redo
+                check_finished(output, state, "this build's rerun")
+                return _summary(output, json.loads(output.read("manifest.json")), start, 0)
+            return _build(opts, rows, output, BASE_PART, names, state, start, progress)
     finally:
         output.close()
+
+
+def _append(opts: ShardsBuildConfig, output: BuildOutput, state: dict, names: list[str], rows: Iterator[Row],
+            start: float, progress: bool) -> BuildSummary:
+    """--append: these inputs' rows after the set's last row, into new shards (data_tools.history)."""
+    if opts.overwrite:
+        raise UserError("--append adds to the build in --output; --overwrite would delete it: give one of them")
+    with output.claim("shards", "vlp shards build --append", "give the folder of a finished `vlp shards build`"):
+        stored = _stored_state(output, "vlp shards build --append")
+        options = json.loads(json_bytes(state["options"]))  # as stored: tuples are lists there
+        if stored["options"] != options:
+            differ = sorted(k for k in {*options, *stored["options"]} if options.get(k) != stored["options"].get(k))
+            raise UserError(f"--append: {output} was built with other options ({', '.join(differ)}); an appended "
+                            "part takes the build's options")
+        previous = json.loads(output.read("manifest.json"))["inputs"] if "manifest.json" in output.names() else []
+        stored, part = _start_part(output, stored, {"kind": "append", "inputs": state["inputs"], "names": names},
+                                   "--append")
+        rows = (dataclasses.replace(row, index=part["first_row"] + row.index) for row in rows)
+        return _build(opts, rows, output, part, previous + names, stored, start, progress)
+
+
+def retry_shards(cfg: ShardsRetryConfig, progress: bool = True) -> tuple[int, BuildSummary]:
+    """`vlp shards retry`: (rows fetched again, the set's summary after). See data_tools.history."""
+    start = time.perf_counter()
+    output = BuildOutput(cfg.output)
+    try:
+        stored = _stored_state(output, "vlp shards retry")
+        with output.claim("shards", "vlp shards retry", "give the folder of a finished `vlp shards build`"):
+            opts = retry_options(stored["options"], cfg)
+            parts = parts_of(stored)
+            unfinished = parts[-1] if parts[-1]["kind"] == "retry" and finished_parts(output) == len(parts) - 1 \
+                else None
+            if unfinished is None:
+                check_finished(output, stored, "a retry")
+            reasons = unfinished["reasons"] if unfinished else list(cfg.reasons)
+            first = unfinished["first_shard"] if unfinished else completed_shards(output.names())
+            rows = retry_rows(output, parts, first, reasons, columns_read(opts))
+            manifest = json.loads(output.read("manifest.json"))
+            if not rows:
+                return 0, _summary(output, manifest, start, first)
+            stored, part = _start_part(output, stored, {"kind": "retry", "reasons": reasons}, "a retry")
+            return len(rows), _build(opts, iter(rows), output, part, manifest["inputs"], stored, start, progress)
+    finally:
+        output.close()
+
+
+def retry_options(stored: dict, cfg: ShardsRetryConfig) -> ShardsBuildConfig:
+    """The build's options, from its state, with the retry's fetch and parallelism settings."""
+    image, fetch = stored["image"], stored["fetch"]
+    aspect = float(image.get("max_aspect_ratio", "inf"))
+    return ShardsBuildConfig(
+        output=cfg.output, url_col=stored["url_col"], caption_col=stored["caption_col"],
+        keep_cols=stored["keep_cols"], caption_cols=stored.get("caption_cols", []),
+        count_counterfactuals=stored.get("count_counterfactuals", False),
+        **{k: v for k, v in image.items() if k != "max_aspect_ratio"}, max_aspect_ratio=0.0 if aspect == float("inf")
+        else aspect, caption_max_chars=stored["caption_max_chars"], caption_reject_chars=stored["caption_reject_chars"],
+        dedup=stored["dedup"], shard_size=stored["shard_size"],
+        timeout=cfg.timeout or fetch["timeout"], retries=fetch["retries"] if cfg.retries is None else cfg.retries,
+        max_bytes=fetch["max_bytes"], disallowed_header_directives=list(fetch.get("disallowed", [])),
+        user_agent_token=fetch.get("user_agent_token"), workers=cfg.workers, threads=cfg.threads,
+        host_concurrency=cfg.host_concurrency, host_rate=cfg.host_rate, max_retry_after=cfg.max_retry_after,
+        engine=cfg.engine, ray_address=cfg.ray_address,
+    )
+
+
+def _summary(output: BuildOutput, manifest: dict, start: float, resumed: int) -> BuildSummary:
+    return BuildSummary(output.target, manifest["rows"], manifest["written"], manifest["failed"],
+                        manifest["duplicates"], len(manifest["shards"]), time.perf_counter() - start, resumed)
 
 
 def columns_read(opts: ShardsBuildConfig) -> tuple[str, ...]:
@@ -432,20 +564,19 @@ def columns_read(opts: ShardsBuildConfig) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*opts.keep_cols, *opts.caption_cols]))
 
 
-def _build(opts: ShardsBuildConfig, files: list[InputFile], output: BuildOutput, keep: tuple[str, ...],
-           start: float, progress: bool) -> BuildSummary:
-
+def _build(opts: ShardsBuildConfig, rows: Iterator[Row], output: BuildOutput, part: dict, inputs: list[str],
+           state: dict, start: float, progress: bool) -> BuildSummary:
+    """Write one part's rows (the first build's, an append's or a retry's) after its finished shards."""
     done = completed_shards(output.names())
     seen = _load_hashes(output, done) if opts.dedup else {}
-    rows = itertools.islice(iter_rows(files, opts.url_col, opts.caption_col, keep),
-                            done * opts.shard_size, None)
-    writer = _Writer(output, opts, seen)
+    rows = itertools.islice(rows, (done - part["first_shard"]) * opts.shard_size, None)
+    writer = _Writer(output, opts, seen, part)
     bar = tqdm(unit=" rows", desc="build", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     failed = 0
     try:
         workers = (RayWorkers(row_options(opts), opts.ray_address, opts.workers) if opts.engine == "ray"
                    else _Workers(opts.workers, row_options(opts)))
-        for chunk, results in workers.map(_chunks(rows, opts.shard_size)):
+        for chunk, results in workers.map(_chunks(rows, opts.shard_size, part)):
             for row, result in zip(chunk, results, strict=True):
                 writer.add(row, result)
                 failed += result.reason is not None
@@ -458,9 +589,8 @@ def _build(opts: ShardsBuildConfig, files: list[InputFile], output: BuildOutput,
     finally:
         bar.close()
 
-    manifest = _finish(output, opts, [inp.origin or str(inp.path) for inp in files])
-    summary = BuildSummary(output.target, manifest["rows"], manifest["written"], manifest["failed"],
-                           manifest["duplicates"], len(manifest["shards"]), time.perf_counter() - start, done)
+    manifest = _finish(output, opts, inputs, state)
+    summary = _summary(output, manifest, start, done - part["first_shard"])
     if not summary.consistent:
         raise RuntimeError(f"accounting mismatch, please report: {summary.line()}")
     return summary

@@ -49,6 +49,7 @@ class Row:
     extra: dict = field(default_factory=dict)  # --keep-cols values
     error: str | None = None  # set when the record itself is malformed
     detail: str = ""
+    slot: int | None = None  # its position in a retry's rows (vlp.data_tools.history); None: by its index
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from vlp.core.config import (
     LaunchRunConfig,
     RunConfig,
     ShardsBuildConfig,
+    ShardsRetryConfig,
     SynthConfig,
     VerifyConfig,
     dump_config,
@@ -134,6 +135,19 @@ def _build(args: argparse.Namespace) -> int:
         print(f"vlp: error: no row was written: all {summary.rows} failed or were duplicates (failures.jsonl "
               f"in {cfg.output} has each row's reason)", file=sys.stderr)
         return 1
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    cfg = _config(args, ShardsRetryConfig, positional="output")
+    if not cfg.output:
+        raise UserError("vlp shards retry: give the output folder of a finished `vlp shards build`")
+    from vlp.data_tools.build import retry_shards
+
+    tried, summary = retry_shards(cfg, progress=not cfg.quiet)
+    print(f"retry: {tried} row(s) fetched again ({', '.join(cfg.reasons)})" if tried else
+          "retry: no row's latest record failed for a reason retried")
+    print(summary.line())
     return 0
 
 
@@ -277,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
         "vlp shards build --config build.yaml shard_size=5000"], flags=True)
     _command(ssub, "inspect", _inspect, InspectConfig, "counts, histograms and sample captions of a shard folder",
              ["vlp shards inspect shards/", "vlp shards inspect shards/ --samples 20"], flags=True)
+    _command(ssub, "retry", _retry, ShardsRetryConfig, "fetch again the rows a build failed on for a passing "
+             "reason (timeouts, 429, 5xx), into new shards", [
+                 "vlp shards retry shards/", "vlp shards retry shards/ --timeout 30 --host-concurrency 4"], flags=True)
     _command(ssub, "verify", _verify, VerifyConfig, "read every sample back and check it against manifest.json",
              ["vlp shards verify shards/", "vlp shards verify data/demo/shards --quiet"], flags=True)
     _command(ssub, "index", _index, IndexConfig, "write manifest.json for img2dataset's (or any) webdataset tars", [

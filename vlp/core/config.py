@@ -394,6 +394,8 @@ class ShardsBuildConfig(Section):
     user_agent_token: str | None = Field(None, description="a name added to vlp's User-Agent; X-Robots-Tag "
                                          "directives for it (`name: noai`) apply too")
     overwrite: bool = Field(False, description="delete an existing build in the output folder and start over")
+    append: bool = Field(False, description="add these inputs' rows to the finished build in --output as new "
+                         "shards (same options; finished shards are not rewritten; rerun to resume)")
     quiet: bool = Field(False, description="no progress bar")
 
     @model_validator(mode="after")
@@ -420,6 +422,27 @@ class InspectConfig(Section):
 
     dir: str = Field("", **positional("a shard folder (with manifest.json)"))
     samples: int = Field(5, ge=0, description="sample captions to show")
+
+
+class ShardsRetryConfig(Section):
+    """`vlp shards retry`: fetch again the rows of a finished build that failed for a passing reason, into new shards."""
+
+    output: str = Field("", **positional("a finished `vlp shards build` output folder or URL"))
+    reasons: CommaList = Field(
+        default_factory=lambda: ["timeout", "connection_error", "connection_refused", "http_429", "http_5xx",
+                                 "storage_error"],
+        description="failure reasons to retry (http_5xx: every 5xx); never missing files, 404s, opt-outs or "
+                    "decode errors, which another try does not change")
+    timeout: float | None = Field(None, gt=0, description="per-request timeout, seconds (default: the build's)")
+    retries: int | None = Field(None, ge=0, description="retries for transient http errors (default: the build's)")
+    workers: int = Field(default_factory=cpu_cores, ge=0, description="worker processes (0: in-process)")
+    threads: int = Field(16, ge=1, description="concurrent fetches per worker")
+    host_concurrency: int = Field(16, ge=1, description="requests to one host at once, over all workers")
+    host_rate: float = Field(0.0, ge=0, description="request starts per second to one host (0: no limit)")
+    max_retry_after: float = Field(60.0, gt=0, description="longest Retry-After pause honoured, seconds")
+    engine: Literal["local", "ray"] = Field("local", description="local: a process pool; ray: tasks on a Ray cluster")
+    ray_address: str | None = Field(None, description="Ray cluster to use with --engine ray (HEAD:PORT)")
+    quiet: bool = Field(False, description="no progress bar")
 
 
 class VerifyConfig(Section):

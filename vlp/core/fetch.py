@@ -13,7 +13,8 @@ User-Agent names vlp (and `--user-agent-token`).
 `--timeout` bounds a request as a whole: connecting, the headers and every
 byte of the body, so a server that drips bytes (of its headers or of its
 body) cannot hold a row past it; it must be finite and positive.
-Redirects are followed to http(s) URLs only.
+Redirects are followed to http(s) URLs only. Host names are resolved once per process
+(vlp.core.dns).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from vlp.core import storage
+from vlp.core import dns, storage
 from vlp.core.errors import RowFailure
 
 USER_AGENT = "vlp-shards/0.1 (image-text dataset builder)"
@@ -185,6 +186,10 @@ def _watched(base: type[http.client.HTTPConnection], deadline: _Deadline) -> typ
     """`base` whose socket is handed to the deadline once connected (connecting gets what time is left)."""
 
     class Connection(base):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = dns.create_connection  # names resolved once per process
+
         def connect(self) -> None:
             self.timeout = deadline.remaining()
             super().connect()
