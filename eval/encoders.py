@@ -39,7 +39,15 @@ from PIL import Image
 
 from vlp.core.config import ModelConfig
 from vlp.core.errors import UserError, first_line
-from vlp.core.models import MODEL_CONFIG_KEYS, make_tokenizer, register_model_configs
+from vlp.core.models import (
+    HF_HUB,
+    LOCAL_DIR,
+    MODEL_CONFIG_KEYS,
+    check_model,
+    check_pretrained,
+    make_tokenizer,
+    register_model_configs,
+)
 from vlp.core.weights import META_CONFIG, META_NAME, checked_model_name, find_weights, read_metadata
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -112,8 +120,11 @@ def resolve_model(model: str, weights: str | None = None, random_init: bool = Fa
         if weights or random_init:
             raise UserError("--weights/--random-init go with a model name, not an exported weights file")
         return _from_export(path.resolve(), model)
-    if model.startswith("hf-hub:"):
-        raise UserError(f"{model}: hub models would be downloaded; give a local weights file instead")
+    if model.startswith((HF_HUB, LOCAL_DIR)):  # open_clip reads config and weights from there
+        if weights or random_init:
+            raise UserError(f"--weights/--random-init: {model} brings its own weights")
+        check_model(ModelConfig(name=model))
+        return ModelSpec(name=model, weights=None, source=model)
     register_model_configs()
     if open_clip.get_model_config(model) is None:
         raise UserError(
@@ -123,13 +134,9 @@ def resolve_model(model: str, weights: str | None = None, random_init: bool = Fa
         raise UserError("give either --weights or --random-init, not both")
     if not weights and not random_init:
         raise UserError(f"model {model!r} needs --weights FILE (or --random-init for an untrained model)")
-    if weights:
-        wpath = Path(weights).expanduser()
-        if not wpath.is_file():
-            raise UserError(f"weights file not found: {weights}")
-        if wpath.suffix not in WEIGHT_SUFFIXES:
-            raise UserError(f"weights file must be one of {', '.join(WEIGHT_SUFFIXES)}: {weights}")
-        weights = str(wpath.resolve())  # absolute: open_clip tries a string without '/' as a hub tag first
+    if weights:  # a file (made absolute) or one of open_clip's tags for the model
+        weights = check_pretrained(str(Path(weights).expanduser()) if Path(weights).expanduser().is_file()
+                                   else weights, model, key="--weights")
     return ModelSpec(name=model, weights=weights, source=model)
 
 
@@ -140,12 +147,26 @@ def _create(spec: ModelSpec) -> tuple[torch.nn.Module, Callable]:
         model, _, preprocess = open_clip.create_model_and_transforms(
             spec.name, pretrained=spec.weights, device="cpu", weights_only=True
         )
-    except (RuntimeError, AssertionError) as err:  # load_state_dict / open_clip's resize checks
-        first = first_line(err)
-        raise UserError(f"weights {spec.weights} do not fit model {spec.name}: {first}") from None
-    except Exception as err:  # a corrupt file, or a pickle weights_only refuses
-        raise UserError(f"cannot load weights {spec.weights}: {type(err).__name__}: {err}") from None
+    except Exception as err:
+        if _brings_weights(spec) or (spec.weights is not None and not Path(spec.weights).is_file()):  # a tag
+            raise UserError(f"--model {spec.source}{' --weights ' + spec.weights if spec.weights else ''}: could "
+                            f"not be loaded from the Hugging Face Hub or its cache ({type(err).__name__}: "
+                            f"{first_line(err)[:160]}); with HF_HUB_OFFLINE=1 only what is cached is used") from None
+        return _weights_error(spec, err)
     return model, preprocess
+
+
+def _brings_weights(spec: ModelSpec) -> bool:
+    """An hf-hub: or local-dir: model: config and weights come from there."""
+    return spec.name.startswith((HF_HUB, LOCAL_DIR))
+
+
+def _weights_error(spec: ModelSpec, err: Exception):
+    """A local weights file that did not load, in one line."""
+    if isinstance(err, RuntimeError | AssertionError):  # load_state_dict / open_clip's resize checks
+        raise UserError(f"weights {spec.weights} do not fit model {spec.name}: {first_line(err)}") from None
+    # a corrupt file, or a pickle weights_only refuses
+    raise UserError(f"cannot load weights {spec.weights}: {type(err).__name__}: {err}") from None
 
 
 class Encoder:
@@ -240,8 +261,8 @@ def load_encoder(
         "source": spec.source,
         "name": spec.name,
         "weights": spec.weights,
-        "random_init": spec.weights is None,
-        "seed": seed if spec.weights is None else None,
+        "random_init": spec.weights is None and not _brings_weights(spec),
+        "seed": seed if spec.weights is None and not _brings_weights(spec) else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "embed_dim": encoder.dim,
         "image_size": _image_size(model),

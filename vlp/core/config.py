@@ -134,13 +134,24 @@ class DataConfig(Section):
 
 class ModelConfig(Section):
     name: str = "vlp-tiny"
-    pretrained: str | None = Field(None, description="local weights file for the model")
+    pretrained: str | None = Field(None, description="weights: a local file, or one of open_clip's pretrained tags "
+                                   "for model.name (laion2b_s34b_b79k, openai, ...: fetched into the Hugging Face "
+                                   "cache by open_clip; HF_HUB_OFFLINE=1 uses the cache only); a model.name "
+                                   "hf-hub:ORG/REPO or local-dir:DIR brings its own")
     config_file: str | None = Field(None, description="your own open_clip model JSON (embed_dim, vision_cfg, "
                                     "text_cfg); the model takes the file's name (my-vit.json -> my-vit)")
     tokenizer: str | None = Field(None, description="a local Hugging Face tokenizer folder (tokenizer.json, ...) "
                                   "instead of open_clip's tokenizer for the model (never downloaded)")
-    lock_image: bool = False
-    lock_text: bool = False
+    lock_image: bool = Field(False, description="freeze the image tower (LiT), but its last "
+                             "lock_image_unlocked_groups layer groups")
+    lock_image_unlocked_groups: int = Field(0, ge=0, description="with lock_image: the last N layer groups stay "
+                                            "trainable (open_clip's grouping)")
+    lock_image_freeze_bn_stats: bool = Field(True, description="with lock_image: the locked groups' BatchNorm "
+                                             "statistics frozen too (open_clip_train's default: false)")
+    lock_text: bool = Field(False, description="freeze the text tower, but its last lock_text_unlocked_layers layers")
+    lock_text_unlocked_layers: int = Field(0, ge=0, description="with lock_text: the last N layers stay trainable")
+    lock_text_freeze_layer_norm: bool = Field(True, description="with lock_text: the locked layers' LayerNorms "
+                                              "frozen too (open_clip_train's default: false)")
     grad_checkpointing: bool = False
     patch_dropout: float = Field(0.0, ge=0, lt=1)
 
@@ -553,8 +564,11 @@ class CurateConfig(Section):
 class EvalConfig(Section):
     """`vlp eval`: one model on a suite -> report.json + report.html."""
 
-    model: str = Field("", description="open_clip model name, exported .safetensors, checkpoint or run folder (required)")
-    weights: str | None = Field(None, description="local weights file for a model given by name")
+    model: str = Field("", description="open_clip model name, hf-hub:ORG/REPO, local-dir:DIR, exported .safetensors, "
+                       "checkpoint or run folder (required)")
+    weights: str | None = Field(None, description="for a model given by name: a local weights file or one of "
+                                "open_clip's pretrained tags")
+    pretrained: str | None = Field(None, description="the same as --weights (open_clip's and CLIP_benchmark's name)")
     random_init: bool = Field(False, description="allow a model given by name to run untrained")
     suite: str = Field("default", description="suite YAML, or a shipped suite name")
     out: str = Field("", description="output folder for report.json, report.html, skipped.jsonl (required)")
@@ -566,6 +580,14 @@ class EvalConfig(Section):
     workers: int = Field(4, ge=1, description="threads loading and preprocessing images")
     seed: int = Field(0, description="seed for --random-init")
     quiet: bool = Field(False, description="no progress bars")
+
+    @model_validator(mode="after")
+    def _pretrained_is_weights(self) -> EvalConfig:
+        if self.pretrained is not None:
+            if self.weights is not None and self.weights != self.pretrained:
+                raise ValueError("give --weights or --pretrained (the same thing), not both")
+            object.__setattr__(self, "weights", self.pretrained)
+        return self
 
 
 class CompareConfig(Section):

@@ -33,6 +33,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ SOFTMAX_INIT_LOGIT_SCALE = math.log(1 / 0.07)
 SIGMOID_INIT_LOGIT_SCALE = math.log(10.0)
 SIGMOID_INIT_LOGIT_BIAS = -10.0
 
+HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"  # open_clip's model-name schemas: config and weights from there
 MODEL_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # what every open_clip model config has
 CONFIG_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,122}\.json$")  # the stem becomes the model's name
 _registered = False
@@ -151,29 +153,61 @@ def make_tokenizer(cfg: ModelConfig) -> Callable:
 
 
 def check_model(cfg: ModelConfig) -> None:
-    """What can be checked without building the model: the name is known, the weights file exists."""
+    """What can be checked without building the model: the name is known (a `local-dir:` folder or an
+    `hf-hub:` repository's config readable), the weights file exists or the pretrained tag is open_clip's."""
     register_config_file(cfg)
-    if cfg.name.startswith(("hf-hub:", "local-dir:")):
-        raise UserError(f"config key 'model.name': {cfg.name!r}: vlp builds models from configs and local files "
-                        "(nothing is downloaded): save the folder's model_cfg (in open_clip_config.json) as NAME.json for "
-                        "model.config_file, its weights as model.pretrained, its tokenizer folder as model.tokenizer")
-    if model_config(cfg.name) is None:
+    if cfg.name.startswith((HF_HUB, LOCAL_DIR)):
+        _check_model_source(cfg)
+    elif model_config(cfg.name) is None:
         raise UserError(f"config key 'model.name': unknown model {cfg.name!r} (open_clip's names or ours: "
                         f"{', '.join(register_model_configs())})")
-    _check_pretrained(cfg.pretrained)
+    check_pretrained(cfg.pretrained, cfg.name)
     make_tokenizer(cfg)  # cheap, and the one part that may need the Hub
 
 
-def _check_pretrained(path: str | None) -> str | None:
-    """Only local files: open_clip would treat other strings as hub tags and try a download."""
-    if path is None:
+def _check_model_source(cfg: ModelConfig) -> None:
+    """A `local-dir:` folder has open_clip's config; an `hf-hub:` repository's config can be had (Hub or cache)."""
+    if cfg.pretrained:
+        raise UserError(f"config key 'model.pretrained': the weights come from the folder or repository "
+                        f"{cfg.name!r}; drop model.pretrained")
+    if cfg.name.startswith(LOCAL_DIR):
+        folder = Path(cfg.name[len(LOCAL_DIR):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise UserError(f"config key 'model.name': {cfg.name!r}: no open_clip_config.json in {folder} "
+                            "(`vlp export RUN --format open_clip-dir --out DIR` writes such a folder)")
+    _from_hub(cfg.name, "model.name", open_clip.get_model_config, cfg.name)
+
+
+def _from_hub(what: str, key: str, call: Callable, *args, **kwargs):
+    """`call(...)`, which may read the Hugging Face Hub (or its cache); its failure in one line."""
+    try:
+        return call(*args, **kwargs)
+    except UserError:
+        raise
+    except Exception as err:  # huggingface_hub, open_clip and the OS raise many types offline
+        raise UserError(f"config key '{key}': {what} could not be loaded from the Hugging Face Hub or its cache "
+                        f"({type(err).__name__}: {first_line(err)[:160]}); with HF_HUB_OFFLINE=1 only what is "
+                        "cached under HF_HOME is used") from None
+
+
+def check_pretrained(pretrained: str | None, name: str, key: str = "config key 'model.pretrained'") -> str | None:
+    """A local weights file, or one of open_clip's pretrained tags for the model (resolved and cached by
+    open_clip through the Hugging Face Hub)."""
+    if pretrained is None:
         return None
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config key 'model.pretrained': weights file not found: {path}")
-    if p.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
-        raise UserError(f"config key 'model.pretrained': expected .safetensors/.pt/.pth/.bin, got {p.name}")
-    return str(p)
+    p = Path(pretrained)
+    if p.is_file():
+        if p.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+            raise UserError(f"{key}: expected .safetensors/.pt/.pth/.bin, got {p.name}")
+        return str(p.resolve())  # absolute: open_clip tries a string without '/' as a tag first
+    if not name.startswith((HF_HUB, LOCAL_DIR)) and open_clip.get_pretrained_cfg(name, pretrained):
+        return pretrained
+    tags = open_clip.list_pretrained_tags_by_model(name) if model_config(name) else []
+    if tags and not ("/" in pretrained or p.suffix):
+        raise UserError(f"{key}: {pretrained!r} is neither a file nor one of open_clip's "
+                        f"tags for {name} ({', '.join(tags)})")
+    raise UserError(f"{key}: weights file not found: {pretrained}"
+                    + (f" (open_clip's tags for {name}: {', '.join(tags)})" if tags else ""))
 
 
 def create_model(
@@ -192,13 +226,15 @@ def create_model(
     """
     register_model_configs()
     register_config_file(cfg)
-    if open_clip.get_model_config(cfg.name) is None:
+    if not cfg.name.startswith((HF_HUB, LOCAL_DIR)) and open_clip.get_model_config(cfg.name) is None:
         raise UserError(f"config key 'model.name': unknown model {cfg.name!r} (see vlp.core.models.list_models())")
-    model, preprocess_train, preprocess_val = _hub_errors_in_one_line(
+    pretrained = check_pretrained(cfg.pretrained, cfg.name)
+    build = partial(
+        _hub_errors_in_one_line,
         cfg.name,
         open_clip.create_model_and_transforms,
         cfg.name,
-        pretrained=_check_pretrained(cfg.pretrained),
+        pretrained=pretrained,
         precision="fp32",
         device=device,
         force_patch_dropout=cfg.patch_dropout if cfg.patch_dropout > 0 else None,
@@ -207,13 +243,29 @@ def create_model(
         nonscalar_logit_scale=True,
         **_logit_init(cfg.name, loss_cfg),
     )
-    if cfg.lock_image:
-        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
-    if cfg.lock_text:
-        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+    # a tag, an hf-hub: repository or a local-dir: folder: open_clip resolves it (the Hub or its cache)
+    fetched = cfg.name.startswith((HF_HUB, LOCAL_DIR)) or (pretrained is not None and not Path(pretrained).is_file())
+    where = ("model.pretrained", repr(cfg.pretrained)) if cfg.pretrained else ("model.name", repr(cfg.name))
+    model, preprocess_train, preprocess_val = _from_hub(where[1], where[0], build) if fetched else build()
+    _lock_towers(model, cfg)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, preprocess_train, preprocess_val, make_tokenizer(cfg)
+
+
+def _lock_towers(model: nn.Module, cfg: ModelConfig) -> None:
+    """open_clip's own (partial) locking, as open_clip_train's --lock-image-* / --lock-text-* flags do it."""
+    try:
+        if cfg.lock_image:
+            model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                                   freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+        if cfg.lock_text:
+            model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers,
+                                  freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
+    except (AssertionError, NotImplementedError) as err:  # open_clip asserts where a tower cannot be partly locked
+        raise UserError(f"config keys 'model.lock_*': open_clip cannot lock model {cfg.name!r} that way "
+                        f"({first_line(err) or type(err).__name__}); lock the whole tower (unlocked groups/layers 0)"
+                        ) from None
 
 
 def _hub_errors_in_one_line(name: str, build: Callable, *args, **kwargs):
