@@ -76,6 +76,8 @@ FLAGS = (
     Flag("--lock-text-freeze-layer-norm", "model.lock_text_freeze_layer_norm", lambda _v: "true", switch=True,
          note="vlp's default is true: a locked tower's LayerNorms are frozen unless this is false"),
     Flag("--force-patch-dropout", "model.patch_dropout"),
+    Flag("--distill-model", "loss.distill_model"),
+    Flag("--distill-pretrained", "loss.distill_pretrained"),
     Flag("--torchcompile", "train.compile", lambda _v: "true", switch=True),
     Flag("--report-to", "train.report_to", lambda v: v.replace("all", "tensorboard,wandb")),
     Flag("--wandb-project-name", "train.wandb_project"),

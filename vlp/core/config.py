@@ -187,6 +187,12 @@ class LossConfig(Section):
         description="denominator: extra columns of the image->text softmax; pairwise: a separate term "
         "-log(e^pos / (e^pos + sum e^neg)) per image, times hard_negative_weight (Paiss et al. 2023)",
     )
+    distill_model: str | None = Field(None, description="a frozen teacher (an open_clip model name, hf-hub:ORG/REPO "
+                                      "or local-dir:DIR) whose softmax over the batch the student also learns "
+                                      "(open_clip_train's --distill-model); same tokenizer and image input")
+    distill_pretrained: str | None = Field(None, description="the teacher's weights: a local file or an open_clip "
+                                           "tag (open_clip_train's --distill-pretrained)")
+    distill_weight: float = Field(1.0, ge=0, description="weight of the distillation term")
 
     @model_validator(mode="after")
     def _smoothing_is_softmax(self) -> LossConfig:

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from vlp.core.models import ModelOutput, forward, unwrap
+from vlp.train.losses import Teacher
 
 
 @dataclass
@@ -122,6 +123,8 @@ class GradCache:
         is moved to the device, so the full batch can be held compactly (uint8, on the
         host); the trainer passes `vlp.train.loader.batches.normalize` bound to the model's mean/std
         (`vlp.core.models.image_normalization`). None: images are model input already.
+    teacher: a frozen teacher (vlp.train.distill.FrozenTeacher), called without grad on each
+        chunk's images and captions in the first pass; its view reaches the loss as `teacher=`.
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class GradCache:
         autocast_dtype: torch.dtype | None = None,
         replay_rng: bool = True,
         normalize_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        teacher: Callable[[torch.Tensor, torch.Tensor], Teacher] | None = None,
     ) -> None:
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -142,6 +146,7 @@ class GradCache:
         self.autocast_dtype = autocast_dtype
         self.replay_rng = replay_rng
         self.normalize_images = normalize_images
+        self.teacher = teacher
         self.is_engine = is_deepspeed_engine(model)
         self.is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         if self.is_engine and model.gradient_accumulation_steps() != 1:
@@ -223,9 +228,24 @@ class GradCache:
         extra = {} if hard_negative_mask is None else {"hard_negative_mask": hard_negative_mask}
         size = b if self.chunk_size is None else min(self.chunk_size, b)
         chunks = [slice(i, min(i + size, b)) for i in range(0, b, size)]
+        if self.teacher is not None:
+            extra["teacher"] = self._teacher_view(images, texts, chunks)
         if len(chunks) == 1:
             return self._plain_step(images, texts, hard_negatives, extra)
         return self._cached_step(images, texts, hard_negatives, chunks, extra)
+
+    def _teacher_view(self, images: torch.Tensor, texts: torch.Tensor, chunks: list[slice]) -> Teacher:
+        """The teacher's embeddings of the captions and images, chunk by chunk, without grad (fp32 inputs,
+        under the run's autocast: the teacher is a plain module, not the engine)."""
+        dtype = self.input_dtype or self.autocast_dtype
+        views = []
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext():
+            for sl in chunks:
+                chunk = images[sl].to(self.device, non_blocking=True)
+                chunk = self.normalize_images(chunk) if self.normalize_images is not None else chunk
+                views.append(self.teacher(chunk.float(), texts[sl].to(self.device, non_blocking=True)))
+        return Teacher(*(torch.cat([getattr(v, f) for v in views]) for f in ("image", "text")),
+                       views[0].logit_scale)
 
     def _split_text(self, out: ModelOutput, n: int, hn: torch.Tensor | None):
         """Separate caption embeddings from hard-negative embeddings [n, k, D]."""

@@ -27,6 +27,10 @@ Opt-in terms:
   a separate term per image over just its caption and its negatives (weight w).
 - align_uniform: weight x (alignment + mean of image/text uniformity), Wang & Isola 2020,
   on the gathered global batch.
+- distillation (`teacher=` a frozen teacher's embeddings and logit scale of the same pairs):
+  weight x the cross-entropy of the student's image->text and text->image softmax rows against
+  the teacher's, averaged over both directions, on the global batch: open_clip_train's
+  `--distill-model` (its DistillClipLoss, weight 1).
 
 Gradient contract (what makes it safe under DDP / DeepSpeed and in gradient caching): in
 every mode, `loss.backward()` on each rank followed by averaging gradients over ranks yields
@@ -46,6 +50,7 @@ matrix is 64 MiB and autograd would keep ~4 of them).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +61,26 @@ from vlp.core import distributed as vdist
 from vlp.core.config import LossConfig
 
 BLOCK_ELEMENTS = 1 << 22  # logits per row block (16 MiB in fp32)
+
+
+class Teacher(NamedTuple):
+    """A frozen teacher's L2-normalised embeddings of this rank's pairs, and its logit scale exp(t)."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    logit_scale: torch.Tensor
+
+
+def distillation(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, teacher: Teacher) -> torch.Tensor:
+    """Cross-entropy of the student's softmax rows against the teacher's, both directions averaged."""
+    student = scale * img @ txt.T
+    t_img, t_txt = teacher.image.float(), teacher.text.float()
+    target = teacher.logit_scale.float().reshape(()) * t_img @ t_txt.T
+
+    def rows(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -(t.softmax(dim=1) * s.log_softmax(dim=1)).sum(dim=1).mean()
+
+    return (rows(student, target) + rows(student.T, target.T)) / 2
 
 
 def _blocks(n_rows: int, n_cols: int) -> list[slice]:
@@ -205,6 +230,7 @@ class ContrastiveLoss(nn.Module):
         align_uniform: float = 0.0,
         hard_negative_weight: float = 1.0,
         hard_negative_mode: str = "denominator",
+        distill_weight: float = 1.0,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -228,6 +254,7 @@ class ContrastiveLoss(nn.Module):
         if hard_negative_mode not in ("denominator", "pairwise"):
             raise ValueError(f"hard_negative_mode must be 'denominator' or 'pairwise', got {hard_negative_mode!r}")
         self.hard_negative_mode = hard_negative_mode
+        self.distill_weight = distill_weight
         self._rank = rank
         self._world_size = world_size
 
@@ -244,6 +271,7 @@ class ContrastiveLoss(nn.Module):
             align_uniform=cfg.align_uniform,
             hard_negative_weight=cfg.hard_negative_weight,
             hard_negative_mode=cfg.hard_negative_mode,
+            distill_weight=cfg.distill_weight,
             **kwargs,
         )
 
@@ -271,13 +299,15 @@ class ContrastiveLoss(nn.Module):
         logit_bias: torch.Tensor | None = None,
         hard_negatives: torch.Tensor | None = None,
         hard_negative_mask: torch.Tensor | None = None,
+        teacher: Teacher | None = None,
     ) -> dict[str, torch.Tensor]:
         """This rank's loss term; returns {'loss': total (with grad), plus detached parts}.
 
         logit_scale is exp(t) as open_clip models return it (any shape with one element);
         hard_negatives are [B, k, D] text embeddings, k may be 0 or None;
         hard_negative_mask [B, k] (bool) marks the real ones: False slots are padding
-        (an image with fewer than k negatives) and take no part in the loss.
+        (an image with fewer than k negatives) and take no part in the loss; teacher: a frozen
+        teacher's view of the same pairs, for the distillation term.
         """
         img, txt = image_features.float(), text_features.float()
         negatives = negative_weights = None
@@ -313,6 +343,13 @@ class ContrastiveLoss(nn.Module):
             unif = (uniformity(all_img) + uniformity(all_txt)) / 2
             loss = loss + self.align_uniform * (align + unif)
             terms["alignment"], terms["uniformity"] = align.detach(), unif.detach()
+        if teacher is not None and self.distill_weight > 0:
+            # the same global term on every rank: the comm-free replicated gather is exact (as above)
+            gather = vdist.all_gather_replicated if self.world_size > 1 else (lambda x: x)
+            distill = distillation(gather(img), gather(txt), scale, Teacher(
+                gather(teacher.image.detach()), gather(teacher.text.detach()), teacher.logit_scale.detach()))
+            loss = loss + self.distill_weight * distill
+            terms["distill"] = distill.detach()
         terms["logit_scale"] = scale.detach()
         terms["loss"] = loss
         return terms

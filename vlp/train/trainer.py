@@ -48,6 +48,7 @@ from vlp.train.checkpoint import (
     save_checkpoint,
     use_safe_loading,
 )
+from vlp.train.distill import FrozenTeacher, check_teacher
 from vlp.train.dsconfig import (
     check_deepspeed_config,
     deepspeed_config,
@@ -316,6 +317,7 @@ def preflight(cfg: RunConfig) -> None:
     check_report_to(cfg.train.report_to)
     resolve_sources(cfg.data.sources)
     check_model(cfg.model)
+    check_teacher(cfg.loss, cfg.model)
     check_deepspeed_config(cfg)
     if cfg.train.channels_last is True and zero_stage_of(deepspeed_config(cfg, 1)) > 0:
         # ZeRO points the weights into its flat buffers; a new layout would cut them loose from the update
@@ -398,10 +400,12 @@ class Trainer:
             rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
         )
         self.loss = ContrastiveLoss.from_config(cfg.loss)
+        teacher = FrozenTeacher(cfg.loss, self.engine, self.device) if cfg.loss.distill_model else None
         self.gradcache = GradCache(
             self.engine, self.loss, cfg.train.micro_batch_size,
             normalize_images=partial(normalize, mean=mean, std=std, device=self.device, memory_format=(
                 torch.channels_last if self.speedups.channels_last else torch.contiguous_format)),
+            teacher=teacher,
         )
 
     # ------------------------------------------------------------ checkpoints

@@ -1,0 +1,65 @@
+"""A frozen teacher for distillation: open_clip_train's `--distill-model` / `--distill-pretrained`.
+
+The teacher (any model `model.name` accepts, with its weights) sees the student's batch as the
+student sees it: the same token ids and the same normalised images. It therefore has to read
+them alike: the same tokenizer (kind, vocabulary, context length), image size and image
+normalisation; any difference is a one-line error before training starts. Its embeddings and
+logit scale enter the loss as constants (vlp.train.losses.distillation); under gradient caching
+they are computed chunk by chunk in the first, gradient-free pass, so the teacher costs one
+forward per sample and never holds activations.
+
+Feature distillation (CLIP-KD's feature-mimicking term) is not here: it needs the student's and
+the teacher's embedding widths tied by a learned projection, a second model change for a gain its
+paper reports only beside the logit term this module provides.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vlp.core.config import LossConfig, ModelConfig
+from vlp.core.errors import UserError
+from vlp.core.models import check_model, create_model, forward, image_normalization, model_config
+from vlp.train.losses import Teacher
+
+KEY = "config key 'loss.distill_model'"
+
+
+def teacher_config(cfg: LossConfig) -> ModelConfig:
+    return ModelConfig(name=cfg.distill_model, pretrained=cfg.distill_pretrained)
+
+
+def check_teacher(cfg: LossConfig, student: ModelConfig) -> None:
+    """Before any model is built: the teacher exists and reads the student's inputs alike."""
+    if cfg.distill_model is None:
+        if cfg.distill_pretrained is not None:
+            raise UserError("config key 'loss.distill_pretrained': goes with loss.distill_model (the teacher)")
+        return
+    check_model(teacher_config(cfg))
+    mine, theirs = model_config(student.name) or {}, model_config(cfg.distill_model) or {}
+    for tower, key in (("text_cfg", "context_length"), ("text_cfg", "vocab_size"), ("text_cfg", "hf_tokenizer_name"),
+                       ("vision_cfg", "image_size")):
+        a, b = mine.get(tower, {}).get(key), theirs.get(tower, {}).get(key)
+        if a != b:
+            raise UserError(f"{KEY}: the teacher {cfg.distill_model!r} reads other inputs than the student "
+                            f"{student.name!r} ({tower}.{key}: {b} against {a}); distillation feeds both the same "
+                            "token ids and images")
+
+
+class FrozenTeacher:
+    """The teacher, frozen and in eval mode, called as `teacher(images, texts) -> Teacher` (no grad by caller)."""
+
+    def __init__(self, cfg: LossConfig, student: torch.nn.Module, device: torch.device):
+        self.model = create_model(teacher_config(cfg), device=device)[0].eval().requires_grad_(False)
+        if image_normalization(self.model) != image_normalization(student):
+            raise UserError(f"{KEY}: the teacher {cfg.distill_model!r} normalises images otherwise than the student "
+                            f"({image_normalization(self.model)} against {image_normalization(student)})")
+        text = getattr(self.model, "text", self.model)  # CustomTextCLIP keeps its text tower apart
+        self.context = int(getattr(text, "context_length", 0) or 0)
+
+    def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> Teacher:
+        if texts.shape[1] < self.context:  # the student's trimmed ids: the pads it left out, back
+            texts = F.pad(texts, (0, self.context - texts.shape[1]))
+        out = forward(self.model, images, texts)
+        return Teacher(out.image.float(), out.text.float(), out.logit_scale.float())
