@@ -20,13 +20,16 @@ CLIP_benchmark counterpart:
 retrieval's `_qbnorm` figures are left out (CLIP_benchmark has no QB-Norm).
 `dataset` is the suite's task name (CLIP_benchmark's own dataset names, e.g.
 `cifar10` or `sugar_crepe`, come out when the suite uses them), `model` the
-open_clip model vlp built, `pretrained` the weights file (`random_init` without
-one), `language` "en". A metric vlp reports as None is NaN here, as
+open_clip model vlp built, `pretrained` the weights: a file as its name and the
+first 10 hex digits of its SHA-256 (`model.safetensors@3fa2c1d07b`: every run
+exports a `model.safetensors`, and two runs' results must not share a name in
+one folder), a tag as the tag, `random_init` without weights; `language` "en". A metric vlp reports as None is NaN here, as
 CLIP_benchmark writes an undefined figure (acc5 below 5 classes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -86,7 +89,16 @@ MAPPERS = {
 
 
 def _pretrained(model: dict[str, Any]) -> str:
-    return model.get("weights") or RANDOM_INIT
+    weights = model.get("weights")
+    if not weights:
+        return RANDOM_INIT
+    if not os.path.isfile(weights):  # an open_clip tag
+        return weights
+    digest = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return f"{os.path.basename(weights)}@{digest.hexdigest()[:10]}"
 
 
 def file_name(dataset: str, model: str, pretrained: str, task: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import math
 import sys
@@ -94,7 +95,8 @@ def check_folder(folder: Path, report: dict, tmp_path: Path) -> None:
         task, figures = expected[row["dataset"]]
         assert row["task"] == task
         assert row["model"] == report["model"]["name"] == "eval-test-tiny"
-        assert row["pretrained"] == report["model"]["weights"]
+        weights = Path(report["model"]["weights"])
+        assert row["pretrained"] == f"{weights.name}@{hashlib.sha256(weights.read_bytes()).hexdigest()[:10]}"
         assert row["model_fullname"] == f"{row['model']} {row['pretrained']}"
         assert row["language"] == "en"
         # build's CSV has a column for every file's metrics: this row fills only its own
@@ -149,3 +151,18 @@ def test_every_figure_lands_in_its_column_none_as_nan_and_stale_files_go(evaluat
     write_clip_benchmark(report, tmp_path)
     assert not stale.exists()
     check_folder(folder, report, tmp_path)
+
+
+def test_two_runs_model_files_keep_their_results_apart(tmp_path):
+    """Every run exports a `model.safetensors`: results of two runs gathered in one folder must not collide."""
+    from vlp.eval.clip_benchmark_json import file_name, results
+
+    names = set()
+    for seed in (0, 1):
+        weights = export_tiny(tmp_path / f"run{seed}" / "model.safetensors", seed=seed)
+        report = {"model": {"name": "eval-test-tiny", "weights": str(weights)},
+                  "tasks": {"shapes": {"type": "zeroshot_classification", "metrics": {"acc1": 0.5}}}}
+        (result,) = results(report)
+        assert result["pretrained"].startswith("model.safetensors@")
+        names.add(file_name(result["dataset"], result["model"], result["pretrained"], result["task"]))
+    assert len(names) == 2
