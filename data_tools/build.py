@@ -161,7 +161,7 @@ def prepare_output(output: BuildOutput, state: dict, overwrite: bool) -> dict:
         for name in sorted(n for n in names if OWN_FILE.match(n)):
             output.delete(name)
     elif STATE_FILE in names:
-        previous = json.loads(output.read(STATE_FILE))
+        previous = _read_state(output)
         first = {k: v for k, v in previous.items() if k != "parts"}
         if first != json.loads(json_bytes(state)):  # as stored: tuples are lists there
             raise UserError(
@@ -188,7 +188,19 @@ def _stored_state(output: BuildOutput, command: str) -> dict:
     if STATE_FILE not in output.names():
         raise UserError(f"{command}: {output} holds no vlp shard build to add to (no {STATE_FILE}); "
                         "build it first with `vlp shards build`")
-    return json.loads(output.read(STATE_FILE))
+    return _read_state(output)
+
+
+def _read_state(output: BuildOutput) -> dict:
+    """The stored build state, or a one-line error naming it (a torn or edited file)."""
+    try:
+        state = json.loads(output.read(STATE_FILE))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{output}: {STATE_FILE} is damaged ({type(err).__name__}); pass --overwrite to start "
+                        "over") from None
+    if not isinstance(state, dict) or not isinstance(state.get("options"), dict):
+        raise UserError(f"{output}: {STATE_FILE} is not a vlp build state; pass --overwrite to start over")
+    return state
 
 
 def _start_part(output: BuildOutput, state: dict, part: dict, command: str) -> tuple[dict, dict]:

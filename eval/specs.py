@@ -28,7 +28,8 @@ class SyntheticData(Spec):
 
 class TaskSpec(Spec):
     name: str = Field(
-        pattern=r"^[A-Za-z0-9_.\-]+$", description="unique within the suite; names the report section"
+        pattern=r"^[A-Za-z0-9_.\-]+$", max_length=100,  # it names result files: within a file name's limit
+        description="unique within the suite; names the report section"
     )
     type: str
 

@@ -639,3 +639,51 @@ def test_a_run_whose_loss_is_no_longer_finite_stops_in_one_line(tmp_path):
     assert "the loss is nan (not finite)" in last or "the loss is inf (not finite)" in last, last
     for line in (out / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: 1 / 0)  # strict JSON: no NaN written
+
+
+# ------------------------------------------------------------------ one line, not a traceback (third pass)
+
+
+def test_a_torn_build_state_is_one_line(tmp_path):
+    save(noise_image(16, 16), tmp_path / "a.png")
+    csv_path = write_csv(tmp_path / "p.csv", [{"url": "a.png", "caption": "noise"}])
+    build([csv_path], tmp_path / "out")
+    (tmp_path / "out" / ".build.json").write_text('{"opt')  # a kill mid-write of an older vlp, or an edit
+    with pytest.raises(UserError, match=r"\.build\.json is damaged .*--overwrite"):
+        build([csv_path], tmp_path / "out")
+    assert build([csv_path], tmp_path / "out", overwrite=True).written == 1
+
+
+def test_a_pickle_as_pretrained_weights_is_one_line(tmp_path):
+    import os
+    import pickle
+
+    from vlp.core.config import ModelConfig
+    from vlp.core.models import create_model
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"weights": os.getcwd}))  # a global: what weights_only refuses
+    with pytest.raises(UserError, match=r"model.pretrained.*could not be loaded.*tensors only"):
+        create_model(ModelConfig(name="vlp-micro", pretrained=str(evil)))
+
+
+def test_a_task_name_too_long_for_a_file_name_is_refused():
+    from vlp.eval.suite import parse_suite
+
+    task = {"name": "x" * 101, "type": "zeroshot_classification",
+            "dataset": {"format": "synthetic", "attribute": "shape", "n": 2}}
+    with pytest.raises(UserError, match="at most 100 characters"):
+        parse_suite({"name": "s", "tasks": [task]}, "s.yaml")
+    parse_suite({"name": "s", "tasks": [{**task, "name": "x" * 100}]}, "s.yaml")
+
+
+@pytest.mark.parametrize("change", ["model.name=vlp-micro", "train.zero_stage=2", "train.precision=bf16"])
+def test_resuming_another_model_or_layout_is_one_line(tmp_path, change):
+    from vlp.core.config import RunConfig, dump_config, load
+    from vlp.train.checkpoint import check_same_run
+
+    (tmp_path / "config.yaml").write_text(dump_config(load(RunConfig, None, [], {})))
+    check_same_run(tmp_path, load(RunConfig, None, [], {}).model_dump())  # the same run resumes
+    key, value = change.split("=")
+    with pytest.raises(UserError, match=rf"was trained with {key}=\S+, this run has {key}={value}"):
+        check_same_run(tmp_path, load(RunConfig, None, [change], {}).model_dump())

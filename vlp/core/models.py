@@ -246,11 +246,25 @@ def create_model(
     # a tag, an hf-hub: repository or a local-dir: folder: open_clip resolves it (the Hub or its cache)
     fetched = cfg.name.startswith((HF_HUB, LOCAL_DIR)) or (pretrained is not None and not Path(pretrained).is_file())
     where = ("model.pretrained", repr(cfg.pretrained)) if cfg.pretrained else ("model.name", repr(cfg.name))
-    model, preprocess_train, preprocess_val = _from_hub(where[1], where[0], build) if fetched else build()
+    model, preprocess_train, preprocess_val = _from_hub(where[1], where[0], build) if fetched else _local(build, cfg)
     _lock_towers(model, cfg)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, preprocess_train, preprocess_val, make_tokenizer(cfg)
+
+
+def _local(build: Callable, cfg: ModelConfig):
+    """`build()` for a model with local weights (or none): weights that do not load, in one line."""
+    try:
+        return build()
+    except UserError:
+        raise
+    except Exception as err:  # a pickle weights_only refuses, a corrupt file, another model's weights
+        if cfg.pretrained is None:
+            raise
+        raise UserError(f"config key 'model.pretrained': {cfg.pretrained} could not be loaded into model "
+                        f"{cfg.name!r} ({type(err).__name__}: {first_line(err)[:200]}); vlp reads tensors only "
+                        "(safetensors, or a torch file of plain tensors)") from None
 
 
 def _lock_towers(model: nn.Module, cfg: ModelConfig) -> None:

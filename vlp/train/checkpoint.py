@@ -164,6 +164,29 @@ def resolve_resume(resume: str | None, root: Path, say=print) -> Path | None:
     return None
 
 
+# What a checkpoint's weights and optimizer files are shaped by: a resume must keep them.
+SAME_ON_RESUME = (("model", "name"), ("train", "zero_stage"), ("train", "precision"), ("loss", "kind"))
+
+
+def check_same_run(path: Path, run_config: dict) -> None:
+    """A one-line error when the checkpoint was trained with another model, ZeRO stage, precision or loss kind
+    (DeepSpeed would fail part way, with a shape mismatch or a missing optimizer file)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(read_small(path / "config.yaml", "checkpoint config", 1 << 20).decode("utf-8"))
+    except (OSError, UserError, ValueError, yaml.YAMLError):
+        return  # an older checkpoint without its config: the load reports any mismatch
+    if not isinstance(saved, dict):
+        return
+    for section, key in SAME_ON_RESUME:
+        then, now = (saved.get(section) or {}).get(key), run_config[section][key]
+        if then is not None and then != now:
+            raise UserError(f"config key 'train.resume': checkpoint {path} was trained with {section}.{key}={then}, "
+                            f"this run has {section}.{key}={now}; resume with the same, or choose a new "
+                            "train.output_dir")
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -42,6 +42,7 @@ from vlp.core.errors import UserError, first_line
 from vlp.core.models import check_model, create_model, image_normalization
 from vlp.train.checkpoint import (
     check_run_folder,
+    check_same_run,
     claim_run_folder,
     load_checkpoint,
     resolve_resume,
@@ -322,8 +323,10 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.train.channels_last is True and zero_stage_of(deepspeed_config(cfg, 1)) > 0:
         # ZeRO points the weights into its flat buffers; a new layout would cut them loose from the update
         raise UserError("config key 'train.channels_last': works with ZeRO stage 0 only (train.zero_stage=0)")
-    if cfg.train.resume not in (None, "auto"):
-        resolve_resume(cfg.train.resume, Path(cfg.train.output_dir) / "checkpoints")
+    if cfg.train.resume is not None:  # the checkpoint it would resume from: the same model and layout
+        path = resolve_resume(cfg.train.resume, Path(cfg.train.output_dir) / "checkpoints", say=lambda line: None)
+        if path is not None:
+            check_same_run(path, cfg.model_dump())
 
 
 class Trainer:
