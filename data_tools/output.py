@@ -18,7 +18,6 @@ build per output URL.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -27,26 +26,8 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from vlp.core import storage
-from vlp.core.atomic import json_bytes
 from vlp.core.errors import UserError
-from vlp.core.ownership import MARKER, FolderLock, claim, marker
-
-
-def claim_url(url: str, kind: str, command: str, hint: str) -> None:
-    """vlp.core.ownership's `claim` for an object-storage prefix: the marker is an object; a store gives no lock."""
-    names = set(storage.names(url))
-    if MARKER in names:
-        try:
-            mark = json.loads(storage.read_bytes(storage.join(url, MARKER)))
-        except ValueError:
-            mark = None
-        if not isinstance(mark, dict) or mark.get("kind") != kind:
-            found = mark.get("kind") if isinstance(mark, dict) else "unreadable"
-            raise UserError(f"{url} holds vlp {found!r} output, not {kind}; {hint}")
-        return
-    if names:
-        raise UserError(f"{url} is not empty and was not made by vlp; {hint}")
-    storage.write_bytes(storage.join(url, MARKER), json_bytes(marker(kind, command)))
+from vlp.core.ownership import FolderLock, claim
 
 
 def private_dir(kind: str) -> Path:
@@ -131,7 +112,7 @@ class BuildOutput:
         the returned context holds the folder's lock (a store has none)."""
         if self.remote:
             self.check_writable()
-            claim_url(self.target, kind, command, hint)
+            storage.claim_url(self.target, kind, command, hint)
             return nullcontext()
         claim(self.local, kind, command, hint)
         return FolderLock(self.local)

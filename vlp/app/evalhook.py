@@ -17,9 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from vlp.core import storage
 from vlp.core.config import EvalConfig, RunConfig
 from vlp.eval.runner import run
 from vlp.eval.suite import check_files, load_suite
+from vlp.train.runstore import RunStore
 
 
 def periodic_eval(cfg: RunConfig) -> Callable[[Path], dict[str, float]] | None:
@@ -27,7 +29,8 @@ def periodic_eval(cfg: RunConfig) -> Callable[[Path], dict[str, float]] | None:
     if not (cfg.train.eval_every and cfg.train.eval_suite):
         return None
     check_files(load_suite(cfg.train.eval_suite))  # a bad suite or a missing file fails now, not at the first eval
-    out_root = Path(cfg.train.output_dir) / "eval"
+    out = cfg.train.output_dir  # an object-storage run keeps its reports in its local mirror
+    out_root = (RunStore(out).local if storage.is_object_url(out) else Path(out)) / "eval"
 
     def evaluate(checkpoint: Path) -> dict[str, float]:
         report = run(EvalConfig(model=str(checkpoint), suite=cfg.train.eval_suite,

@@ -247,7 +247,8 @@ class TrainConfig(Section):
         None, description="DeepSpeed JSON merged over the generated config (launch/ds_zero*.json)"
     )
     seed: int = 0
-    output_dir: str = "runs/default"
+    output_dir: str = Field("runs/default", description="the run folder, or an object-storage URL (s3://...: "
+                            "trained in a local mirror, copied up at each checkpoint)")
     checkpoint_every: int = Field(200, gt=0, description="steps between checkpoints")
     keep_last: int = Field(2, gt=0)
     resume: str | None = Field(None, description="'auto', a checkpoint path, or None")

@@ -14,6 +14,7 @@ Every storage failure becomes one line naming the URL and the cause
 
 from __future__ import annotations
 
+import json
 import posixpath
 import re
 from collections.abc import Iterator
@@ -24,10 +25,11 @@ from typing import IO
 import fsspec
 import webdataset
 
-from vlp.core.atomic import write_atomic
+from vlp.core.atomic import json_bytes, write_atomic
 from vlp.core.confine import inside, relative_name
 from vlp.core.errors import UserError, first_line
 from vlp.core.object_stream import open_object
+from vlp.core.ownership import MARKER, marker
 from vlp.core.smallfiles import DEFAULT_LIMIT, read_small
 
 URL = re.compile(r"^([a-z][a-z0-9+.-]*)://")
@@ -212,3 +214,20 @@ def _gopen_object_url(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> 
 # process that imports this module (the loader's workers are forked from one) reads these stores too.
 for _proto in OBJECT_PROTOCOLS:
     webdataset.gopen_schemes.setdefault(_proto, _gopen_object_url)
+
+
+def claim_url(url: str, kind: str, command: str, hint: str) -> None:
+    """vlp.core.ownership's `claim` for an object-storage prefix: the marker is an object; a store gives no lock."""
+    present = set(names(url))
+    if MARKER in present:
+        try:
+            mark = json.loads(read_bytes(join(url, MARKER)))
+        except ValueError:
+            mark = None
+        if not isinstance(mark, dict) or mark.get("kind") != kind:
+            found = mark.get("kind") if isinstance(mark, dict) else "unreadable"
+            raise UserError(f"{url} holds vlp {found!r} output, not {kind}; {hint}")
+        return
+    if present:
+        raise UserError(f"{url} is not empty and was not made by vlp; {hint}")
+    write_bytes(join(url, MARKER), json_bytes(marker(kind, command)))

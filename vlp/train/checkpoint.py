@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from vlp.core.atomic import fsync_dir, write_atomic, write_json
 from vlp.core.errors import UserError
@@ -171,8 +172,6 @@ SAME_ON_RESUME = (("model", "name"), ("train", "zero_stage"), ("train", "precisi
 def check_same_run(path: Path, run_config: dict) -> None:
     """A one-line error when the checkpoint was trained with another model, ZeRO stage, precision or loss kind
     (DeepSpeed would fail part way, with a shape mismatch or a missing optimizer file)."""
-    import yaml
-
     try:
         saved = yaml.safe_load(read_small(path / "config.yaml", "checkpoint config", 1 << 20).decode("utf-8"))
     except (OSError, UserError, ValueError, yaml.YAMLError):

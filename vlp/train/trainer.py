@@ -16,6 +16,7 @@ preemption, Ctrl-C) finish the current step, save a checkpoint and exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -36,6 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from vlp.core import distributed as vdist
+from vlp.core import storage
 from vlp.core.atomic import write_atomic
 from vlp.core.config import RunConfig, dump_config
 from vlp.core.errors import UserError, first_line
@@ -62,6 +64,7 @@ from vlp.train.loader.batches import Batch, ShardLoader, normalize
 from vlp.train.loader.plan import PlanSpec, steps_per_epoch
 from vlp.train.loader.sources import resolve_sources
 from vlp.train.losses import ContrastiveLoss
+from vlp.train.runstore import RunStore
 from vlp.train.schedule import adam_settings, clamp_logit_scale, lr_at, make_optimizer, param_groups, set_lr
 from vlp.train.speedups import (
     choose_speedups,
@@ -311,10 +314,12 @@ def _single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(vdist.find_free_port()))
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig, folder: bool = True) -> None:
     """Fail in a second, in one line, on what would otherwise fail after setup: the output folder,
-    the shards, the model, its weights, the DeepSpeed JSON, the resume checkpoint, the logging backends."""
-    check_run_folder(Path(cfg.train.output_dir), cfg.train.resume)
+    the shards, the model, its weights, the DeepSpeed JSON, the resume checkpoint, the logging backends.
+    `folder=False`: all but the output folder (an object-storage run checks its mirror once filled)."""
+    if folder:
+        check_run_folder(Path(cfg.train.output_dir), cfg.train.resume)
     check_report_to(cfg.train.report_to)
     resolve_sources(cfg.data.sources)
     check_model(cfg.model)
@@ -323,7 +328,13 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.train.channels_last is True and zero_stage_of(deepspeed_config(cfg, 1)) > 0:
         # ZeRO points the weights into its flat buffers; a new layout would cut them loose from the update
         raise UserError("config key 'train.channels_last': works with ZeRO stage 0 only (train.zero_stage=0)")
-    if cfg.train.resume is not None:  # the checkpoint it would resume from: the same model and layout
+    if folder:
+        check_resume(cfg)
+
+
+def check_resume(cfg: RunConfig) -> None:
+    """The checkpoint a run would resume from verifies and has the run's model and layout."""
+    if cfg.train.resume is not None:
         path = resolve_resume(cfg.train.resume, Path(cfg.train.output_dir) / "checkpoints", say=lambda line: None)
         if path is not None:
             check_same_run(path, cfg.model_dump())
@@ -334,15 +345,25 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, evaluate: Callable[[Path], dict[str, float]] | None = None):
         """`evaluate(checkpoint)` -> metrics runs every `train.eval_every` steps (the app's eval hook)."""
+        self.config_yaml = dump_config(cfg)  # as given: an object-storage output_dir stays its URL
+        self.is_main = vdist.detect_env().rank == 0
+        # an object-storage output_dir: the run lives in a local mirror, filled here and copied up at checkpoints
+        self.store = RunStore(cfg.train.output_dir) if storage.is_object_url(cfg.train.output_dir) else None
+        if self.store is None:
+            preflight(cfg)  # everything checkable, before DeepSpeed and before any folder is made
+        else:
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": str(self.store.local)})})
+            preflight(cfg, folder=False)  # before anything is claimed at the URL
+            if self.is_main:  # the other ranks read the mirror only after DeepSpeed's setup, which waits for this
+                self.store.pull(cfg.train.resume)
+                check_resume(cfg)
         self.cfg = cfg
         self.evaluate = evaluate
         self.out = Path(cfg.train.output_dir)
-        preflight(cfg)  # everything checkable, before DeepSpeed and before any folder is made
         self.env = vdist.init_distributed()
         if self.env.world_size == 1:
             _single_process_env()
         vdist.prepare_for_deepspeed()  # before deepspeed is imported
-        self.is_main = self.env.rank == 0
         self.lock = claim_run_folder(self.out) if self.is_main else None
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed + self.env.rank)
@@ -422,10 +443,13 @@ class Trainer:
         return (state, self.cfg.model.name) if self.is_main else None
 
     def save(self, pos: Position) -> Path:
-        return save_checkpoint(
-            self.engine, self.out / "checkpoints", pos.step, pos.as_dict(), dump_config(self.cfg),
+        path = save_checkpoint(
+            self.engine, self.out / "checkpoints", pos.step, pos.as_dict(), self.config_yaml,
             self._model_weights, self.env.rank, self.cfg.train.keep_last,
         )
+        if self.store is not None and self.is_main:
+            self.store.push(path)
+        return path
 
     def restore(self) -> Position:
         say = (lambda line: print(line, file=sys.stderr)) if self.is_main else (lambda line: None)
@@ -481,7 +505,7 @@ class Trainer:
         self.stop = _StopFlag()
         metrics = _Metrics(self.cfg, self.out, self.is_main, pos.step)
         if self.is_main:
-            (self.out / "config.yaml").write_text(dump_config(self.cfg))
+            (self.out / "config.yaml").write_text(self.config_yaml)
         result = TrainResult(pos, self.out)
         bar = tqdm(total=self.total_steps, initial=pos.step, unit="step", desc="train",
                    disable=None if self.is_main else True, dynamic_ncols=True)  # None: off in non-TTY logs
@@ -540,6 +564,9 @@ class Trainer:
             bar.close()
             metrics.close(failed)
             self.stop.restore()
+            if self.store is not None and self.is_main and failed:  # the logs say why: up with them
+                with contextlib.suppress(Exception):  # never hide the run's own error behind an upload's
+                    self.store.push(None)
         return result
 
     def _eval_due(self, pos: Position) -> bool:
