@@ -28,6 +28,14 @@ builds the same local-file inputs into a local folder and into s3:// on moto's
 S3 server on loopback (tests/s3_server.py, in this process), and checks the
 objects equal the local files.
 
+    python bench/shards.py --latency 50,300 --hosts 1000 [--n 2000]
+
+the same comparison against a server that emulates the web: each request answered after a
+delay drawn uniformly from the range (ms), the images spread over --hosts hosts (loopback
+addresses 127.1.x.y of their own, one asyncio listener each, so per-host limits see 1,000
+hosts). Both tools get the same processes and threads; vlp also at the settings a crawl would
+use (--threads 64).
+
     python bench/shards.py --profile [--n 500]
 
 times each step of one image in one thread, for vlp (read, sha256, header +
@@ -98,6 +106,57 @@ def serve(folder: str, port: int, host: str = "127.0.0.1") -> None:
     Server((host, port), functools.partial(Quiet, directory=folder)).serve_forever()
 
 
+def host_address(i: int) -> str:
+    """The i-th emulated web host: a loopback address of its own (Linux routes all of 127/8 to lo)."""
+    return f"127.1.{i // 250}.{1 + i % 250}"
+
+
+def serve_latency(folder: str, port: int, hosts: int, latency: tuple[float, float]) -> None:
+    """HTTP/1.1 GETs of files in `folder` on `hosts` loopback addresses, each answered after a delay."""
+    import asyncio
+    import random
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a listener per host, plus the connections
+    root = Path(folder)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await reader.readline()
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass
+            await asyncio.sleep(random.uniform(*latency) / 1000)
+            file = root / Path(request.split()[1].decode()).name  # a name in the folder, nothing else
+            body = file.read_bytes() if file.is_file() else b""
+            status = b"200 OK" if body else b"404 Not Found"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+        except (ConnectionError, IndexError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+
+    async def run() -> None:
+        for i in range(hosts):
+            await asyncio.start_server(answer, host_address(i), port, backlog=256)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+def start_latency_server(folder: Path, hosts: int, latency: str) -> tuple[subprocess.Popen, int]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host_address(0), 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(folder), "--port", str(port),
+                             "--hosts", str(hosts), "--latency", latency])
+    time.sleep(2.0 + hosts / 500)
+    return proc, port
+
+
 def start_server(folder: Path, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
     """The file server in its own process, so it does not share a GIL with either tool."""
     import socket
@@ -111,10 +170,10 @@ def start_server(folder: Path, host: str = "127.0.0.1") -> tuple[subprocess.Pope
 
 
 def run_vlp(csv_path: Path, out: Path | str, args, engine: str = "local", env: dict | None = None,
-            address: str | None = None) -> tuple[float, int]:
+            address: str | None = None, threads: int = 16) -> tuple[float, int]:
     cmd = [sys.executable, "-m", "vlp", "shards", "build", str(csv_path), "--output", str(out), "--overwrite",
            "--image-size", str(args.image_size), "--resize-mode", "border", "--encode-quality", "95",
-           "--workers", str(args.workers), "--threads", "16", "--shard-size", "500", "--quiet",
+           "--workers", str(args.workers), "--threads", str(threads), "--shard-size", "500", "--quiet",
            "--resize-filter", args.resize_filter,
            "--engine", engine]
     if engine == "ray" and (address or args.ray_address):
@@ -156,10 +215,14 @@ def main() -> None:
     parser.add_argument("--ray-address", help="with --compare ray: a running cluster (default: start one here)")
     parser.add_argument("--two-nodes", action="store_true",
                         help="with --compare ray: also on a two-node cluster (second node in a netns)")
+    parser.add_argument("--latency", help="LO,HI: a web-like server answering after LO-HI ms (uniform)")
+    parser.add_argument("--hosts", type=int, default=1000, help="with --latency: hosts the images are spread over")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run the file server
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve and args.latency:
+        return serve_latency(args.serve, args.port, args.hosts, tuple(float(v) for v in args.latency.split(",")))
     if args.serve:
         return serve(args.serve, args.port, args.host)
     work = Path(args.work)
@@ -171,6 +234,8 @@ def main() -> None:
         return profile(images[: args.n], args)
     if args.compare == "s3":
         return compare_s3(write_csv(work / "local.csv", [p.as_uri() for p in images]), work, args)
+    if args.latency:
+        return compare_latency(images, work, args)
     if args.compare == "img2dataset":
         img2dataset_python()
     host = "127.0.0.1"
@@ -204,6 +269,30 @@ def main() -> None:
     print(markdown(table))
     write_result(f"shards_vs_img2dataset_{args.resize_filter}", "Shard building: vlp vs img2dataset", [table],
                  order=35)
+
+
+def compare_latency(images: list[Path], work: Path, args) -> None:
+    """vlp and img2dataset on the web-like server (--latency, --hosts), at equal settings; vlp also at 64 threads."""
+    img2dataset_python()
+    server, port = start_latency_server(work / "images", args.hosts, args.latency)
+    try:
+        csv_path = write_csv(work / "latency.csv", [f"http://{host_address(i % args.hosts)}:{port}/{p.name}"
+                                                   for i, p in enumerate(images)])
+        runs = {"vlp, 16 threads": run_vlp(csv_path, work / "out-vlp", args),
+                "img2dataset, 16 threads": run_img2dataset(csv_path, work / "out-img2dataset", args),
+                "vlp, 64 threads": run_vlp(csv_path, work / "out-vlp", args, threads=64)}
+    finally:
+        server.terminate()
+    base = runs["img2dataset, 16 threads"][1] / runs["img2dataset, 16 threads"][0]
+    rows = [[name, f"{n / t:.0f} ({n} written, {t:.1f} s)", f"{n / t / base:.2f}x"] for name, (t, n) in runs.items()]
+    for row in rows:
+        print("  " + " | ".join(row), flush=True)
+    table = {"title": f"shard building from a web-like server: {args.n} JPEGs 256-1024 px over {args.hosts} "
+                      f"loopback hosts, each request answered after {args.latency.replace(',', '-')} ms; -> "
+                      f"{args.image_size} px border, {args.workers} processes; vlp --resize-filter {args.resize_filter}",
+             "columns": ["tool", "images/s", "vs img2dataset"], "rows": rows}
+    print(markdown(table))
+    write_result("shards_latency", "Shard building from a server with web-like latency", [table], order=36)
 
 
 def _same_files(a: Path, b: Path) -> bool:
