@@ -194,6 +194,9 @@ class Encoder:
         self.batch_size = batch_size
         self.bf16 = bf16
         self.workers = max(1, workers)
+        scale = getattr(model, "logit_scale", None)  # open_clip keeps log(scale): the loss uses exp
+        self.logit_scale = float(scale.detach().float().exp().reshape(-1)[0]) if isinstance(scale, torch.Tensor) \
+            else None
         self.dim = int(self._probe_dim())
 
     def _probe_dim(self) -> int:

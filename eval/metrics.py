@@ -127,6 +127,22 @@ def retrieval_ranks_from_scores(
     return text_ranks, image_ranks
 
 
+def batched_clip_loss(images: torch.Tensor, texts: torch.Tensor, logit_scale: float, batch: int) -> float | None:
+    """open_clip_train's validation loss: CLIP's symmetric cross-entropy over consecutive batches of
+    `batch` pairs (row i of each is a pair), averaged over pairs (a short last batch counts for its size)."""
+    n = images.shape[0]
+    if n == 0:
+        return None
+    total = 0.0
+    for start in range(0, n, batch):
+        img, txt = images[start:start + batch].float(), texts[start:start + batch].float()
+        logits = logit_scale * img @ txt.T
+        labels = torch.arange(img.shape[0])
+        loss = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+        total += float(loss) * img.shape[0]
+    return total / n
+
+
 def qb_norm(sims: torch.Tensor, bank_sims: torch.Tensor, beta: float = 20.0, k: int = 1) -> torch.Tensor:
     """Querybank normalisation with dynamic inverted softmax (Bogolin et al., CVPR 2022).
 

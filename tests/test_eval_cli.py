@@ -459,3 +459,24 @@ def test_retrieval_reports_both_dbnorm_variants_with_banks_from_files(exported, 
     assert all(0 <= v <= 1 for v in task["metrics"].values())
     assert task["details"]["db_norm"] == {"beta_query": 10, "beta_gallery": 5, "k": 1, "bank_texts": 5,
                                           "bank_images": 5}
+
+
+def test_retrieval_reports_the_validation_loss(tmp_path, exported):
+    """`loss_batch_size` adds open_clip_train's validation loss: each image with its first caption, the model's
+    own logit scale, batches of 4 (recomputed here from the dataset the suite wrote)."""
+    from open_clip.loss import ClipLoss
+    from vlp.eval.encoders import load_encoder, resolve_model
+
+    suite = write_suite(tmp_path / "s.yaml", [{"name": "val", "type": "retrieval", "loss_batch_size": 4,
+                                               "dataset": {"format": "synthetic", "n": 10, "image_size": 32}}])
+    out = tmp_path / "o"
+    assert run_cli("--model", exported, "--suite", suite, "--out", out, "--cache-dir", tmp_path / "c", "--quiet") == 0
+    loss = json.loads((out / "report.json").read_text())["tasks"]["val"]["metrics"]["clip_val_loss"]
+    data = next((tmp_path / "c").rglob("dataset_synthetic.json"))
+    images = json.loads(data.read_text())["images"]
+    encoder, _ = load_encoder(resolve_model(str(exported)))
+    img = encoder.encode_images([data.parent / i["filepath"] / i["filename"] for i in images])
+    txt = encoder.encode_texts([i["sentences"][0]["raw"] for i in images])
+    scale = torch.tensor(encoder.logit_scale)
+    want = sum(ClipLoss()(img[s:s + 4], txt[s:s + 4], scale).item() * len(img[s:s + 4]) for s in (0, 4, 8)) / 10
+    assert loss == pytest.approx(want, rel=1e-5)

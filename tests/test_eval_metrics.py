@@ -222,3 +222,17 @@ def test_class_embeddings_average_normalised_prompts_then_renormalise():
     )  # mean of unit vectors, renormalised
     assert torch.allclose(w[:, 1], torch.tensor([1.0, 0.0]))
     assert prompts(["a", "b"], ["x {c}", "{c} y"]) == ["x a", "a y", "x b", "b y"]
+
+
+def test_batched_clip_loss_is_open_clip_trains_validation_loss():
+    """Batches of 4, 4 and 2 pairs: each batch's ClipLoss (open_clip's own), weighted by its size."""
+    from open_clip.loss import ClipLoss
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(10, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(10, 8, generator=g), dim=-1)
+    scale = 14.3
+    want = sum(ClipLoss()(img[s:s + 4], txt[s:s + 4], torch.tensor(scale)).item() * len(img[s:s + 4])
+               for s in (0, 4, 8)) / 10
+    assert metrics.batched_clip_loss(img, txt, scale, 4) == pytest.approx(want, rel=1e-6)
+    assert metrics.batched_clip_loss(img[:0], txt[:0], scale, 4) is None

@@ -12,7 +12,9 @@ Data formats:
 
 Metrics: `image_retrieval_recall@k` (text -> image: the caption's image in the
 top k) and `text_retrieval_recall@k` (image -> text: any of its captions in
-the top k), on scores = texts @ images.T. With `qb_norm`, the same figures
+the top k), on scores = texts @ images.T. With `loss_batch_size: B`, also
+`clip_val_loss`: the model's CLIP loss (its own logit scale) over each image and
+its first caption in batches of B, as open_clip_train's validation reports it. With `qb_norm`, the same figures
 after querybank normalisation (dynamic inverted softmax, eval.metrics.qb_norm)
 are reported next to them with a `_qbnorm` suffix. The querybank is either the
 test queries themselves (`self`: transductive, say so when quoting it) or
@@ -108,6 +110,9 @@ class RetrievalSpec(TaskSpec):
     recall_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
     qb_norm: QBNormSpec | None = None
     db_norm: DBNormSpec | None = None
+    loss_batch_size: int | None = Field(None, ge=2, description="also `clip_val_loss`: the model's CLIP loss over "
+                                        "each image and its first caption in batches of this size (open_clip_train's "
+                                        "validation loss, with its training batch size)")
 
     @field_validator("recall_k")
     @classmethod
@@ -259,6 +264,8 @@ class RetrievalTask(Task):
                 t2i_n = norm(t2i, bank_t @ image_feats.T, bank_i @ image_feats.T)  # queries: texts
                 i2t_n = norm(t2i.T, bank_i @ text_feats.T, bank_t @ text_feats.T)  # queries: images
                 self._add(out, curves, suffix, *metrics.retrieval_ranks_from_scores(t2i_n, text_image, i2t_n))
+        if self.spec.loss_batch_size:
+            out["clip_val_loss"] = self._val_loss(store.encoder.logit_scale, image_feats, text_feats, text_image)
         k1 = self.spec.recall_k[0]
         details: dict[str, Any] = {
             "n_images": len(kept),
@@ -282,6 +289,18 @@ class RetrievalTask(Task):
             skipped=self.skipped,
             details=details,
         )
+
+    def _val_loss(self, scale: float | None, image_feats: torch.Tensor, text_feats: torch.Tensor,
+                  text_image: torch.Tensor) -> float | None:
+        """The CLIP loss of (image, its first caption) pairs in the spec's batches; None without a logit scale."""
+        if scale is None or not len(text_image):
+            return None
+        first = {}
+        for t, i in enumerate(text_image.tolist()):
+            first.setdefault(i, t)
+        images = sorted(first)
+        return metrics.batched_clip_loss(image_feats[images], text_feats[[first[i] for i in images]], scale,
+                                         self.spec.loss_batch_size)
 
     def _banks(
         self, store: FeatureStore, text_feats: torch.Tensor, image_feats: torch.Tensor

@@ -84,8 +84,8 @@ FLAGS = (
     Flag("--log-every-n-steps", "train.log_every"),
     Flag("--accum-freq", None, note="vlp's large batch is exact gradient caching: train.batch_size=B*N "
          "train.micro_batch_size=B"),
-    Flag("--val-data", None, note="give the validation pairs as an eval suite task: train.eval_suite=FILE "
-         "train.eval_every=N"),
+    Flag("--val-data", None, note="give the validation shards as a retrieval task of an eval suite (dataset "
+         "format wds; loss_batch_size: B adds its clip_val_loss): train.eval_suite=FILE train.eval_every=N"),
     Flag("--zeroshot-frequency", None, note="train.eval_every=N steps with train.eval_suite=FILE"),
     Flag("--imagenet-val", None, note="a zeroshot_classification task in an eval suite (train.eval_suite)"),
     Flag("--dist-backend", None, note="vlp picks nccl with GPUs and gloo without"),
