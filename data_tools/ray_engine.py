@@ -76,6 +76,18 @@ TASK_NAME = "vlp_shards_chunk"
 INSTALL = "pip install 'vlp[ray]'"
 
 
+def ray_module():
+    """`import ray`, or a one-line error naming the extra to install."""
+    return _ray()
+
+
+def disconnect(started: bool) -> None:
+    """End what `connect` started (a connection, or the local instance and its record); leave a caller's own."""
+    if started:
+        _ray().shutdown()
+        _forget_processes()
+
+
 def _ray():
     try:
         import ray

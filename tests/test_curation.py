@@ -306,6 +306,27 @@ def test_cluster_files_decide_exactly_as_in_memory_with_one_bucket_or_many(sets,
         assert stats.buckets == (1 if bucket_bytes > 1 else 3) and stats.largest_bucket <= len(rows)
 
 
+
+@pytest.mark.slow
+def test_buckets_on_ray_tasks_decide_as_here(sets, embedded, tmp_path, capsys):
+    """--engine ray: each bucket a Ray task (a Ray instance started for the run, 2 CPUs): removed.jsonl byte for
+    byte the local engine's."""
+    a, _ = sets
+    meta = json.loads((embedded / "embed.json").read_text())
+    emb = embeddings.load(embedded, [s["url"] for s in meta["shards"]])
+    rows = np.nonzero(emb.table.column("error").is_null().to_numpy(zero_copy_only=False))[0]
+    x = emb.image_embeddings(rows)
+    threshold = float(np.quantile((x @ x.T)[np.triu_indices(len(rows), 1)], 0.97))  # some pairs, not all
+    outs = {}
+    for engine in ("local", "ray"):
+        outs[engine] = tmp_path / engine
+        assert main(["shards", "curate", str(a), "--output", str(outs[engine]), "--embeddings", str(embedded),
+                     "--semdedup-threshold", f"{threshold:.4f}", "--semdedup-clusters", "3", "--engine", engine,
+                     "--workers", "2", "--quiet"]) == 0
+    assert (outs["ray"] / "removed.jsonl").read_bytes() == (outs["local"] / "removed.jsonl").read_bytes()
+    assert "semantic_duplicate" in (outs["local"] / "removed.jsonl").read_text()
+
+
 def test_caption_threshold_needs_embeddings(sets, tmp_path, capsys):
     a, _ = sets
     assert main(["shards", "curate", str(a), "--output", str(tmp_path / "o"), "--semdedup-caption-threshold",

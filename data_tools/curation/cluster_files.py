@@ -10,7 +10,9 @@ memory at once:
    float16, and the caption embedding or thumbnail when those checks are on) to the file of its
    bucket: cluster mod B, with B chosen so that a bucket holds about `bucket_bytes`;
 3. each bucket is read back alone and each of its clusters deduplicated as dedup.py does in
-   memory (from the highest CLIP score down), so peak memory is one bucket, not the set.
+   memory (from the highest CLIP score down), so peak memory is one bucket, not the set;
+   with `--engine ray` the buckets are deduplicated as Ray tasks, a few per CPU of the cluster
+   in flight (each ships its bucket's arrays, so the driver holds that many buckets at most).
 
 With the same centroids the decisions equal the in-memory ones exactly (a test checks it):
 buckets only change what is in memory together, never which pairs are compared.
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +36,7 @@ from vlp.data_tools.output import private_dir
 TRAIN_POINTS = 1_000_000  # k-means sample cap: 2 GB at 512-d, whatever the set's size
 BUCKET_BYTES = 256 << 20
 MAX_BUCKETS = 4096
+TASKS_PER_CPU = 2  # with --engine ray: buckets in flight per CPU (the driver holds their arrays)
 
 
 @dataclass
@@ -86,9 +91,19 @@ class _Bucket:
         return array.reshape(-1, width) if width else array
 
 
+@dataclass
+class Engine:
+    """Where buckets are deduplicated: here, or as tasks on a Ray cluster (`ray_address`, else $RAY_ADDRESS,
+    else a Ray instance started on this machine with `cpus` CPUs)."""
+
+    kind: str = "local"
+    ray_address: str | None = None
+    cpus: int = 1
+
+
 def semantic_duplicates(emb: Embeddings, rows: np.ndarray, scores: np.ndarray, hashes: np.ndarray, k: int,
-                        checks: Checks, bucket_bytes: int = BUCKET_BYTES, seed: int = 0
-                        ) -> tuple[dict[int, tuple[int, float]], Stats]:
+                        checks: Checks, bucket_bytes: int = BUCKET_BYTES, seed: int = 0,
+                        engine: Engine | None = None) -> tuple[dict[int, tuple[int, float]], Stats]:
     """{removed row: (kept row it duplicates, cosine)} over the candidate rows (global row numbers, sorted);
     `scores` and `hashes` are indexed by global row."""
     stats = Stats()
@@ -105,10 +120,13 @@ def semantic_duplicates(emb: Embeddings, rows: np.ndarray, scores: np.ndarray, h
     try:
         buckets = [_Bucket(folder, b) for b in range(n_buckets)]
         _write_buckets(emb, rows, index, buckets, checks)
+        stats.largest_bucket = max(bucket.count for bucket in buckets)
+        loaded = (_load(bucket, dim, text_dim, scores, hashes, checks) for bucket in buckets if bucket.count)
+        run = _on_ray(loaded, checks, engine) if engine is not None and engine.kind == "ray" else (
+            dedup_bucket(arrays, checks) for arrays in loaded)
         removed: dict[int, tuple[int, float]] = {}
-        for bucket in buckets:
-            stats.largest_bucket = max(stats.largest_bucket, bucket.count)
-            removed.update(_dedup_bucket(bucket, dim, text_dim, scores, hashes, checks))
+        for found in run:
+            removed.update(found)
         return removed, stats
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -134,22 +152,59 @@ def _write_buckets(emb: Embeddings, rows: np.ndarray, index, buckets: list[_Buck
             buckets[int(b)].append(**arrays)
 
 
-def _dedup_bucket(bucket: _Bucket, dim: int, text_dim: int, scores: np.ndarray, hashes: np.ndarray,
-                  checks: Checks) -> dict[int, tuple[int, float]]:
+@dataclass
+class BucketArrays:
+    """What deduplicating one bucket needs, by position in the bucket (scores and hashes of its rows)."""
+
+    rows: np.ndarray
+    cluster: np.ndarray
+    image: np.ndarray
+    text: np.ndarray | None
+    thumbs: np.ndarray | None
+    scores: np.ndarray
+    hashes: np.ndarray
+
+
+def _load(bucket: _Bucket, dim: int, text_dim: int, scores: np.ndarray, hashes: np.ndarray,
+          checks: Checks) -> BucketArrays:
     rows = bucket.read("rows", np.int64)
-    if not len(rows):
-        return {}
-    cluster = bucket.read("cluster", np.int32)
-    x = bucket.read("img", np.float16, dim).astype(np.float32)
-    text = bucket.read("text", np.float16, text_dim).astype(np.float32) if text_dim else None
-    thumbs = bucket.read("thumb", np.uint8, copies.SIZE) if checks.copy_distance is not None else None
-    local_hashes = hashes[rows]
+    return BucketArrays(
+        rows, bucket.read("cluster", np.int32), bucket.read("img", np.float16, dim).astype(np.float32),
+        bucket.read("text", np.float16, text_dim).astype(np.float32) if text_dim else None,
+        bucket.read("thumb", np.uint8, copies.SIZE) if checks.copy_distance is not None else None,
+        scores[rows], hashes[rows])
+
+
+def dedup_bucket(a: BucketArrays, checks: Checks) -> dict[int, tuple[int, float]]:
+    """Each cluster of the bucket deduplicated alone (runs here or as a Ray task)."""
     removed = {}
-    for c in np.unique(cluster):
-        members = np.nonzero(cluster == c)[0]
+    for c in np.unique(a.cluster):
+        members = np.nonzero(a.cluster == c)[0]
         # best caption fit first, ties in row order (as dedup.semantic_duplicates)
-        members = members[np.lexsort((rows[members], -np.nan_to_num(scores[rows[members]], nan=-np.inf)))]
-        found = _greedy(x, members, checks.threshold, local_hashes, checks.hash_distance, text,
-                        checks.caption_threshold, thumbs, checks.copy_distance)
-        removed.update({int(rows[i]): (int(rows[j]), cosine) for i, (j, cosine) in found.items()})
+        members = members[np.lexsort((a.rows[members], -np.nan_to_num(a.scores[members], nan=-np.inf)))]
+        found = _greedy(a.image, members, checks.threshold, a.hashes, checks.hash_distance, a.text,
+                        checks.caption_threshold, a.thumbs, checks.copy_distance)
+        removed.update({int(a.rows[i]): (int(a.rows[j]), cosine) for i, (j, cosine) in found.items()})
     return removed
+
+
+def _on_ray(loaded: Iterator[BucketArrays], checks: Checks, engine: Engine) -> Iterator[dict[int, tuple[int, float]]]:
+    """dedup_bucket as Ray tasks, TASKS_PER_CPU per CPU of the cluster in flight, results in bucket order."""
+    from vlp.data_tools import ray_engine
+
+    ray = ray_engine.ray_module()
+    started = ray_engine.connect(engine.ray_address, engine.cpus)
+    window: deque = deque()
+    try:
+        task = ray.remote(dedup_bucket).options(max_retries=ray_engine.MAX_RETRIES, scheduling_strategy="SPREAD")
+        size = TASKS_PER_CPU * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        for arrays in loaded:
+            window.append(task.remote(arrays, checks))
+            if len(window) >= size:
+                yield ray.get(window.popleft())
+        while window:
+            yield ray.get(window.popleft())
+    finally:
+        for ref in window:  # stopped early: no work left behind on the cluster
+            ray.cancel(ref)
+        ray_engine.disconnect(started)

@@ -557,6 +557,12 @@ class CurateConfig(Section):
                                           "MetaCLIP does (default: any case)")
     semdedup_clusters: int = Field(0, ge=0, description="k-means clusters for semantic dedup (0: about one per "
                                                         "1,000 samples)")
+    engine: Literal["local", "ray"] = Field("local", description="where semantic dedup's cluster buckets are "
+                                            "deduplicated: here, or as tasks on a Ray cluster (same decisions)")
+    ray_address: str | None = Field(None, description="Ray cluster for --engine ray (HEAD:PORT; default: "
+                                    "$RAY_ADDRESS, else a Ray instance on this machine with --workers CPUs)")
+    workers: int = Field(default_factory=cpu_cores, ge=1, description="CPUs of the Ray instance --engine ray "
+                         "starts here")
     shard_size: int = Field(10_000, gt=0, description="samples per output shard")
     overwrite: bool = Field(False, description="replace an existing curated folder")
     quiet: bool = Field(False, description="no progress bar")
