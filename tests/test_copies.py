@@ -57,8 +57,8 @@ def test_thumbnails_are_16x16_rgb_and_views_cover_the_builders_resize_modes():
     wide = Image.new("RGB", (90, 30), (255, 0, 0))
     assert len(copies.thumbnail(wide)) == copies.SIZE == 768
     views = copies.views(wide)
-    assert len(views) == 3 and len(copies.views(drawing(0))) == 1
-    padded = np.frombuffer(views[2], np.uint8).reshape(16, 16, 3)
+    assert len(views) == copies.VIEWS == 21 and len(copies.views(drawing(0))) == 19  # 18 crop views each
+    padded = np.frombuffer(views[-1], np.uint8).reshape(16, 16, 3)
     assert (padded[0] == 0).all() and (padded[8] == (255, 0, 0)).all()  # black bars above, red in the middle
     array, present = copies.as_array([views[0], None, b"short"])
     assert present.tolist() == [True, False, False] and array.shape == (3, 768)
@@ -147,3 +147,22 @@ def test_embeddings_without_thumbnails_are_one_line_naming_what_to_do(flat_set, 
                  "--decontaminate-suite", str(suite), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no image thumbnails" in err and "run `vlp shards embed` again" in err
+
+
+def test_small_crops_of_flat_drawings_are_near_one_of_the_eval_images_crop_views():
+    """A training copy cropped to 96-99% of each side at a random offset (then JPEG): its thumbnail is far from
+    the eval image's own (block edges shift by up to half a block) but near one of its crop views."""
+    rng = np.random.default_rng(0)
+    plain, nearest = [], []
+    for s in range(40):
+        original = drawing(s)
+        w, h = original.size
+        f = rng.uniform(0.96, 0.99)
+        cw, ch = round(w * f), round(h * f)
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = _jpeg_copy(original.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BICUBIC), 85)
+        views = np.stack([np.frombuffer(v, np.uint8) for v in copies.views(original)])
+        d = copies.distance(_thumb(crop)[None], views)
+        plain.append(d[0])
+        nearest.append(d.min())
+    assert np.mean(np.array(nearest) <= COPY_DISTANCE) >= 0.9 > np.mean(np.array(plain) <= COPY_DISTANCE)

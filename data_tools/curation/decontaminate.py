@@ -44,7 +44,7 @@ class EvalImages:
 
 
 BATCH = 64
-VIEWS = 3  # as it is, centre square, black-padded square
+VIEWS = copies.VIEWS  # as it is, its small crops, centre square, black-padded square
 
 
 def suite_images(suite: str) -> list[tuple[str, ImageRef]]:
