@@ -687,3 +687,16 @@ def test_resuming_another_model_or_layout_is_one_line(tmp_path, change):
     key, value = change.split("=")
     with pytest.raises(UserError, match=rf"was trained with {key}=\S+, this run has {key}={value}"):
         check_same_run(tmp_path, load(RunConfig, None, [change], {}).model_dump())
+
+
+@pytest.mark.parametrize("config, wrong", [({"embed_dim": 64, "vision_cfg": {}, "text_cfg": 1.5}, "text_cfg"),
+                                           ({"embed_dim": "64", "vision_cfg": {}, "text_cfg": {}}, "embed_dim")])
+def test_a_model_config_of_the_wrong_shape_is_one_line(tmp_path, config, wrong):
+    """Found by bench/fuzz.py (model_config): a tower config that is not a mapping reached open_clip's code."""
+    from vlp.core.config import ModelConfig
+    from vlp.core.models import check_model
+
+    path = tmp_path / "my-model.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match=f"my-model.json: {wrong} must be"):
+        check_model(ModelConfig(config_file=str(path)))

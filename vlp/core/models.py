@@ -116,6 +116,10 @@ def register_config_file(cfg: ModelConfig) -> None:
     missing = [k for k in MODEL_CONFIG_KEYS if not isinstance(loaded, dict) or k not in loaded]
     if missing:
         raise UserError(f"{what}: an open_clip model config needs {', '.join(missing)}")
+    wrong = [k for k in ("vision_cfg", "text_cfg") if not isinstance(loaded[k], dict)]
+    if wrong or isinstance(loaded["embed_dim"], bool) or not isinstance(loaded["embed_dim"], int):
+        raise UserError(f"{what}: {(wrong or ['embed_dim'])[0]} must be "
+                        f"{'a mapping' if wrong else 'an integer'} (open_clip's model config layout)")
     register_model_configs()
     open_clip.add_model_config(path)
 
