@@ -141,7 +141,7 @@ def test_pickled_objects_are_refused(tmp_path):
     state["extra"] = Payload()  # any non-tensor global
     path = tmp_path / "evil.pt"
     torch.save(state, path)
-    with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
+    with pytest.raises(UserError, match=r"(?i)model.pretrained.*could not be loaded into model 'vlp-micro' \(UnpicklingError: weights only"):
         create_model(ModelConfig(name="vlp-micro", pretrained=str(path)), LossConfig())
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from vlp.data_tools import ray_engine
 from vlp.data_tools.curation import copies
 from vlp.data_tools.curation.dedup import KMEANS_ITERATIONS, POINTS_PER_CENTROID, _greedy, faiss_module
 from vlp.data_tools.curation.embeddings import Embeddings
@@ -190,8 +191,6 @@ def dedup_bucket(a: BucketArrays, checks: Checks) -> dict[int, tuple[int, float]
 
 def _on_ray(loaded: Iterator[BucketArrays], checks: Checks, engine: Engine) -> Iterator[dict[int, tuple[int, float]]]:
     """dedup_bucket as Ray tasks, TASKS_PER_CPU per CPU of the cluster in flight, results in bucket order."""
-    from vlp.data_tools import ray_engine
-
     ray = ray_engine.ray_module()
     started = ray_engine.connect(engine.ray_address, engine.cpus)
     window: deque = deque()

@@ -266,8 +266,9 @@ def _local(build: Callable, cfg: ModelConfig):
     except Exception as err:  # a pickle weights_only refuses, a corrupt file, another model's weights
         if cfg.pretrained is None:
             raise
+        why = re.sub(r"\x1b\[[0-9;]*m", "", first_line(err))[:200]  # torch's message carries terminal colours
         raise UserError(f"config key 'model.pretrained': {cfg.pretrained} could not be loaded into model "
-                        f"{cfg.name!r} ({type(err).__name__}: {first_line(err)[:200]}); vlp reads tensors only "
+                        f"{cfg.name!r} ({type(err).__name__}: {why}); vlp reads tensors only "
                         "(safetensors, or a torch file of plain tensors)") from None
 
 
