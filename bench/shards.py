@@ -292,7 +292,8 @@ def compare_latency(images: list[Path], work: Path, args) -> None:
                       f"{args.image_size} px border, {args.workers} processes; vlp --resize-filter {args.resize_filter}",
              "columns": ["tool", "images/s", "vs img2dataset"], "rows": rows}
     print(markdown(table))
-    write_result("shards_latency", "Shard building from a server with web-like latency", [table], order=36)
+    write_result(f"shards_latency_{args.resize_filter}", "Shard building from a server with web-like latency", [table],
+                 order=36)
 
 
 def _same_files(a: Path, b: Path) -> bool:
