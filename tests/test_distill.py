@@ -6,7 +6,6 @@ teacher that reads other inputs is refused in one line before training.
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 from open_clip.loss import DistillClipLoss
 from ranks import reduce_mean, run_local_ranks
 from shard_helpers import tiny_shards
+from train_runs import train_metrics
 
 from vlp.core.config import ModelConfig
 from vlp.core.models import create_model
@@ -87,12 +87,8 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _train(shards: Path, out: Path, *extra: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "vlp", "train", f"data.sources=[{{shards: '{shards}'}}]", "data.workers=0",
-           "model.name=vlp-micro", "train.batch_size=16", "train.steps=3", "train.log_every=1",
-           "optim.warmup_steps=1", f"train.output_dir={out}", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return train_metrics(shards, out, "data.workers=0", "train.steps=3", "train.log_every=1",
+                         "optim.warmup_steps=1", *extra)
 
 
 def test_training_with_a_teacher(setup, tmp_path):

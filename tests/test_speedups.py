@@ -8,9 +8,6 @@ convolutions (relative 1e-5 on every gradient tensor); compile fuses operations 
 from __future__ import annotations
 
 import copy
-import json
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import pytest
 import torch
 from ranks import run_local_ranks
 from test_gradcache import grads_of
+from train_runs import train_metrics
 from vlp.data_tools.build import build_shards
 from vlp.data_tools.synth import generate
 
@@ -189,12 +187,8 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _train(shards: Path, out: Path, *extra: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "vlp", "train", f"data.sources=[{{shards: '{shards}'}}]", "data.workers=1",
-           "model.name=vlp-micro", "train.batch_size=16", "train.steps=7", "optim.warmup_steps=2",
-           "train.checkpoint_every=4", f"train.output_dir={out}", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return train_metrics(shards, out, "data.workers=1", "train.steps=7", "optim.warmup_steps=2",
+                         "train.checkpoint_every=4", *extra)
 
 
 def test_log_every_logs_fewer_lines_and_trim_text_keeps_the_losses(shards, tmp_path):

@@ -19,8 +19,7 @@ few per cent would show it: its crops keeping 98.5% and 97% of each side, at the
 edges' middles and the centre (a 3x3 grid each). Its thumbnails of all those views are kept and
 the nearest counts: a crop moves the 16 blocks' edges by up to half a block, which a drawing's
 flat regions turn into tens of levels, and the nearest crop view takes most of that shift away
-(measured: crops of 96-99% within 6 levels went from 15-29% to 87-89% of real drawings, while
-distinct drawings came no closer). 21 views, 16 KB per eval image. The default thresholds come from measured distributions
+(bench/copy_signal.py's "nearest eval view" rows). 21 views, 16 KB per eval image. The default thresholds come from measured distributions
 of copy and distinct pairs (bench/curation.py --copy-signal; the docs' results page).
 """
 
