@@ -26,7 +26,7 @@ from pathlib import Path
 
 from vlp.core import storage
 from vlp.core.errors import UserError
-from vlp.core.ownership import claim
+from vlp.core.ownership import claim, owner
 from vlp.core.weights import STATE_FILE, complete_checkpoints
 
 LOGS = ("metrics.jsonl", "eval.jsonl", "out.log", "config.yaml")
@@ -52,7 +52,10 @@ class RunStore:
         if resume is None and ("metrics.jsonl" in names or steps):
             raise UserError(f"train.output_dir {self.url} holds a training run; pass train.resume=auto to "
                             f"continue it, or {HINT}")
-        shutil.rmtree(self.local, ignore_errors=True)
+        if self.local.exists() and (owner(self.local) or {}).get("kind") != "run" and any(self.local.iterdir()):
+            raise UserError(f"the local mirror {self.local} of {self.url} holds files vlp did not put there; "
+                            "move them, or set VLP_CACHE_DIR elsewhere")
+        shutil.rmtree(self.local, ignore_errors=True)  # a mirror vlp made: refilled from the URL
         self.local.mkdir(parents=True)
         claim(self.local, "run", "vlp train", HINT)  # the mirror is a run folder like any other
         for name in LOGS:
