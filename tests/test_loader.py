@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 import tarfile
@@ -74,6 +75,21 @@ def test_batches_cross_worker_processes_and_pin_whole(shards):
     assert torch.equal(pinned.images, batch.images) and torch.equal(pinned.hard_negatives, batch.hard_negatives)
     if torch.cuda.is_available():
         assert pinned.images.is_pinned() and pinned.texts.is_pinned() and pinned.hard_negative_mask.is_pinned()
+
+
+@pytest.mark.parametrize("nice", [19, 0])
+def test_loader_workers_run_at_the_configured_niceness(shards, nice):
+    """Workers yield the cores to the training step (data.worker_nice), and read the same batches."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    loader = _loader(str(shards), workers=2, worker_nice=nice)
+    iterator = iter(loader.epoch(0))
+    batches = [next(iterator) for _ in range(3)]
+    pids = [w.pid for w in iterator._workers]  # torch's worker processes, alive while the epoch is open
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids] == [min(19, own + nice)] * 2
+    iterator._shutdown_workers()
+    plain = _take(_loader(str(shards), workers=2, worker_nice=0).stream(), 3)
+    assert [b.keys for b in batches] == [b.keys for b in plain]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(batches, plain, strict=True))
 
 
 def test_normalize_is_x_over_255_minus_mean_over_std_with_the_models_statistics():

@@ -122,6 +122,9 @@ class DataConfig(Section):
                        "block of each per shuffle window: an input sorted by source, or few large shards, still "
                        "gives mixed batches (1: read the part front to back)")
     workers: int = Field(2, ge=0)
+    worker_nice: int = Field(19, ge=0, le=19, description="niceness added to each loader worker process: where "
+                             "the workers and the training step share the cores, the step (which the rest waits "
+                             "on) goes first and the workers fill its gaps (0: the trainer's own priority)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     text_augment: TextAugmentConfig = Field(default_factory=TextAugmentConfig)
     multi_caption: bool = Field(False, description="pick one of the sample json's `captions` per sample per "

@@ -24,9 +24,11 @@ them, tokenises the captions and assembles batches inside the loader workers.
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import json
 import math
+import os
 import random
 import signal
 import weakref
@@ -399,15 +401,21 @@ class _Fallback:
 # ------------------------------------------------------------------ loader
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGINT to the trainer, which stops cleanly after its step.
+def _start_worker(nice: int, worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGINT to the trainer, which stops cleanly after its step, and
+    yield the cores to the step.
 
     Launchers (torchrun, SLURM) signal whole process groups; a worker that died
     on the signal would break the step the trainer is finishing before it saves.
+    Niceness: on a machine where the step's threads and the workers share the cores, a worker
+    preempting one of the step's threads stalls them all at the next barrier, while the
+    workers, a few batches ahead in their queue, lose nothing by waiting.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()  # ignoring SIGTERM must not make an orphan: a killed trainer takes its workers along
+    if nice:
+        os.nice(nice)
 
 
 class _Loader(DataLoader):
@@ -500,7 +508,7 @@ class ShardLoader:
             num_workers=workers,
             prefetch_factor=4 if workers else None,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=functools.partial(_start_worker, self.cfg.worker_nice),
             generator=generator,
         )
 
