@@ -1,6 +1,7 @@
 """A/B of the hard-negative loss term at equal budget: the demo's recipe with and without it.
 
     python bench/hard_negatives.py [--samples 96000] [--k 1] [--weight 0.5] [--from-step N] [--mode pairwise] [--seeds 2]
+                                   [--negatives synthetic|counts]
 
 Both arms train vlp-tiny-rn from scratch on the demo's shards for the same
 number of samples and steps (same batch, schedule, seeds); B adds k
@@ -15,6 +16,12 @@ one seed in two). Each arm runs `--seeds` seeds (train.seed
 0, 1, ...) and is evaluated on the default suite; printed are the means,
 B - A in points, and the training time (the extra captions cost text-tower
 compute).
+
+`--negatives counts`: B's negatives come not from the generator but from the
+captions themselves, as for real data: the demo's pairs built again with `vlp
+shards build --count-counterfactuals` (a caption stating a count gets copies
+with the number swapped; "Teaching CLIP to Count to Ten"), the generator's
+counterfactuals left out; both arms read those shards.
 """
 
 from __future__ import annotations
@@ -29,6 +36,20 @@ from baselines import Recipe, markdown, train_vlp, write_result  # noqa: E402
 from compare import METRICS, demo_shards, evaluate  # noqa: E402
 
 
+def count_shards(shards: Path) -> Path:
+    """The demo's pairs built again with counterfactual counts from the captions (and without the generator's)."""
+    from vlp.data_tools.build import build_shards
+
+    from vlp.core.config import ShardsBuildConfig
+
+    out = shards.parent / "shards-count-counterfactuals"
+    if not (out / "manifest.json").exists():
+        opts = ShardsBuildConfig(inputs=[str(shards.parent / "synth" / "pairs.csv")], output=str(out), image_size=64,
+                                 resize_mode="border", keep_cols=["kind"], count_counterfactuals=True, workers=2)
+        print("  " + build_shards(opts, progress=False).line(), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=96_000)
@@ -38,10 +59,13 @@ def main() -> None:
     parser.add_argument("--from-step", type=int, help="data.hard_negatives_from_step in run B (default: half way)")
     parser.add_argument("--mode", default="pairwise", choices=["pairwise", "denominator"])
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--negatives", default="synthetic", choices=["synthetic", "counts"])
     parser.add_argument("--work", default="/tmp/vlp-bench-hardneg")
     args = parser.parse_args()
-    work = Path(args.work)
+    work = Path(args.work) / args.negatives
     shards = demo_shards(args.pairs)
+    if args.negatives == "counts":
+        shards = count_shards(shards)
     recipe = Recipe(model="vlp-tiny-rn", steps=args.samples // 128)
     from_step = recipe.steps // 2 if args.from_step is None else args.from_step
     arms = {
@@ -70,11 +94,16 @@ def main() -> None:
         rows.append([column, f"{va:.1f}", f"{vb:.1f}", f"{vb - va:+.1f}"])
     ta, tb = (sum(run.seconds for run, _ in results[n]) / args.seeds for n in (a, b))
     rows.append(["training time (s)", f"{ta:.0f}", f"{tb:.0f}", f"{tb - ta:+.0f}"])
+    source = ("the generator's counterfactuals" if args.negatives == "synthetic" else
+              "counterfactual counts made from the captions at shard build")
     table = {"title": f"hard-negative A/B, vlp-tiny-rn, {args.samples} samples per run, mean of {args.seeds} "
-                      "seed(s), default suite (%)", "columns": ["metric", a, b, "B - A"], "rows": rows}
+                      f"seed(s), negatives: {source}, default suite (%)", "columns": ["metric", a, b, "B - A"],
+             "rows": rows}
     print(markdown(table))
-    write_result("hard_negatives", "Hard negatives (counting- and composition-aware training), A/B", [table],
-                 order=60)
+    name = "hard_negatives" if args.negatives == "synthetic" else "count_counterfactuals"
+    write_result(name, "Hard negatives (counting- and composition-aware training), A/B" if args.negatives ==
+                 "synthetic" else "Counting from the captions' counts (--count-counterfactuals), A/B", [table],
+                 order=60 if args.negatives == "synthetic" else 61)
 
 if __name__ == "__main__":
     main()

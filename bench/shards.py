@@ -20,7 +20,9 @@ compares vlp's two engines instead: the local process pool and `--engine ray`
 or on the cluster at --ray-address), on the same inputs and settings. The Ray
 figure includes starting or connecting to Ray, as a user's run does. With
 --two-nodes it also builds on the tests' two-node cluster (tests/ray_cluster.py:
-head + a node in its own network namespace, 1 CPU each; needs root).
+head + a node in its own network namespace, 1 CPU each; needs root); with --pinned each
+node's processes run on a core of their own (taskset: the head on core 0, the node on core 1),
+and a one-node cluster pinned alike is the baseline of the scaling figure.
 
     python bench/shards.py --compare s3
 
@@ -215,6 +217,9 @@ def main() -> None:
     parser.add_argument("--ray-address", help="with --compare ray: a running cluster (default: start one here)")
     parser.add_argument("--two-nodes", action="store_true",
                         help="with --compare ray: also on a two-node cluster (second node in a netns)")
+    parser.add_argument("--pinned", action="store_true",
+                        help="with --two-nodes: each node's processes on a core of its own (taskset), and a "
+                             "one-node cluster pinned alike to compare with: the scaling figure")
     parser.add_argument("--latency", help="LO,HI: a web-like server answering after LO-HI ms (uniform)")
     parser.add_argument("--hosts", type=int, default=1000, help="with --latency: hosts the images are spread over")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run the file server
@@ -305,22 +310,27 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
     """Local and Ray on this machine per source; then, with --two-nodes, the two-node cluster (started only
     for its runs: its idle daemons would slow the others down)."""
     runs: dict[str, dict] = {name: {} for name in sources}
-    folders = {name: [work / f"out-{i}-{k}" for k in range(3)] for i, name in enumerate(sources)}
+    folders = {name: [work / f"out-{i}-{k}" for k in range(2)] for i, name in enumerate(sources)}
     for name, csv_path in sources.items():
         runs[name]["local"] = run_vlp(csv_path, folders[name][0], args, "local")
         runs[name]["ray, 1 node"] = run_vlp(csv_path, folders[name][1], args, "ray")
-    cluster = None
     if args.two_nodes:
         import ray_cluster
 
         try:
-            cluster = ray_cluster.start(work / "ray-cluster", network_up=True)
-            for name, csv_path in sources.items():
-                runs[name]["ray, 2 nodes"] = run_vlp(csv_path, folders[name][2], args, "ray",
-                                                     env={**os.environ, **cluster.env}, address=cluster.address)
+            clusters = [(1, "ray, 1 pinned node"), (2, "ray, 2 pinned nodes")] if args.pinned else [(2, "ray, 2 nodes")]
+            for nodes, label in clusters:
+                cluster = ray_cluster.start(work / f"ray-cluster-{nodes}", network_up=True, nodes=nodes,
+                                            pinned=args.pinned)
+                try:
+                    for name, csv_path in sources.items():
+                        folder = work / f"out-{list(sources).index(name)}-{label.replace(' ', '_')}"
+                        folders[name].append(folder)
+                        runs[name][label] = run_vlp(csv_path, folder, args, "ray", env={**os.environ, **cluster.env},
+                                                    address=cluster.address)
+                finally:
+                    ray_cluster.stop(cluster)
         finally:
-            if cluster:
-                ray_cluster.stop(cluster)
             ray_cluster.HOSTS.down()
     rows = []
     for name in sources:
@@ -330,6 +340,8 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
     where = args.ray_address or f"1 node: a Ray instance started here with {args.workers} CPUs"
     if args.two_nodes:
         where += "; 2 nodes: head + a node in a network namespace, 1 CPU each, on this machine's cores"
+        if args.pinned:
+            where += " (pinned: the head's processes on core 0, the node's on core 1; 1 pinned node: the head alone)"
     names = list(rows[0][1])
     table_rows = []
     for name, runs, same in rows:

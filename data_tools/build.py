@@ -41,6 +41,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tqdm import tqdm
 from vlp.data_tools.captions import CaptionError, normalise_caption
+from vlp.data_tools.compositions import compositional_negatives
 from vlp.data_tools.counts import count_counterfactuals
 from vlp.data_tools.history import (
     BASE_PART,
@@ -82,6 +83,7 @@ def fingerprint(cfg: ShardsBuildConfig) -> dict:
         "keep_cols": list(cfg.keep_cols),
         "caption_cols": list(cfg.caption_cols),
         **({"count_counterfactuals": True} if cfg.count_counterfactuals else {}),  # off: as before it existed
+        **({"compositional_negatives": True} if cfg.compositional_negatives else {}),
         # "no limit" is fingerprinted as it was when it was spelled inf: such builds still resume
         "image": dataclasses.asdict(image_options(cfg)) | {"max_aspect_ratio": str(cfg.max_aspect_ratio or float("inf"))},
         "fetch": dataclasses.asdict(fetch_options(cfg)),
@@ -363,6 +365,11 @@ def _sample_meta(record: dict, opts: ShardsBuildConfig, extra: dict, counts: Cou
         counts["captions_with_count" if swapped else "captions_without_count"] += 1
         if swapped:
             meta["hard_negatives"] = {"count": swapped}
+    if opts.compositional_negatives:
+        found = compositional_negatives(record["caption"])
+        counts["captions_with_compositional_negatives" if found else "captions_without_compositional_negatives"] += 1
+        if found:
+            meta["hard_negatives"] = meta.get("hard_negatives", {}) | found
     return meta
 
 
@@ -478,7 +485,7 @@ def build_shards(opts: ShardsBuildConfig, progress: bool = True) -> BuildSummary
         raise UserError("vlp shards build: --output DIR is required")
     keep = columns_read(opts)
     clash = sorted(set(keep) & (RESERVED_FIELDS | {"captions"} | ({"hard_negatives"} if opts.count_counterfactuals
-                                                                 else set())))
+                                                                 or opts.compositional_negatives else set())))
     if clash:
         flag = "--keep-cols" if clash[0] in opts.keep_cols else "--caption-cols"  # the flag the column came from
         raise UserError(f"{flag} {','.join(clash)}: the sample json already has a field of that name "
@@ -555,6 +562,7 @@ def retry_options(stored: dict, cfg: ShardsRetryConfig) -> ShardsBuildConfig:
         output=cfg.output, url_col=stored["url_col"], caption_col=stored["caption_col"],
         keep_cols=stored["keep_cols"], caption_cols=stored.get("caption_cols", []),
         count_counterfactuals=stored.get("count_counterfactuals", False),
+        compositional_negatives=stored.get("compositional_negatives", False),
         **{k: v for k, v in image.items() if k != "max_aspect_ratio"}, max_aspect_ratio=0.0 if aspect == float("inf")
         else aspect, caption_max_chars=stored["caption_max_chars"], caption_reject_chars=stored["caption_reject_chars"],
         dedup=stored["dedup"], shard_size=stored["shard_size"],

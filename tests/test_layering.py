@@ -49,6 +49,8 @@ LAZY_THIRD_PARTY = {
     "psutil",  # in the ray extra: only to end a killed build's local Ray instance
     "faiss",  # optional extra (vlp[curate]): only for semantic dedup and decontamination
     "langdetect",  # optional extra (vlp[curate]): only for the languages filter
+    "igraph",  # optional extra (vlp[mine]): only for `vlp shards mine-batches`
+    "leidenalg",
 }
 # Project imports that may sit inside functions: the `vlp` entry point imports a command's
 # module only when that command runs, so `vlp --help` and `vlp shards ...` never load

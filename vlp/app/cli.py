@@ -32,6 +32,7 @@ from vlp.core.config import (
     IndexConfig,
     InspectConfig,
     LaunchRunConfig,
+    MineBatchesConfig,
     RunConfig,
     ShardsBuildConfig,
     ShardsRetryConfig,
@@ -166,6 +167,14 @@ def _curate(args: argparse.Namespace) -> int:
     from vlp.data_tools.curation.curate import curate
 
     print(curate(cfg, progress=not cfg.quiet).line())
+    return 0
+
+
+def _mine_batches(args: argparse.Namespace) -> int:
+    cfg = _config(args, MineBatchesConfig, positional="shards")
+    from vlp.data_tools.curation.batchmine import mine
+
+    print(mine(cfg).line())
     return 0
 
 
@@ -309,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-clip-score 0.28",
         "vlp shards curate a/ b/ --output curated/ --min-words 2 --languages en   # exact dedup across a/ and b/"],
         flags=True)
+    _command(ssub, "mine-batches", _mine_batches, MineBatchesConfig, "B3: communities of mutually hard samples "
+             "from a teacher's embeddings, for data.batch_plan", [
+                 "vlp shards mine-batches shards/ --embeddings emb/ --out shards/batch_plan.npz --cluster-size 32",
+                 "vlp train --config configs/default.yaml data.batch_plan=shards/batch_plan.npz"], flags=True)
     _command(ssub, "synth", _synth, SynthConfig, "synthetic shape/caption pairs (the embedded default)",
              ["vlp shards synth --out data/synth --n 10000 --seed 0",
               "vlp shards synth --out data/synth128 --n 2000 --image-size 128 && "

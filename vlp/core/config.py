@@ -122,6 +122,10 @@ class DataConfig(Section):
                        "block of each per shuffle window: an input sorted by source, or few large shards, still "
                        "gives mixed batches (1: read the part front to back)")
     workers: int = Field(2, ge=0)
+    batch_plan: str | None = Field(None, description="a `vlp shards mine-batches` plan: each epoch's batches are "
+                                   "made of whole communities of mutually hard samples (B3; local shards)")
+    batch_plan_random: float = Field(0.2, ge=0, le=1, description="with data.batch_plan: the share of each epoch's "
+                                     "batches drawn at random instead")
     worker_nice: int = Field(19, ge=0, le=19, description="niceness added to each loader worker process: where "
                              "the workers and the training step share the cores, the step (which the rest waits "
                              "on) goes first and the workers fill its gaps (0: the trainer's own priority)")
@@ -196,11 +200,27 @@ class LossConfig(Section):
     distill_pretrained: str | None = Field(None, description="the teacher's weights: a local file or an open_clip "
                                            "tag (open_clip_train's --distill-pretrained)")
     distill_weight: float = Field(1.0, ge=0, description="weight of the distillation term")
+    ema_teacher: float | None = Field(None, gt=0, lt=1, description="the teacher is an exponential moving average "
+                                      "of the model itself with this decay per step (DeGLA's self-distillation, "
+                                      "for fine-tuning; e.g. 0.999): checkpointed with the run")
+    feature_distill_weight: float = Field(0.0, ge=0, description="with a teacher: weight of the mean squared "
+                                          "distance between the student's and the teacher's embedding of each "
+                                          "image and caption (DeGLA's global self-distillation)")
+    text_grounded_weight: float = Field(0.0, ge=0, description="with a teacher and hard negatives: weight of the "
+                                        "text-grounded contrast (DeGLA's TGC): each caption against the teacher's "
+                                        "embedding of itself and its own negatives")
+    text_grounded_scale: float = Field(10.0, gt=0, description="the text-grounded contrast's fixed logit scale")
 
     @model_validator(mode="after")
     def _smoothing_is_softmax(self) -> LossConfig:
         if self.label_smoothing and (self.kind != "softmax" or self.decoupled):
             raise ValueError("label_smoothing works with kind=softmax and decoupled=false only")
+        if self.ema_teacher is not None and self.distill_model is not None:
+            raise ValueError("loss.ema_teacher and loss.distill_model: one teacher at a time")
+        if (self.feature_distill_weight or self.text_grounded_weight) and self.ema_teacher is None \
+                and self.distill_model is None:
+            raise ValueError("loss.feature_distill_weight and loss.text_grounded_weight need a teacher "
+                             "(loss.ema_teacher or loss.distill_model)")
         return self
 
 
@@ -376,6 +396,11 @@ class ShardsBuildConfig(Section):
                                         "the same caption with each other count as hard negatives (sample json "
                                         "`hard_negatives: {count: [...]}`), for data.hard_negatives; the manifest "
                                         "counts captions with and without a count")
+    compositional_negatives: bool = Field(False, description="captions that bind attributes or relate two "
+                                          "objects get rule-made false variants (attributes of one kind traded, "
+                                          "the relation reversed, the objects traded) as hard negatives "
+                                          "(`hard_negatives: {attribute_swap, relation_swap}`); the manifest "
+                                          "counts captions with and without")
     image_size: int = Field(256, gt=0, description="target side in pixels")
     resize_mode: Literal["no", "border", "keep_ratio", "center_crop"] = Field(
         "border", description="border: pad to a square; keep_ratio: shorter side; center_crop; no")
@@ -495,6 +520,23 @@ class EmbedConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: this rank's GPU when there is one)")
     workers: int = Field(4, ge=1, description="threads decoding and preprocessing images")
     quiet: bool = Field(False, description="no progress bar")
+
+
+class MineBatchesConfig(Section):
+    """`vlp shards mine-batches`: B3 batch mining, communities of mutually hard samples from a teacher's embeddings."""
+
+    shards: list[str] = Field(default_factory=list, **positional(
+        "shard folders, URL prefixes or brace specs: the set embedded by `vlp shards embed`, in the same order"))
+    embeddings: str = Field("", description="the `vlp shards embed` output of these shards (the teacher; required)")
+    out: str = Field("", description="the plan file to write, e.g. shards/batch_plan.npz (required); train with "
+                                     "data.batch_plan=FILE")
+    cluster_size: int = Field(32, ge=2, description="most samples in one community (batches are made of whole "
+                                                    "communities)")
+    skip_nearest: int = Field(10, ge=0, description="each image's nearest captions left out of its edges (likely "
+                                                    "false negatives)")
+    neighbors: int = Field(20, ge=1, description="each image's next-nearest captions linked to it")
+    seed: int = Field(0, description="Leiden's seed")
+    quiet: bool = Field(False, description="no progress output")
 
 
 COPY_DISTANCE = 6.0  # thumbnails' mean grey-level difference that still counts as a copy (measured: docs' results)
@@ -639,6 +681,7 @@ COMMAND_SCHEMAS: dict[str, type[Section]] = {
     "synth": SynthConfig,
     "embed": EmbedConfig,
     "curate": CurateConfig,
+    "mine-batches": MineBatchesConfig,
     "eval": EvalConfig,
     "export": ExportConfig,
 }

@@ -207,12 +207,14 @@ def _barrier() -> None:
 
 
 def save_checkpoint(
-    engine, root: Path, step: int, state: dict, config_yaml: str, model_weights, rank: int, keep_last: int
+    engine, root: Path, step: int, state: dict, config_yaml: str, model_weights, rank: int, keep_last: int,
+    extra=None,
 ) -> Path:
     """Write checkpoint `step` (all ranks call this). `model_weights()` -> (state dict, name) or None.
 
     model_weights is called on every rank (a ZeRO-3 gather needs them all) and
-    returns the open_clip state dict on rank 0.
+    returns the open_clip state dict on rank 0. `extra(folder)`, on rank 0, writes more files
+    into the checkpoint before it is sealed (the EMA teacher's weights).
     """
     staging = root / STAGING
     tag = tag_of(step)
@@ -231,6 +233,8 @@ def save_checkpoint(
         try:
             if weights is not None:
                 write_weights(weights[0], staging / tag / WEIGHTS_FILE, weights[1])
+            if extra is not None:
+                extra(staging / tag)
             write_atomic(staging / tag / "config.yaml", config_yaml)
             files = _seal(staging / tag)  # every byte on disk before the mark can say so
             final = root / tag

@@ -1,4 +1,5 @@
-"""A frozen teacher for distillation: open_clip_train's `--distill-model` / `--distill-pretrained`.
+"""Teachers for distillation: a frozen model (open_clip_train's `--distill-model` / `--distill-pretrained`),
+or the model's own exponential moving average (DeGLA's self-distillation, `loss.ema_teacher`).
 
 The teacher (any model `model.name` accepts, with its weights) sees the student's batch as the
 student sees it: the same token ids and the same normalised images. It therefore has to read
@@ -8,19 +9,32 @@ logit scale enter the loss as constants (vlp.train.losses.distillation); under g
 they are computed chunk by chunk in the first, gradient-free pass, so the teacher costs one
 forward per sample and never holds activations.
 
-Feature distillation (CLIP-KD's feature-mimicking term) is not here: it needs the student's and
+The EMA teacher starts as the model (a fine-tuning run's pretrained weights) and after every
+update moves a (1 - decay) share of the way to it: a slowly moving copy of what the model knew,
+which the feature and text-grounded terms hold the model near while it learns compositions.
+It is a plain fp32 module in eval mode (no dropout), kept whole on every rank (each rank applies
+the same update to the same weights: ZeRO-3, which splits the weights, is refused), and saved in
+every checkpoint as `ema.safetensors` (open_clip's layout: it loads as weights anywhere), so a
+resumed run continues from the same teacher.
+
+CLIP-KD's feature-mimicking term against another model is not here: it needs the student's and
 the teacher's embedding widths tied by a learned projection, a second model change for a gain its
 paper reports only beside the logit term this module provides.
 """
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from vlp.core.config import LossConfig, ModelConfig
 from vlp.core.errors import UserError
 from vlp.core.models import check_model, create_model, forward, image_normalization, model_config
+from vlp.core.weights import write_weights
 from vlp.train.losses import Teacher
 
 KEY = "config key 'loss.distill_model'"
@@ -63,3 +77,38 @@ class FrozenTeacher:
             texts = F.pad(texts, (0, self.context - texts.shape[1]))
         out = forward(self.model, images, texts)
         return Teacher(out.image.float(), out.text.float(), out.logit_scale.float())
+
+
+EMA_FILE = "ema.safetensors"
+
+
+class EmaTeacher:
+    """The model's exponential moving average, called as `teacher(images, texts) -> Teacher` (no grad by caller)."""
+
+    def __init__(self, student: torch.nn.Module, decay: float, model_name: str):
+        self.model = copy.deepcopy(student).float().eval().requires_grad_(False)
+        self.decay, self.model_name = decay, model_name
+
+    @torch.no_grad()
+    def update(self, student: torch.nn.Module) -> None:
+        """ema <- decay * ema + (1 - decay) * student, for every weight; buffers copied."""
+        for ema, now in zip(self.model.parameters(), student.parameters(), strict=True):
+            ema.lerp_(now.detach().float(), 1 - self.decay)
+        for ema, now in zip(self.model.buffers(), student.buffers(), strict=True):
+            ema.copy_(now)
+
+    def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> Teacher:
+        out = forward(self.model, images, texts)
+        return Teacher(out.image.float(), out.text.float(), out.logit_scale.float())
+
+    def save(self, folder: Path) -> None:
+        write_weights(self.model.state_dict(), folder / EMA_FILE, self.model_name)
+
+    def load(self, folder: Path) -> None:
+        path = folder / EMA_FILE
+        if not path.is_file():
+            raise UserError(f"config key 'loss.ema_teacher': {folder} holds no {EMA_FILE} (a run trained without an "
+                            "EMA teacher); resume it without one, or start a new run")
+        own = self.model.state_dict()  # the file holds open_clip's 0-dim logit scale; a model may keep it as [1]
+        state = {k: v.reshape(own[k].shape) if k in own else v for k, v in load_file(path).items()}
+        self.model.load_state_dict(state, strict=True)

@@ -31,6 +31,15 @@ Opt-in terms:
   weight x the cross-entropy of the student's image->text and text->image softmax rows against
   the teacher's, averaged over both directions, on the global batch: open_clip_train's
   `--distill-model` (its DistillClipLoss, weight 1).
+- feature distillation (with `teacher=`): weight x the mean over this rank's pairs of
+  ||img - teacher img||^2 + ||txt - teacher txt||^2 (DeGLA's self-distillation against an EMA
+  of the model; DeGLA sums over the batch, here it is a mean so the weight does not scale with it).
+- text-grounded contrast (with `teacher=` and hard negatives; DeGLA's TGC): per caption,
+  -log(e^(s t.t') / (e^(s t.t') + sum_k e^(s t.n_k))) with t' the teacher's embedding of the same
+  caption, n_k the caption's own negatives (student), s a fixed scale: the caption is pulled to
+  what it meant before fine-tuning and pushed from its rule-made negatives. (DeGLA's image-grounded
+  contrast is the pairwise hard-negative term above.)
+Both are means over this rank's rows, like the pairwise term, which keeps the gradient contract.
 
 Gradient contract (what makes it safe under DDP / DeepSpeed and in gradient caching): in
 every mode, `loss.backward()` on each rank followed by averaging gradients over ranks yields
@@ -161,7 +170,8 @@ def _sigmoid_rows(
 def _pairwise_term(
     img: torch.Tensor, txt: torch.Tensor, negatives: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
-    """Mean over this rank's images of -log(e^pos / (e^pos + sum_k e^neg_k)), padding slots left out.
+    """Mean over this rank's anchors `img` of -log(e^pos / (e^pos + sum_k e^neg_k)), padding slots left out
+    (pos: the anchor with `txt`; the text-grounded contrast passes captions as anchors, the teacher's as `txt`).
 
     The counting loss of "Teaching CLIP to Count" (Paiss et al. 2023), for any
     counterfactual: only the true caption and its own negatives compete, so
@@ -231,6 +241,9 @@ class ContrastiveLoss(nn.Module):
         hard_negative_weight: float = 1.0,
         hard_negative_mode: str = "denominator",
         distill_weight: float = 1.0,
+        feature_distill_weight: float = 0.0,
+        text_grounded_weight: float = 0.0,
+        text_grounded_scale: float = 10.0,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -255,6 +268,9 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"hard_negative_mode must be 'denominator' or 'pairwise', got {hard_negative_mode!r}")
         self.hard_negative_mode = hard_negative_mode
         self.distill_weight = distill_weight
+        self.feature_distill_weight = feature_distill_weight
+        self.text_grounded_weight = text_grounded_weight
+        self.text_grounded_scale = text_grounded_scale
         self._rank = rank
         self._world_size = world_size
 
@@ -272,6 +288,9 @@ class ContrastiveLoss(nn.Module):
             hard_negative_weight=cfg.hard_negative_weight,
             hard_negative_mode=cfg.hard_negative_mode,
             distill_weight=cfg.distill_weight,
+            feature_distill_weight=cfg.feature_distill_weight,
+            text_grounded_weight=cfg.text_grounded_weight,
+            text_grounded_scale=cfg.text_grounded_scale,
             **kwargs,
         )
 
@@ -318,9 +337,10 @@ class ContrastiveLoss(nn.Module):
                 negative_weights = negative_weights * hard_negative_mask.to(negatives.device, torch.float32)
         scale = logit_scale.float().reshape(())
         terms: dict[str, torch.Tensor] = {}
+        keep = None if negatives is None else negative_weights > 0  # real negatives, not padding
         pairwise = None
         if negatives is not None and self.hard_negative_mode == "pairwise":
-            pairwise = self.hard_negative_weight * _pairwise_term(img, txt, negatives, negative_weights > 0, scale)
+            pairwise = self.hard_negative_weight * _pairwise_term(img, txt, negatives, keep, scale)
             negatives = negative_weights = None  # the contrastive part runs without them
         if self.kind == "softmax":
             loss = self._softmax(img, txt, scale, negatives, negative_weights)
@@ -350,9 +370,28 @@ class ContrastiveLoss(nn.Module):
                 gather(teacher.image.detach()), gather(teacher.text.detach()), teacher.logit_scale.detach()))
             loss = loss + self.distill_weight * distill
             terms["distill"] = distill.detach()
+        if teacher is not None:
+            loss = loss + self._teacher_terms(img, txt, hard_negatives, hard_negative_mask, teacher, terms)
         terms["logit_scale"] = scale.detach()
         terms["loss"] = loss
         return terms
+
+    def _teacher_terms(self, img, txt, hard_negatives, mask, teacher: Teacher, terms: dict) -> torch.Tensor:
+        """DeGLA's feature distillation and text-grounded contrast, on this rank's rows."""
+        total = img.new_zeros(())
+        t_img, t_txt = teacher.image.detach().float(), teacher.text.detach().float()
+        if self.feature_distill_weight > 0:
+            feature = ((img - t_img).pow(2).sum(1) + (txt - t_txt).pow(2).sum(1)).mean()
+            total = total + self.feature_distill_weight * feature
+            terms["feature_distill"] = feature.detach()
+        if self.text_grounded_weight > 0 and hard_negatives is not None and hard_negatives.shape[1] > 0:
+            scale = txt.new_tensor(self.text_grounded_scale)
+            keep = (torch.ones(hard_negatives.shape[:2], dtype=torch.bool, device=txt.device) if mask is None
+                    else mask.to(txt.device, torch.bool))
+            grounded = _pairwise_term(txt, t_txt, hard_negatives.float(), keep, scale)
+            total = total + self.text_grounded_weight * grounded
+            terms["text_grounded"] = grounded.detach()
+        return total
 
     # ---------------------------------------------------------------- softmax
 

@@ -51,7 +51,7 @@ from vlp.train.checkpoint import (
     save_checkpoint,
     use_safe_loading,
 )
-from vlp.train.distill import FrozenTeacher, check_teacher
+from vlp.train.distill import EmaTeacher, FrozenTeacher, check_teacher
 from vlp.train.dsconfig import (
     check_deepspeed_config,
     deepspeed_config,
@@ -328,6 +328,10 @@ def preflight(cfg: RunConfig, folder: bool = True) -> None:
     if cfg.train.channels_last is True and zero_stage_of(deepspeed_config(cfg, 1)) > 0:
         # ZeRO points the weights into its flat buffers; a new layout would cut them loose from the update
         raise UserError("config key 'train.channels_last': works with ZeRO stage 0 only (train.zero_stage=0)")
+    if cfg.loss.ema_teacher is not None and zero_stage_of(deepspeed_config(cfg, 1)) == 3:
+        # each rank averages the whole model into its own copy; ZeRO-3 leaves a rank only its share of it
+        raise UserError("config key 'loss.ema_teacher': works with ZeRO stages 0-2 (train.zero_stage=3 splits the "
+                        "weights the average is taken of)")
     if folder:
         check_resume(cfg)
 
@@ -407,6 +411,9 @@ class Trainer:
             self.engine.enable_backward_allreduce = False
         if self.speedups.channels_last:  # after initialize: DeepSpeed's broadcast of the weights needs them dense
             use_channels_last(self.engine.module)
+        # the model as it starts (after the broadcast, before compiling): the EMA teacher's first state
+        self.ema = EmaTeacher(self.engine.module, cfg.loss.ema_teacher, cfg.model.name) if cfg.loss.ema_teacher \
+            else None
         if cfg.train.compile:
             compile_engine(self.engine)  # compiles lazily, at the first forward of each kind
         joined = vdist.joined_hosts()  # in every log: did every node join?
@@ -424,7 +431,7 @@ class Trainer:
             rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
         )
         self.loss = ContrastiveLoss.from_config(cfg.loss)
-        teacher = FrozenTeacher(cfg.loss, self.engine, self.device) if cfg.loss.distill_model else None
+        teacher = FrozenTeacher(cfg.loss, self.engine, self.device) if cfg.loss.distill_model else self.ema
         self.gradcache = GradCache(
             self.engine, self.loss, cfg.train.micro_batch_size,
             normalize_images=partial(normalize, mean=mean, std=std, device=self.device, memory_format=(
@@ -446,6 +453,7 @@ class Trainer:
         path = save_checkpoint(
             self.engine, self.out / "checkpoints", pos.step, pos.as_dict(), self.config_yaml,
             self._model_weights, self.env.rank, self.cfg.train.keep_last,
+            extra=self.ema.save if self.ema is not None else None,
         )
         if self.store is not None and self.is_main:
             self.store.push(path)
@@ -457,6 +465,8 @@ class Trainer:
         if path is None:
             return Position()
         state = load_checkpoint(self.engine, path, self.env.rank)
+        if self.ema is not None:
+            self.ema.load(path)
         if self.is_main:
             print(f"resumed from {path} (step {state['step']})", file=sys.stderr)
         return Position(**state)
@@ -477,6 +487,8 @@ class Trainer:
         result = self.gradcache.step(batch.images, texts.to(self.device), negatives, batch.hard_negative_mask)
         self.engine.step()
         clamp_logit_scale(self.engine.module, self.cfg.loss.max_logit_scale)
+        if self.ema is not None:
+            self.ema.update(self.engine.module)
         return result, lr
 
     def _sync(self, result, lr: float, replaced: int) -> tuple[dict, bool]:

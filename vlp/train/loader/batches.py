@@ -45,6 +45,7 @@ from vlp.core.errors import UserError
 from vlp.core.images import decoding, draft, open_image, to_rgb_pixels
 from vlp.core.processes import die_with_parent
 from vlp.train.loader.augment import allows_flip, allows_grayscale, augment_text, json_field, pick_caption
+from vlp.train.loader.batchplan import BatchPlan
 from vlp.train.loader.plan import (
     PlanSpec,
     Segment,
@@ -234,6 +235,11 @@ class BatchSpec:
     hard_negatives_from_step: int = 0  # earlier batches carry none (they cost text-tower compute)
     text_augment: TextAugmentConfig = field(default_factory=TextAugmentConfig)
     multi_caption: bool = False  # pick from the sample json's `captions` (vlp.train.loader.augment.pick_caption)
+    plan: BatchPlan | None = None  # B3: batches of mined communities instead of the shuffle windows' samples
+
+
+def _steps(spec: PlanSpec, sources: list[list[Shard]], batch: BatchSpec) -> int:
+    return batch.plan.steps(spec) if batch.plan is not None else steps_per_epoch(spec, sources)
 
 
 def _loader_worker(spec: PlanSpec) -> tuple[int, int]:
@@ -250,7 +256,7 @@ class _EpochDataset(IterableDataset):
 
     def __init__(self, spec: PlanSpec, sources: list[list[Shard]], batch: BatchSpec, epoch: int, start: int):
         self.spec, self.sources, self.batch, self.epoch, self.start = spec, sources, batch, epoch, start
-        self.steps = steps_per_epoch(spec, sources)
+        self.steps = _steps(spec, sources, batch)
 
     def __iter__(self) -> Iterator[Batch]:
         # The DataLoader asks its workers in turn, starting with worker 0, and
@@ -261,6 +267,9 @@ class _EpochDataset(IterableDataset):
 
     def batches(self, worker: int) -> Iterator[Batch]:
         """The epoch's batches of plan worker `worker`, from batch `start` on."""
+        if self.batch.plan is not None:
+            yield from self._mined_batches(worker)
+            return
         spec, m = self.spec, self.spec.window_batches
         local_total = worker_batches(self.steps, spec, worker)
         t = first_local_batch(spec, worker, self.start)
@@ -281,6 +290,14 @@ class _EpochDataset(IterableDataset):
                     t += 1
         finally:  # also when the consumer stops early: no shard left open until garbage collection
             reader.close()
+
+    def _mined_batches(self, worker: int) -> Iterator[Batch]:
+        """The epoch's batches of plan worker `worker` from a B3 plan (vlp.train.loader.batchplan)."""
+        plan, spec = self.batch.plan, self.spec
+        fallback = _Fallback([Segment(shard, 0, shard.samples) for shard in plan.shards])
+        for t in range(first_local_batch(spec, worker, self.start), worker_batches(self.steps, spec, worker)):
+            index = worker + t * spec.n_workers
+            yield self._make_batch(plan.read(spec, self.epoch, index), 0, index, fallback)
 
     def _decode(self, sample: dict, seed: int) -> tuple[torch.Tensor, str] | None:
         """(image, caption) as the step sees them: the epoch's caption, augmented with the caption's leave."""
@@ -485,8 +502,11 @@ class ShardLoader:
             cfg.hard_negatives_from_step,
             cfg.text_augment,
             cfg.multi_caption,
+            BatchPlan.load(cfg.batch_plan, self.sources, cfg.batch_plan_random) if cfg.batch_plan else None,
         )
-        self.steps_per_epoch = steps_per_epoch(self.spec, self.sources)
+        if cfg.batch_plan and cfg.split != "exact":
+            raise UserError("config key 'data.batch_plan': goes with data.split=exact (the plan makes the epoch)")
+        self.steps_per_epoch = _steps(self.spec, self.sources, self.batch)
 
     def epoch(self, epoch: int, start: int = 0) -> DataLoader:
         """The batches of one epoch from batch `start` (a DataLoader over the plan)."""
