@@ -179,3 +179,13 @@ def test_vlp_train_follows_the_plan(mined, tmp_path):
         want = ",".join(keys[r] for r in plan.rank_rows(spec, 0, row["step"] - 1))
         assert row["keys_sha1"] == hashlib.sha1(want.encode()).hexdigest()[:16]
         assert np.isfinite(row["loss"])
+
+
+def test_mining_refuses_to_write_over_an_input(mined, capsys):
+    shards, _ = mined
+    emb = shards.parent / "emb"
+    before = (shards / "00000.tar").read_bytes()
+    for out in (emb / "plan.npz", shards / "00000.tar"):
+        assert main(["shards", "mine-batches", str(shards), "--embeddings", str(emb), "--out", str(out)]) != 0
+        assert "is one of its inputs" in capsys.readouterr().err
+    assert not (emb / "plan.npz").exists() and (shards / "00000.tar").read_bytes() == before

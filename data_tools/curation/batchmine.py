@@ -28,6 +28,7 @@ import numpy as np
 from vlp.data_tools.curation import embeddings
 from vlp.data_tools.curation.samples import list_shards
 
+from vlp.core import storage
 from vlp.core.atomic import atomic_file
 from vlp.core.config import MineBatchesConfig
 from vlp.core.errors import UserError
@@ -100,6 +101,7 @@ def mine(opts: MineBatchesConfig) -> MineSummary:
     if not opts.shards or not opts.embeddings or not opts.out:
         raise UserError("vlp shards mine-batches: give SHARDS, --embeddings (from `vlp shards embed`) and --out")
     shards = list_shards(opts.shards)
+    _refuse_an_input_as_output(opts.out, [s.url for s in shards], opts.embeddings)
     emb = embeddings.load(opts.embeddings, [s.url for s in shards])
     starts = np.cumsum([0] + [s.samples for s in shards])
     table = emb.table
@@ -120,6 +122,17 @@ def mine(opts: MineBatchesConfig) -> MineSummary:
                                           "embeddings": str(Path(opts.embeddings).resolve())})
     sizes = np.bincount(member)
     return MineSummary(int(starts[-1]), len(sizes), int(sizes.max(initial=0)), opts.out)
+
+
+def _refuse_an_input_as_output(out: str, shard_urls: list[str], embeddings_dir: str) -> None:
+    """The plan is one local file: never a shard, never inside the embeddings it is mined from."""
+    if storage.protocol(out):
+        raise UserError(f"vlp shards mine-batches: --out {out}: a local file (copy it to object storage after)")
+    target = Path(out).resolve()
+    if str(target) in {str(Path(u).resolve()) for u in shard_urls if not storage.protocol(u)} or \
+            target.is_relative_to(Path(embeddings_dir).resolve()):
+        raise UserError(f"vlp shards mine-batches: --out {out} is one of its inputs (a shard, or inside "
+                        f"--embeddings); choose another file")
 
 
 def write_plan(out: str, shards, member: np.ndarray, settings: dict) -> None:
