@@ -150,8 +150,9 @@ def planted_real(args) -> None:
                       f"swapped, {counts['near_duplicate_pairs']} near-duplicates by a 2% crop + JPEG, "
                       f"{counts['eval']} eval images); model: vlp-tiny trained on them ({args.real_samples} samples)",
              "columns": ["curation", "swapped removed", "good removed", "near-duplicates removed",
-                         "eval copies removed"],
-             "rows": _score_rows(results)}
+                         "eval copies removed", "good removed by"],
+             "rows": [[*row, ", ".join(f"{k} {v}" for k, v in s["good_removed_by"].items()) or "-"]
+                      for row, (_, s) in zip(_score_rows(results), results, strict=True)]}
     print(markdown(table))
     write_result(f"curation_planted_{args.real}", f"Curation on planted defects ({args.real}, real drawings)",
                  [table], order=41, about="targets: 100% of eval copies, >= 95% of near-duplicates, >= 90% of "

@@ -82,6 +82,7 @@ class Cluster:
     address: str  # HEAD:PORT, what `--ray-address` takes
     root: Path
     netns: bool
+    owns_network: bool = False  # start() brought the namespace and bridge up: stop() takes them down
     # Ray's token authentication, with a token of this cluster's own: a token left in ~/.ray by any
     # earlier `ray.init()` on this machine would otherwise switch it on for the nodes but not the clients
     token: str = field(default_factory=lambda: secrets.token_hex(32))
@@ -161,7 +162,8 @@ def start(root: Path, netns: bool = True, network_up: bool = False, nodes: int =
         HOSTS.up()
     host = HEAD_IP if netns else "127.0.0.1"
     port = _free_port()
-    cluster = Cluster(f"{host}:{port}", root, netns)
+    # a caller that brought the network up keeps it for its next cluster (bench/shards.py's 1 then 2 nodes)
+    cluster = Cluster(f"{host}:{port}", root, netns, owns_network=netns and not network_up)
     cluster.private.mkdir(parents=True, exist_ok=True)
     try:
         head = ["--head", f"--port={port}", "--include-dashboard=false"]
@@ -213,5 +215,5 @@ def stop(cluster: Cluster) -> None:
     psutil.wait_procs(alive, timeout=10)
     for temp in cluster.temp_dirs.values():  # the nodes' own folders under /tmp
         shutil.rmtree(temp, ignore_errors=True)
-    if cluster.netns:
+    if cluster.owns_network:
         HOSTS.down()

@@ -166,3 +166,28 @@ def test_small_crops_of_flat_drawings_are_near_one_of_the_eval_images_crop_views
         plain.append(d[0])
         nearest.append(d.min())
     assert np.mean(np.array(nearest) <= COPY_DISTANCE) >= 0.9 > np.mean(np.array(plain) <= COPY_DISTANCE)
+
+
+def test_a_crop_is_undone_on_the_thumbnails_alone_and_variants_stay_apart():
+    """SemDeDup has no pixels, only both thumbnails: copies.aligned_distance blurs them and resamples one at the
+    crop's block positions. A 2% crop (the planted near-duplicates') of a flat drawing comes within the default
+    copy distance of its original that way, while the plain comparison misses most; the same icon in another
+    colour with another face stays far; resampling shifted by a quarter block takes a quarter of the neighbour."""
+    rng = np.random.default_rng(1)
+    plain, aligned = [], []
+    for s in range(40):
+        original = drawing(s)
+        w, h = original.size
+        cw = round(w * 0.98)
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - cw + 1))
+        crop = _jpeg_copy(original.crop((x, y, x + cw, y + cw)).resize((w, h), Image.Resampling.BICUBIC), 85)
+        plain.append(copies.distance(_thumb(crop)[None], _thumb(original)[None])[0])
+        aligned.append(copies.aligned_distance(_thumb(crop), _thumb(original)[None])[0])
+    assert np.mean(np.array(aligned) <= COPY_DISTANCE) >= 0.95 > np.mean(np.array(plain) <= COPY_DISTANCE)
+    variants = [copies.aligned_distance(_thumb(drawing(s)), _thumb(drawing(s, variant=1))[None])[0]
+                for s in range(40)]
+    assert min(variants) > 1.5 * COPY_DISTANCE  # copies come within 6, the nearest variant at twice that
+    ramp = np.zeros((16, 16, 3), np.float32)
+    ramp[:, 8:] = 200.0  # a vertical edge between blocks 7 and 8
+    shifted = copies._resample(ramp, 1.0, 0.25 / 16, 0.0)  # the window a quarter block to the right
+    assert shifted[0, 7, 0] == pytest.approx(50.0) and shifted[0, 6, 0] == 0 and shifted[0, 8, 0] == 200

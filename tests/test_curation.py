@@ -426,6 +426,10 @@ def test_planted_defects_are_found_with_few_good_pairs_lost(short_demo, tmp_path
     print(printed, found)
     assert found["mismatched_removed"] >= 0.9 and found["good_removed"] <= 0.05
     assert found["near_duplicates_removed"] >= 0.95 and found["eval_removed"] == 1.0
+    # every good pair that went is named by the filter that took it
+    good_gone = round(found["good_removed"] * found["counts"]["good"])
+    assert sum(found["good_removed_by"].values()) == good_gone
+    assert set(found["good_removed_by"]) <= {"low_clip_score", "semantic_duplicate", "eval_contamination"}
     assert "(rows == kept + removed: ok)" in printed
     rules = {r["detail"] for r in _removed(tmp_path / "curated") if r["reason"] == "semantic_duplicate"}
     assert rules == {"image cosine >= 0.9, hash within 10 bits"}  # the rule that removed each one

@@ -21,6 +21,14 @@ the nearest counts: a crop moves the 16 blocks' edges by up to half a block, whi
 flat regions turn into tens of levels, and the nearest crop view takes most of that shift away
 (bench/copy_signal.py's "nearest eval view" rows). 21 views, 16 KB per eval image. The default thresholds come from measured distributions
 of copy and distinct pairs (bench/curation.py --copy-signal; the docs' results page).
+
+Two training images (SemDeDup) have only their stored thumbnails, not their pixels. A crop of a
+few per cent is undone on the thumbnails themselves (`aligned_distance`): both are blurred by a
+[1, 2, 1] kernel (a drawing's sharp edges become ramps over three blocks, which interpolate
+well), then one is resampled bilinearly at the block positions of each crop tried, both ways
+round, and the nearest comparison is the distance. Without the blur the resampling helps little:
+a block's mean says nothing of where in the block a black outline lies
+(bench/copy_signal.py's "aligned" rows measure both sides of the default).
 """
 
 from __future__ import annotations
@@ -88,3 +96,45 @@ def as_array(thumbs: list[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
 def distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Mean absolute difference, in grey levels, between rows of a and rows of b (same shape)."""
     return np.abs(a.astype(np.int16) - b.astype(np.int16)).mean(axis=-1)
+
+
+def _resample(thumbs: np.ndarray, fraction: float, left: float, top: float) -> np.ndarray:
+    """(..., SIDE, SIDE, 3) float thumbnails -> the thumbnails of their crops keeping `fraction` of each side
+    from (left, top) (fractions of the side), by bilinear resampling of the block means."""
+    out = thumbs
+    for axis, start in ((-3, top), (-2, left)):
+        centre = SIDE * start + fraction * (np.arange(SIDE) + 0.5) - 0.5  # the crop's block centres, in blocks
+        centre = np.clip(centre, 0, SIDE - 1)
+        low = np.floor(centre).astype(int)
+        high = np.minimum(low + 1, SIDE - 1)
+        weight = (centre - low).reshape((-1, 1, 1) if axis == -3 else (-1, 1))
+        out = np.take(out, low, axis=axis) * (1 - weight) + np.take(out, high, axis=axis) * weight
+    return out
+
+
+def _crop_offsets() -> list[tuple[float, float, float]]:
+    """(fraction, left, top) of the crops `aligned_distance` tries: CROP_FRACTIONS on the CROP_GRID."""
+    return [(f, (1 - f) * gx / (CROP_GRID - 1), (1 - f) * gy / (CROP_GRID - 1))
+            for f in CROP_FRACTIONS for gx in range(CROP_GRID) for gy in range(CROP_GRID)]
+
+
+def _blur(thumbs: np.ndarray) -> np.ndarray:
+    """(..., SIZE) uint8 -> (..., SIDE, SIDE, 3) float, each axis smoothed by [1, 2, 1] / 4 (edges repeated)."""
+    out = thumbs.reshape(*thumbs.shape[:-1], SIDE, SIDE, 3).astype(np.float32)
+    for axis in (-3, -2):
+        padded = np.concatenate([np.take(out, [0], axis=axis), out, np.take(out, [SIDE - 1], axis=axis)], axis=axis)
+        out = (np.take(padded, range(0, SIDE), axis=axis) + 2 * np.take(padded, range(1, SIDE + 1), axis=axis)
+               + np.take(padded, range(2, SIDE + 2), axis=axis)) / 4
+    return out
+
+
+def aligned_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A copy distance that tolerates a small crop, for one thumbnail `a` (SIZE,) against rows of `b`
+    (n, SIZE): on blurred thumbnails, the nearest of the plain comparison and each crop of either side
+    compared with the other. Grey levels, like distance()."""
+    a_img, b_img = _blur(a), _blur(b.reshape(-1, SIZE))
+    best = np.abs(b_img - a_img).mean(axis=(1, 2, 3))
+    for fraction, left, top in _crop_offsets():
+        best = np.minimum(best, np.abs(b_img - _resample(a_img, fraction, left, top)).mean(axis=(1, 2, 3)))
+        best = np.minimum(best, np.abs(_resample(b_img, fraction, left, top) - a_img).mean(axis=(1, 2, 3)))
+    return best

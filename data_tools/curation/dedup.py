@@ -16,7 +16,8 @@ alike pictures as closely as copies (see decontaminate.py). With a caption
 threshold, a pair must also have captions that close (text-embedding cosine):
 a variant of a picture that says something else is not a duplicate of it.
 With a copy distance, a pair must also have thumbnails (copies.py) within that
-many grey levels: near-copies only, on flat drawings as on photos.
+many grey levels once a small crop is undone (copies.aligned_distance): near-copies
+only, on flat drawings as on photos.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def _greedy(x: np.ndarray, members: np.ndarray, threshold: float, hashes: np.nda
         if caption_threshold is not None and close.any():
             close &= text[kept[:n]] @ text[row] >= caption_threshold
         if copy_distance is not None and close.any():
-            close &= copies.distance(thumbs[kept[:n]], thumbs[row][None]) <= copy_distance
+            candidates = np.nonzero(close)[0]  # a few: the slower crop-tolerant comparison only for them
+            close[candidates] = copies.aligned_distance(thumbs[row], thumbs[kept[candidates]]) <= copy_distance
         if close.any():
             j = int(np.argmax(np.where(close, sims, -np.inf)))
             removed[int(row)] = (int(kept[j]), float(sims[j]))

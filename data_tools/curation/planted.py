@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -152,4 +153,6 @@ def score(csv_dir: str | Path, build_dir: str | Path, curated_dir: str | Path) -
         "eval_removed": sum(gone(r, "eval_contamination", "duplicate") for r in evals) / max(1, len(evals)),
         "counts": {"mismatched": len(mismatched), "good": len(good), "near_duplicate_pairs": len(pairs),
                    "eval": len(evals)},
+        # what took the good pairs that went: the filter to loosen
+        "good_removed_by": dict(Counter(removed[key_of[r]]["reason"] for r in good if gone(r)).most_common()),
     }
