@@ -220,6 +220,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for vlp's runs")
     p.add_argument("--label", default=None, help="the name of vlp's runs with --set (default: the overrides)")
+    p.add_argument("--kept", default="", metavar="LABEL,...", help="also tabulate these labels' kept runs "
+                   "(earlier --set runs: the knobs tried) where they exist")
     p.add_argument("--work", type=Path, default=Path("/tmp/vlp-bench-real"))
     p.add_argument("--json", default=None, metavar="NAME", help="write bench/results/NAME.json (the summary and "
                    "every run's figures)")
@@ -237,6 +239,13 @@ def main() -> None:
                 print(f"{set_name} {label} seed {seed}: " + ", ".join(f"{c} {res[c]:.1f}" for c in COLUMNS)
                       + f"; {res['wall_s']:.0f} s" + ("" if time.time() - start > 5 else " (kept)"), flush=True)
                 results.append(res)
+    for set_name in a.sets.split(","):
+        for label in filter(None, a.kept.split(",")):
+            for seed in (int(v) for v in a.seeds.split(",")):
+                kept = a.work / "results" / f"{set_name}-{label}-{seed}.json"
+                if kept.exists():
+                    results.append(json.loads(kept.read_text()))
+                    labels.append(label)
     tables = summary(results, list(dict.fromkeys(labels)))
     print("\n".join(markdown(t) for t in tables))
     if a.json:

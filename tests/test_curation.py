@@ -283,6 +283,23 @@ def test_caption_threshold_keeps_a_near_duplicate_image_whose_caption_says_somet
         assert kind[i] == kind[j] and scores[j] >= scores[i]
 
 
+def test_same_caption_words_keep_a_variant_named_otherwise_whatever_the_model():
+    """Four near-identical images per group, named "A red heart." / "a red  heart" (the same words) and "a heart,
+    red" / "red heart" (other words): with --semdedup-same-caption one per group and wording is kept."""
+    assert dedup.caption_words("A red heart.") == dedup.caption_words("a red  heart") != dedup.caption_words(
+        "a heart, red") != dedup.caption_words("red heart")
+    assert 0 <= dedup.caption_words("x") < 2**63 and dedup.caption_words(None) == dedup.caption_words("")
+    rng = np.random.default_rng(2)
+    x = np.repeat(rng.normal(size=(10, 64)), 4, axis=0) + rng.normal(scale=0.01, size=(40, 64))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    captions = ["A red heart.", "a red  heart", "a heart, red", "red heart"] * 10
+    words = np.array([dedup.caption_words(c) for c in captions], np.int64)
+    scores = np.zeros(40, np.float32)  # ties: row order
+    removed = dedup.semantic_duplicates(x, scores, threshold=0.95, k=3, words=words)
+    assert sorted(removed) == [4 * g + 1 for g in range(10)]  # the second spelling of the first wording
+    assert all(j == i - 1 for i, (j, _) in removed.items())
+
+
 def test_cluster_files_decide_exactly_as_in_memory_with_one_bucket_or_many(sets, embedded):
     """SemDeDup streamed through bucket files (peak memory one bucket) removes what the in-memory pass removes."""
     from vlp.data_tools.curation import cluster_files
@@ -325,6 +342,29 @@ def test_buckets_on_ray_tasks_decide_as_here(sets, embedded, tmp_path, capsys):
                      "--workers", "2", "--quiet"]) == 0
     assert (outs["ray"] / "removed.jsonl").read_bytes() == (outs["local"] / "removed.jsonl").read_bytes()
     assert "semantic_duplicate" in (outs["local"] / "removed.jsonl").read_text()
+
+
+def test_curate_with_same_caption_removes_only_pairs_of_the_same_words(sets, embedded, tmp_path):
+    """Through `vlp shards curate` (cluster files): every semantic duplicate removed names a kept sample whose
+    caption has the same words, its rule says so, and it removes no more than images alone do."""
+    a, _ = sets
+    meta = json.loads((embedded / "embed.json").read_text())
+    emb = embeddings.load(embedded, [s["url"] for s in meta["shards"]])
+    caption = dict(zip(emb.table.column("key").to_pylist(), emb.table.column("caption").to_pylist(), strict=True))
+    rows = np.nonzero(emb.table.column("error").is_null().to_numpy(zero_copy_only=False))[0]
+    x = emb.image_embeddings(rows)
+    threshold = f"{float(np.quantile((x @ x.T)[np.triu_indices(len(rows), 1)], 0.9)):.4f}"
+    counts = {}
+    for name, extra in (("images", []), ("words", ["--semdedup-same-caption"])):
+        assert main(["shards", "curate", str(a), "--output", str(tmp_path / name), "--embeddings", str(embedded),
+                     "--semdedup-threshold", threshold, "--semdedup-clusters", "3", *extra, "--quiet"]) == 0
+        dups = [r for r in _removed(tmp_path / name) if r["reason"] == "semantic_duplicate"]
+        counts[name] = len(dups)
+        if name == "words":
+            assert all(r["detail"].endswith("same caption words") for r in dups)
+            assert all(dedup.caption_words(caption[r["key"]]) == dedup.caption_words(caption[r["matched"]])
+                       for r in dups)
+    assert counts["words"] < counts["images"]
 
 
 def test_caption_threshold_needs_embeddings(sets, tmp_path, capsys):

@@ -48,6 +48,7 @@ class Checks:
     hash_distance: int | None = None
     caption_threshold: float | None = None
     copy_distance: float | None = None
+    same_caption: bool = False  # the captions' words must match too (dedup.caption_words keys)
 
 
 @dataclass
@@ -104,9 +105,10 @@ class Engine:
 
 def semantic_duplicates(emb: Embeddings, rows: np.ndarray, scores: np.ndarray, hashes: np.ndarray, k: int,
                         checks: Checks, bucket_bytes: int = BUCKET_BYTES, seed: int = 0,
-                        engine: Engine | None = None) -> tuple[dict[int, tuple[int, float]], Stats]:
+                        engine: Engine | None = None, words: np.ndarray | None = None
+                        ) -> tuple[dict[int, tuple[int, float]], Stats]:
     """{removed row: (kept row it duplicates, cosine)} over the candidate rows (global row numbers, sorted);
-    `scores` and `hashes` are indexed by global row."""
+    `scores`, `hashes` and (with checks.same_caption) `words`, the captions' keys, are indexed by global row."""
     stats = Stats()
     if not len(rows):
         return {}, stats
@@ -122,7 +124,7 @@ def semantic_duplicates(emb: Embeddings, rows: np.ndarray, scores: np.ndarray, h
         buckets = [_Bucket(folder, b) for b in range(n_buckets)]
         _write_buckets(emb, rows, index, buckets, checks)
         stats.largest_bucket = max(bucket.count for bucket in buckets)
-        loaded = (_load(bucket, dim, text_dim, scores, hashes, checks) for bucket in buckets if bucket.count)
+        loaded = (_load(bucket, dim, text_dim, scores, hashes, checks, words) for bucket in buckets if bucket.count)
         run = _on_ray(loaded, checks, engine) if engine is not None and engine.kind == "ray" else (
             dedup_bucket(arrays, checks) for arrays in loaded)
         removed: dict[int, tuple[int, float]] = {}
@@ -164,16 +166,17 @@ class BucketArrays:
     thumbs: np.ndarray | None
     scores: np.ndarray
     hashes: np.ndarray
+    words: np.ndarray | None = None
 
 
 def _load(bucket: _Bucket, dim: int, text_dim: int, scores: np.ndarray, hashes: np.ndarray,
-          checks: Checks) -> BucketArrays:
+          checks: Checks, words: np.ndarray | None = None) -> BucketArrays:
     rows = bucket.read("rows", np.int64)
     return BucketArrays(
         rows, bucket.read("cluster", np.int32), bucket.read("img", np.float16, dim).astype(np.float32),
         bucket.read("text", np.float16, text_dim).astype(np.float32) if text_dim else None,
         bucket.read("thumb", np.uint8, copies.SIZE) if checks.copy_distance is not None else None,
-        scores[rows], hashes[rows])
+        scores[rows], hashes[rows], words[rows] if checks.same_caption and words is not None else None)
 
 
 def dedup_bucket(a: BucketArrays, checks: Checks) -> dict[int, tuple[int, float]]:
@@ -184,7 +187,7 @@ def dedup_bucket(a: BucketArrays, checks: Checks) -> dict[int, tuple[int, float]
         # best caption fit first, ties in row order (as dedup.semantic_duplicates)
         members = members[np.lexsort((a.rows[members], -np.nan_to_num(a.scores[members], nan=-np.inf)))]
         found = _greedy(a.image, members, checks.threshold, a.hashes, checks.hash_distance, a.text,
-                        checks.caption_threshold, a.thumbs, checks.copy_distance)
+                        checks.caption_threshold, a.thumbs, checks.copy_distance, a.words)
         removed.update({int(a.rows[i]): (int(a.rows[j]), cosine) for i, (j, cosine) in found.items()})
     return removed
 

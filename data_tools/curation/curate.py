@@ -17,7 +17,7 @@ the first one that removes it:
 6. `semantic_duplicate`: SemDeDup on the image embeddings (dedup.py, streamed
    through cluster_files.py; `matched` and `score`: the kept sample and the
    cosine, `detail`: the rule); with `semdedup_caption_threshold`, only pairs
-   whose captions agree too, with `semdedup_copy_distance` only near-copies;
+   whose captions agree too (`semdedup_same_caption`: the same words), with `semdedup_copy_distance` only near-copies;
 7. `no_metadata_entry`, `metadata_balance`: MetaCLIP balancing against a
    list of metadata entries (metadata.py; `detail`: the entries matched);
    after dedup, so copies do not inflate an entry's count;
@@ -183,12 +183,17 @@ def decide(table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings | Non
         k = opts.semdedup_clusters or max(1, round(len(rows) / 1000))
         hashes = table.column("phash").fill_null(0).to_numpy()
         checks = cluster_files.Checks(opts.semdedup_threshold, opts.semdedup_hash_distance,
-                                      opts.semdedup_caption_threshold, opts.semdedup_copy_distance)
+                                      opts.semdedup_caption_threshold, opts.semdedup_copy_distance,
+                                      opts.semdedup_same_caption)
+        words = np.array([dedup.caption_words(c) for c in table.column("caption").to_pylist()], np.int64) \
+            if opts.semdedup_same_caption else None
         engine = cluster_files.Engine(opts.engine, opts.ray_address, opts.workers)
-        found, stats = cluster_files.semantic_duplicates(emb, rows, scores, hashes, k, checks, engine=engine)
+        found, stats = cluster_files.semantic_duplicates(emb, rows, scores, hashes, k, checks, engine=engine,
+                                                         words=words)
         d.semdedup = {"clusters": k, **dataclasses.asdict(stats)}
         rule = f"image cosine >= {opts.semdedup_threshold}" + (
             f", caption cosine >= {opts.semdedup_caption_threshold}" if opts.semdedup_caption_threshold else "") + (
+            ", same caption words" if opts.semdedup_same_caption else "") + (
             f", hash within {opts.semdedup_hash_distance} bits" if opts.semdedup_hash_distance is not None else "") + (
             f", thumbnails within {opts.semdedup_copy_distance} levels" if opts.semdedup_copy_distance is not None
             else "")

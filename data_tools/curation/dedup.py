@@ -15,12 +15,16 @@ perceptual hashes (phash.py) within that many bits: for a model that embeds
 alike pictures as closely as copies (see decontaminate.py). With a caption
 threshold, a pair must also have captions that close (text-embedding cosine):
 a variant of a picture that says something else is not a duplicate of it.
-With a copy distance, a pair must also have thumbnails (copies.py) within that
+With same-caption, a pair must also have captions of the same words (`caption_words`:
+no model involved). With a copy distance, a pair must also have thumbnails (copies.py) within that
 many grey levels once a small crop is undone (copies.aligned_distance): near-copies
 only, on flat drawings as on photos.
 """
 
 from __future__ import annotations
+
+import hashlib
+import re
 
 import numpy as np
 from vlp.data_tools.curation import copies
@@ -30,6 +34,12 @@ from vlp.core.errors import UserError
 
 KMEANS_ITERATIONS = 20
 POINTS_PER_CENTROID = 256  # faiss's default cap: k-means trains on a sample of k * 256 points
+
+
+def caption_words(caption: str | None) -> int:
+    """A 63-bit key of a caption's words, case folded, punctuation and spacing dropped (equal keys: same words)."""
+    words = " ".join(re.findall(r"\w+", (caption or "").casefold()))
+    return int.from_bytes(hashlib.blake2b(words.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def exact_duplicates(sha256: list[str | None], candidates: np.ndarray) -> dict[int, int]:
@@ -71,13 +81,14 @@ def clusters(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 def semantic_duplicates(x: np.ndarray, scores: np.ndarray, threshold: float, k: int,
                         hashes: np.ndarray | None = None, hash_distance: int | None = None,
                         text: np.ndarray | None = None, caption_threshold: float | None = None,
-                        thumbs: np.ndarray | None = None, copy_distance: float | None = None
-                        ) -> dict[int, tuple[int, float]]:
+                        thumbs: np.ndarray | None = None, copy_distance: float | None = None,
+                        words: np.ndarray | None = None) -> dict[int, tuple[int, float]]:
     """{removed index: (kept index it is a near-duplicate of, cosine)} over the rows of x. With
     `hash_distance`, a pair counts only if the images' perceptual hashes are that close too; with
     `caption_threshold`, only if their captions (rows of `text`) are that close too: a variant of a
     picture with other words ("woman firefighter" beside "firefighter") is kept; with `copy_distance`, only
-    if their thumbnails (rows of `thumbs`) are that close too."""
+    if their thumbnails (rows of `thumbs`) are that close too; with `words` (caption_words of each row), only
+    if their captions have the same words."""
     assigned = clusters(x, k)
     removed: dict[int, tuple[int, float]] = {}
     for c in np.unique(assigned):
@@ -85,13 +96,14 @@ def semantic_duplicates(x: np.ndarray, scores: np.ndarray, threshold: float, k: 
         # best caption fit first; np.lexsort sorts by the last key first
         members = members[np.lexsort((members, -np.nan_to_num(scores[members], nan=-np.inf)))]
         removed.update(_greedy(x, members, threshold, hashes, hash_distance, text, caption_threshold, thumbs,
-                               copy_distance))
+                               copy_distance, words))
     return removed
 
 
 def _greedy(x: np.ndarray, members: np.ndarray, threshold: float, hashes: np.ndarray | None,
             hash_distance: int | None, text: np.ndarray | None = None, caption_threshold: float | None = None,
-            thumbs: np.ndarray | None = None, copy_distance: float | None = None) -> dict[int, tuple[int, float]]:
+            thumbs: np.ndarray | None = None, copy_distance: float | None = None,
+            words: np.ndarray | None = None) -> dict[int, tuple[int, float]]:
     """Visit members in order; remove one that is a near-duplicate of a member kept before it."""
     kept = np.empty(len(members), np.int64)  # indices of the kept members, the first n of them
     kept_x = np.empty((len(members), x.shape[1]), x.dtype)  # their embeddings, contiguous
@@ -104,6 +116,8 @@ def _greedy(x: np.ndarray, members: np.ndarray, threshold: float, hashes: np.nda
             close &= distances(np.full(n, hashes[row]), hashes[kept[:n]]) <= hash_distance
         if caption_threshold is not None and close.any():
             close &= text[kept[:n]] @ text[row] >= caption_threshold
+        if words is not None and close.any():
+            close &= words[kept[:n]] == words[row]
         if copy_distance is not None and close.any():
             candidates = np.nonzero(close)[0]  # a few: the slower crop-tolerant comparison only for them
             close[candidates] = copies.aligned_distance(thumbs[row], thumbs[kept[candidates]]) <= copy_distance

@@ -592,6 +592,9 @@ class CurateConfig(Section):
                                                      "near-duplicate image whose caption says something else: "
                                                      "caption cosine (text embeddings) to the kept one's below "
                                                      "this (e.g. 0.9); off: images alone decide")
+    semdedup_same_caption: bool = Field(False, description="semantic dedup: also require the two captions to have "
+                                        "the same words (case folded, punctuation dropped): a copy that repeats its "
+                                        "alt text goes, a variant named otherwise stays, whatever the model")
     metadata: str | None = Field(None, description="MetaCLIP balancing: a text file of metadata entries, one per "
                                  "line; a pair is matched by the entries its caption contains (whole words, as "
                                  "MetaCLIP); unmatched pairs are removed (no_metadata_entry), and an entry matched more "
