@@ -30,7 +30,13 @@ from pathlib import Path
 import numpy as np
 from vlp.data_tools import ray_engine
 from vlp.data_tools.curation import copies
-from vlp.data_tools.curation.dedup import KMEANS_ITERATIONS, POINTS_PER_CENTROID, _greedy, faiss_module
+from vlp.data_tools.curation.dedup import (
+    KMEANS_ITERATIONS,
+    POINTS_PER_CENTROID,
+    _greedy,
+    caption_words,
+    faiss_module,
+)
 from vlp.data_tools.curation.embeddings import Embeddings
 from vlp.data_tools.output import private_dir
 
@@ -105,10 +111,9 @@ class Engine:
 
 def semantic_duplicates(emb: Embeddings, rows: np.ndarray, scores: np.ndarray, hashes: np.ndarray, k: int,
                         checks: Checks, bucket_bytes: int = BUCKET_BYTES, seed: int = 0,
-                        engine: Engine | None = None, words: np.ndarray | None = None
-                        ) -> tuple[dict[int, tuple[int, float]], Stats]:
+                        engine: Engine | None = None) -> tuple[dict[int, tuple[int, float]], Stats]:
     """{removed row: (kept row it duplicates, cosine)} over the candidate rows (global row numbers, sorted);
-    `scores`, `hashes` and (with checks.same_caption) `words`, the captions' keys, are indexed by global row."""
+    `scores` and `hashes` are indexed by global row."""
     stats = Stats()
     if not len(rows):
         return {}, stats
@@ -124,6 +129,9 @@ def semantic_duplicates(emb: Embeddings, rows: np.ndarray, scores: np.ndarray, h
         buckets = [_Bucket(folder, b) for b in range(n_buckets)]
         _write_buckets(emb, rows, index, buckets, checks)
         stats.largest_bucket = max(bucket.count for bucket in buckets)
+        # with same_caption: each caption's words as a key, from the embed table's captions
+        words = np.array([caption_words(c) for c in emb.table.column("caption").to_pylist()], np.int64) \
+            if checks.same_caption else None
         loaded = (_load(bucket, dim, text_dim, scores, hashes, checks, words) for bucket in buckets if bucket.count)
         run = _on_ray(loaded, checks, engine) if engine is not None and engine.kind == "ray" else (
             dedup_bucket(arrays, checks) for arrays in loaded)
@@ -176,7 +184,7 @@ def _load(bucket: _Bucket, dim: int, text_dim: int, scores: np.ndarray, hashes: 
         rows, bucket.read("cluster", np.int32), bucket.read("img", np.float16, dim).astype(np.float32),
         bucket.read("text", np.float16, text_dim).astype(np.float32) if text_dim else None,
         bucket.read("thumb", np.uint8, copies.SIZE) if checks.copy_distance is not None else None,
-        scores[rows], hashes[rows], words[rows] if checks.same_caption and words is not None else None)
+        scores[rows], hashes[rows], None if words is None else words[rows])
 
 
 def dedup_bucket(a: BucketArrays, checks: Checks) -> dict[int, tuple[int, float]]:

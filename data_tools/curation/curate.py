@@ -185,11 +185,8 @@ def decide(table: pa.Table, opts: CurateConfig, emb: embeddings.Embeddings | Non
         checks = cluster_files.Checks(opts.semdedup_threshold, opts.semdedup_hash_distance,
                                       opts.semdedup_caption_threshold, opts.semdedup_copy_distance,
                                       opts.semdedup_same_caption)
-        words = np.array([dedup.caption_words(c) for c in table.column("caption").to_pylist()], np.int64) \
-            if opts.semdedup_same_caption else None
         engine = cluster_files.Engine(opts.engine, opts.ray_address, opts.workers)
-        found, stats = cluster_files.semantic_duplicates(emb, rows, scores, hashes, k, checks, engine=engine,
-                                                         words=words)
+        found, stats = cluster_files.semantic_duplicates(emb, rows, scores, hashes, k, checks, engine=engine)
         d.semdedup = {"clusters": k, **dataclasses.asdict(stats)}
         rule = f"image cosine >= {opts.semdedup_threshold}" + (
             f", caption cosine >= {opts.semdedup_caption_threshold}" if opts.semdedup_caption_threshold else "") + (
