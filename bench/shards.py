@@ -22,6 +22,7 @@ figure includes starting or connecting to Ray, as a user's run does. With
 --two-nodes it also builds on the tests' two-node cluster (tests/ray_cluster.py:
 head + a node in its own network namespace, 1 CPU each; needs root); with --pinned each
 node's processes run on a core of their own (taskset: the head on core 0, the node on core 1),
+the build's own process (the driver and single writer) on the head's core, as on a head machine,
 and a one-node cluster pinned alike is the baseline of the scaling figure.
 
     python bench/shards.py --compare s3
@@ -35,8 +36,8 @@ objects equal the local files.
 the same comparison against a server that emulates the web: each request answered after a
 delay drawn uniformly from the range (ms), the images spread over --hosts hosts (loopback
 addresses 127.1.x.y of their own, one asyncio listener each, so per-host limits see 1,000
-hosts). Both tools get the same processes and threads; vlp also at the settings a crawl would
-use (--threads 64).
+hosts). Both tools get the same processes and threads: 16 per process (vlp's default) and 64
+(what a crawl would use).
 
     python bench/shards.py --profile [--n 500]
 
@@ -172,8 +173,8 @@ def start_server(folder: Path, host: str = "127.0.0.1") -> tuple[subprocess.Pope
 
 
 def run_vlp(csv_path: Path, out: Path | str, args, engine: str = "local", env: dict | None = None,
-            address: str | None = None, threads: int = 16) -> tuple[float, int]:
-    cmd = [sys.executable, "-m", "vlp", "shards", "build", str(csv_path), "--output", str(out), "--overwrite",
+            address: str | None = None, threads: int = 16, core: int | None = None) -> tuple[float, int]:
+    cmd = ([] if core is None else ["taskset", "-c", str(core)]) + [sys.executable, "-m", "vlp", "shards", "build", str(csv_path), "--output", str(out), "--overwrite",
            "--image-size", str(args.image_size), "--resize-mode", "border", "--encode-quality", "95",
            "--workers", str(args.workers), "--threads", str(threads), "--shard-size", "500", "--quiet",
            "--resize-filter", args.resize_filter,
@@ -186,11 +187,11 @@ def run_vlp(csv_path: Path, out: Path | str, args, engine: str = "local", env: d
     return seconds, int(printed.split(" written=", 1)[1].split()[0])
 
 
-def run_img2dataset(csv_path: Path, out: Path, args) -> tuple[float, int]:
+def run_img2dataset(csv_path: Path, out: Path, args, threads: int = 16) -> tuple[float, int]:
     py = img2dataset_python()
     cmd = [str(py), "-m", "img2dataset.main", "--url_list", str(csv_path), "--input_format", "csv",
            "--url_col", "url", "--caption_col", "caption", "--output_format", "webdataset",
-           "--output_folder", str(out), "--processes_count", str(args.workers), "--thread_count", "16",
+           "--output_folder", str(out), "--processes_count", str(args.workers), "--thread_count", str(threads),
            "--image_size", str(args.image_size), "--resize_mode", "border", "--encode_quality", "95",
            "--number_sample_per_shard", "500", "--extract_exif", "False", "--enable_wandb", "False"]
     if out.exists():
@@ -277,25 +278,29 @@ def main() -> None:
 
 
 def compare_latency(images: list[Path], work: Path, args) -> None:
-    """vlp and img2dataset on the web-like server (--latency, --hosts), at equal settings; vlp also at 64 threads."""
+    """vlp and img2dataset on the web-like server (--latency, --hosts), at equal settings: 16 threads per process
+    (vlp's default) and 64 (what a crawl would use)."""
     img2dataset_python()
     server, port = start_latency_server(work / "images", args.hosts, args.latency)
+    runs = {}
     try:
         csv_path = write_csv(work / "latency.csv", [f"http://{host_address(i % args.hosts)}:{port}/{p.name}"
                                                    for i, p in enumerate(images)])
-        runs = {"vlp, 16 threads": run_vlp(csv_path, work / "out-vlp", args),
-                "img2dataset, 16 threads": run_img2dataset(csv_path, work / "out-img2dataset", args),
-                "vlp, 64 threads": run_vlp(csv_path, work / "out-vlp", args, threads=64)}
+        for threads in (16, 64):
+            runs[threads] = (run_vlp(csv_path, work / "out-vlp", args, threads=threads),
+                             run_img2dataset(csv_path, work / "out-img2dataset", args, threads=threads))
     finally:
         server.terminate()
-    base = runs["img2dataset, 16 threads"][1] / runs["img2dataset, 16 threads"][0]
-    rows = [[name, f"{n / t:.0f} ({n} written, {t:.1f} s)", f"{n / t / base:.2f}x"] for name, (t, n) in runs.items()]
-    for row in rows:
-        print("  " + " | ".join(row), flush=True)
+    rows = []
+    for threads, ((t, n), (t2, n2)) in runs.items():
+        rows.append([str(threads), f"{n / t:.0f} ({n} written, {t:.1f} s)", f"{n2 / t2:.0f} ({n2} written, {t2:.1f} s)",
+                     f"{(n / t) / (n2 / t2):.2f}x"])
+        print("  " + " | ".join(rows[-1]), flush=True)
     table = {"title": f"shard building from a web-like server: {args.n} JPEGs 256-1024 px over {args.hosts} "
                       f"loopback hosts, each request answered after {args.latency.replace(',', '-')} ms; -> "
                       f"{args.image_size} px border, {args.workers} processes; vlp --resize-filter {args.resize_filter}",
-             "columns": ["tool", "images/s", "vs img2dataset"], "rows": rows}
+             "columns": ["threads per process", "vlp images/s", "img2dataset images/s", "vlp / img2dataset"],
+             "rows": rows}
     print(markdown(table))
     write_result(f"shards_latency_{args.resize_filter}", "Shard building from a server with web-like latency", [table],
                  order=36)
@@ -326,8 +331,10 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
                     for name, csv_path in sources.items():
                         folder = work / f"out-{list(sources).index(name)}-{label.replace(' ', '_')}"
                         folders[name].append(folder)
+                        # pinned: the build (the driver, the single writer) runs on the head's core, as it
+                        # would on the head machine; a one-node cluster then has no second core to borrow
                         runs[name][label] = run_vlp(csv_path, folder, args, "ray", env={**os.environ, **cluster.env},
-                                                    address=cluster.address)
+                                                    address=cluster.address, core=0 if args.pinned else None)
                 finally:
                     ray_cluster.stop(cluster)
         finally:
@@ -341,7 +348,8 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
     if args.two_nodes:
         where += "; 2 nodes: head + a node in a network namespace, 1 CPU each, on this machine's cores"
         if args.pinned:
-            where += " (pinned: the head's processes on core 0, the node's on core 1; 1 pinned node: the head alone)"
+            where += (" (pinned: the head's processes and the build's own process, the driver, on core 0, the "
+                      "node's on core 1; 1 pinned node: the head alone)")
     names = list(rows[0][1])
     table_rows = []
     for name, runs, same in rows:

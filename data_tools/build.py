@@ -63,7 +63,7 @@ from vlp.core import storage
 from vlp.core.atomic import TMP_PREFIX, json_bytes
 from vlp.core.config import ShardsBuildConfig, ShardsRetryConfig
 from vlp.core.errors import UserError
-from vlp.core.fetch import FetchOptions
+from vlp.core.fetch import FetchOptions, is_url
 from vlp.core.processes import die_with_parent
 
 STATE_FILE = ".build.json"
@@ -71,6 +71,9 @@ OWN_FILE = re.compile(
     rf"^({re.escape(TMP_PREFIX)})?(\d{{5}}(\.tar|\.parquet|_stats\.json)|manifest\.json|failures\.jsonl|\.build\.json)$"
 )
 CHUNK_ROWS = 64
+# A worker finishes a chunk of URLs only at its slowest answer, its other threads idle meanwhile: a
+# chunk of URL rows holds this many rounds of its threads, so that tail is a small share of its time.
+URL_CHUNK_ROUNDS = 16
 # Record and sample-json fields vlp writes itself: an extra column may not reuse these names.
 RESERVED_FIELDS = frozenset(name for name, _ in RECORD_FIELDS)
 
@@ -250,29 +253,34 @@ def position(row: Row, part: dict) -> int:
     return row.slot if row.slot is not None else row.index - part["first_row"]
 
 
-def _chunks(rows: Iterable[Row], shard_size: int, part: dict) -> Iterator[list[Row]]:
-    """Rows in chunks of CHUNK_ROWS that never straddle a shard boundary."""
+def _chunks(rows: Iterable[Row], shard_size: int, part: dict, url_rows: int = CHUNK_ROWS) -> Iterator[list[Row]]:
+    """Rows in chunks that never straddle a shard boundary: CHUNK_ROWS, or `url_rows` when the chunk starts
+    with a URL (fetching, not decoding, is then the wait)."""
     chunk: list[Row] = []
+    limit = CHUNK_ROWS
     for row in rows:
-        if chunk and (len(chunk) == CHUNK_ROWS or
+        if chunk and (len(chunk) == limit or
                       position(row, part) // shard_size != position(chunk[0], part) // shard_size):
             yield chunk
             chunk = []
+        if not chunk:
+            limit = url_rows if is_url((row.ref or "").strip()) else CHUNK_ROWS
         chunk.append(row)
     if chunk:
         yield chunk
 
 
 def _crash_results(rows: list[Row], opts: RowOptions) -> list[RowResult]:
-    """A chunk that killed its worker twice: retry each row alone to find the culprit."""
-    results = []
-    for row in rows:
-        with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=die_with_parent) as solo:
-            try:
-                results.extend(solo.submit(process_chunk, [row], opts).result())
-            except BrokenProcessPool:
-                results.append(RowResult(row.index, "worker_crashed", "the decoder process died on this row"))
-    return results
+    """A chunk that killed its worker twice: find the culprits by halving it, each part in a fresh process, down to
+    the rows that kill theirs alone (a few processes per culprit, not one per row of a long chunk of URLs)."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=die_with_parent) as solo:
+        try:
+            return solo.submit(process_chunk, rows, opts).result()
+        except BrokenProcessPool:
+            if len(rows) == 1:
+                return [RowResult(rows[0].index, "worker_crashed", "the decoder process died on this row")]
+    half = len(rows) // 2
+    return _crash_results(rows[:half], opts) + _crash_results(rows[half:], opts)
 
 
 class _Workers:
@@ -280,8 +288,8 @@ class _Workers:
 
     If a worker dies (OOM killer, a decoder crash), every chunk in flight is
     lost with the pool: the pool is restarted and those chunks resubmitted. A
-    chunk that is in flight at a second crash is processed row by row, each in
-    a fresh process, so only a row that really kills its process fails
+    chunk that is in flight at a second crash is halved until its parts, each in
+    a fresh process, finish, so only a row that really kills its process fails
     (reason worker_crashed). A chunk whose submit finds the pool already broken
     counts as in flight at that crash.
     """
@@ -596,7 +604,8 @@ def _build(opts: ShardsBuildConfig, rows: Iterator[Row], output: BuildOutput, pa
     try:
         workers = (RayWorkers(row_options(opts), opts.ray_address, opts.workers) if opts.engine == "ray"
                    else _Workers(opts.workers, row_options(opts)))
-        for chunk, results in workers.map(_chunks(rows, opts.shard_size, part)):
+        url_rows = max(CHUNK_ROWS, URL_CHUNK_ROUNDS * opts.threads)
+        for chunk, results in workers.map(_chunks(rows, opts.shard_size, part, url_rows)):
             for row, result in zip(chunk, results, strict=True):
                 writer.add(row, result)
                 failed += result.reason is not None

@@ -32,7 +32,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from vlp.core import storage
+from vlp.core import storage, wds_stores  # noqa: F401 (wds_stores: webdataset reads object-storage shards)
 from vlp.core.errors import UserError
 from vlp.core.images import SHARD_IMAGE_EXTS, decode_rgb
 from vlp.core.manifest import MANIFEST, Manifest, read_manifest

@@ -12,19 +12,24 @@ feed our loader:
 Files are written under a temporary name, fsynced and renamed (vlp.core.atomic), so a kill -9 never
 leaves a file that looks complete but is not. Tar headers carry a fixed
 mtime/owner so the same input gives byte-identical shards.
+
+The tar members are those webdataset's TarWriter writes (tested byte for byte), written with the
+standard library's tarfile: importing webdataset imports torch, seconds of start-up that a build,
+which trains nothing, need not pay.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from vlp.core.atomic import fsync_dir, temp_path, write_atomic, write_json
 
@@ -96,8 +101,7 @@ class ShardWriter:
         self.tar_path = out_dir / f"{self.name}.tar"
         self._tmp_tar = temp_path(self.tar_path)
         self._stream = open(self._tmp_tar, "wb")  # noqa: SIM115 - closed in close()
-        # encoder=False: we hand over bytes, encoded exactly as we want them.
-        self._tar = wds.TarWriter(self._stream, mtime=0, user="vlp", group="vlp", encoder=False)
+        self._tar = tarfile.open(fileobj=self._stream, mode="w|")  # noqa: SIM115 - closed in close()
         self.records: list[dict] = []
         self.samples = 0
         self.counts: Counter = Counter()  # e.g. captions with and without a count (--count-counterfactuals)
@@ -106,12 +110,16 @@ class ShardWriter:
     def add_sample(self, key: str, image: bytes, ext: str, caption: str, meta: dict) -> None:
         # One dict -> contiguous members in sorted-suffix order: .jpg, .json, .txt.
         meta_bytes = json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8")
-        self._tar.write({"__key__": key, ext: image, "txt": caption.encode("utf-8"), "json": meta_bytes})
-        self.samples += 1
+        self.add_members(key, {ext: image, "txt": caption.encode("utf-8"), "json": meta_bytes})
 
     def add_members(self, key: str, members: dict[str, bytes]) -> None:
-        """A sample copied from another shard: its members' bytes unchanged (curation)."""
-        self._tar.write({"__key__": key, **members})
+        """One sample: its members contiguous, in sorted-suffix order, with fixed owner, mode and mtime (as
+        webdataset's TarWriter writes them). Also a sample copied from another shard, bytes unchanged (curation)."""
+        for ext in sorted(members):
+            data = members[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "vlp", "vlp"
+            self._tar.addfile(info, io.BytesIO(data))
         self.samples += 1
 
     def add_record(self, record: dict) -> None:

@@ -309,3 +309,57 @@ def test_verify_detects_a_damaged_shard(pairs):
     result = verify_shards(out, progress=False)
     assert not result.ok
     assert any("00001.tar" in p for p in result.problems)
+
+
+def test_url_rows_go_to_workers_in_longer_chunks_that_never_straddle_a_shard():
+    """A chunk of URLs holds 16 rounds of a worker's threads (the wait is the fetch), a chunk of files 64 rows
+    (the chunk's first row decides); no chunk straddles a shard boundary."""
+    from vlp.data_tools.build import CHUNK_ROWS, _chunks
+    from vlp.data_tools.readers import Row
+
+    def row(i: int, ref: str) -> Row:
+        return Row(index=i, source="x.csv", line=i + 1, ref=ref, base_dir=".", caption="c")
+
+    urls = [row(i, f" http://h{i}/a.jpg") for i in range(700)]
+    files = [row(700 + i, f"img/{i}.jpg") for i in range(200)]
+    part = {"first_row": 0, "first_shard": 0}
+    sizes = [len(c) for c in _chunks(urls + files, 500, part, url_rows=16 * 8)]
+    # 128 per chunk starting with a URL, cut at the shard boundary (row 500); 64 per chunk starting with a file
+    assert sizes == [128, 128, 128, 116, 128, 128, CHUNK_ROWS, CHUNK_ROWS, 16]
+    assert sum(sizes) == 900
+
+
+def test_a_build_imports_neither_torch_nor_webdataset():
+    """`vlp shards build` and its worker processes train nothing: torch (which webdataset imports) would cost the
+    build's process and each worker seconds of start-up, and every fresh process a crashed chunk is retried in."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vlp.app.cli, vlp.data_tools.build, vlp.data_tools.pipeline, vlp.data_tools.ray_engine; "
+            "print(sorted(m for m in ('torch', 'webdataset') if m in sys.modules))")
+    printed = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert printed.strip() == "[]"
+
+
+def test_shard_tars_are_webdataset_tar_writers_bytes(tmp_path):
+    """The builder writes its tars with tarfile (no webdataset, hence no torch, in a build's process): the bytes
+    are those webdataset's TarWriter writes for the same samples, and webdataset reads them back."""
+    import io
+
+    import webdataset as wds
+    from vlp.data_tools.writer import ShardWriter
+
+    samples = [("000000000", {"jpg": b"\xff\xd8 one", "txt": "a cat".encode(), "json": b'{"k": 1}'}),
+               ("000000001", {"png": b"\x89PNG two", "txt": "ünïcode".encode(), "json": b"{}"})]
+    writer = ShardWriter(tmp_path, 0, ())
+    for key, members in samples:
+        writer.add_members(key, members)
+    writer.close()
+    expected = io.BytesIO()
+    with wds.TarWriter(expected, mtime=0, user="vlp", group="vlp", encoder=False) as tar:
+        for key, members in samples:
+            tar.write({"__key__": key, **members})
+    assert (tmp_path / "00000.tar").read_bytes() == expected.getvalue()
+    read = [(s["__key__"], sorted(k for k in s if not k.startswith("__")))
+            for s in wds.WebDataset(str(tmp_path / "00000.tar"), shardshuffle=False)]
+    assert read == [("000000000", ["jpg", "json", "txt"]), ("000000001", ["json", "png", "txt"])]

@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 from http_server import serve
-from shard_helpers import build, finished_shards, noise_image, options, save, tree_bytes, write_csv
+from shard_helpers import (
+    build,
+    finished_shards,
+    noise_image,
+    options,
+    reasons_by_url,
+    save,
+    tree_bytes,
+    write_csv,
+)
 from vlp.data_tools.verify import verify_shards
 
 pytestmark = pytest.mark.slow
@@ -148,3 +157,37 @@ def test_synth_workers_die_with_a_killed_parent(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# Loaded by every Python process the test starts (PYTHONPATH): an image carrying the marker kills the process
+# that decodes it, as a decoder's segfault would.
+CRASHING_DECODER = """
+import os, signal
+import vlp.data_tools.pipeline as pipeline
+_process_image = pipeline.process_image
+def _process_image_or_die(data, suffix, opts):
+    if b"KILLS-ITS-DECODER" in data:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _process_image(data, suffix, opts)
+pipeline.process_image = _process_image_or_die
+"""
+
+
+def test_a_row_that_kills_its_decoder_fails_alone(tmp_path, monkeypatch):
+    """A row whose image kills every process that decodes it: the pool restarts, the chunk is tried again,
+    then halved in fresh processes until only that row is left; it fails as worker_crashed, every other row
+    of its chunk (and of the next) is written."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(CRASHING_DECODER)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+    rows = []
+    for i in range(70):  # a chunk of 64 rows and one of 6
+        path = save(noise_image(24, 24, seed=i), tmp_path / "img" / f"{i}.jpg", quality=90)
+        if i == 37:
+            path.write_bytes(path.read_bytes() + b"KILLS-ITS-DECODER")  # after the end marker: still a valid JPEG
+        rows.append({"url": str(path), "caption": f"image {i}"})
+    out = tmp_path / "out"
+    summary = build([write_csv(tmp_path / "p.csv", rows)], out, workers=1, shard_size=100)
+    assert (summary.rows, summary.written, summary.failed, summary.duplicates) == (70, 69, 1, 0)
+    assert reasons_by_url(out) == {str(tmp_path / "img" / "37.jpg"): "worker_crashed"}
+    assert verify_shards(out, progress=False).ok

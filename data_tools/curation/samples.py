@@ -21,7 +21,7 @@ from vlp.data_tools.curation.copies import thumbnail
 from vlp.data_tools.curation.phash import phash
 from webdataset import tariterators
 
-from vlp.core import storage  # also registers the object-storage URL handlers with webdataset
+from vlp.core import storage, wds_stores  # noqa: F401 (wds_stores: webdataset reads object-storage shards)
 from vlp.core.config import DataSource
 from vlp.core.images import SHARD_IMAGE_EXTS, ImageError, decode_rgb
 from vlp.train.loader.sources import resolve_source

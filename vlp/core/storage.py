@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import IO
 
 import fsspec
-import webdataset
 
 from vlp.core.atomic import json_bytes, write_atomic
 from vlp.core.confine import inside, relative_name
@@ -206,14 +205,9 @@ def _key_under(path: str, prefix: str, url: str) -> str:
     return relative_name(path[len(prefix) + 1:], f"{url}: object key")
 
 
-def _gopen_object_url(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> IO[bytes]:
+def gopen_object_url(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> IO[bytes]:
+    """webdataset's gopen handler for object-storage URLs (registered by vlp.core.wds_stores)."""
     return open_read(url)
-
-
-# webdataset opens shards through its gopen table, which knows files, http(s) and pipe: only; every
-# process that imports this module (the loader's workers are forked from one) reads these stores too.
-for _proto in OBJECT_PROTOCOLS:
-    webdataset.gopen_schemes.setdefault(_proto, _gopen_object_url)
 
 
 def claim_url(url: str, kind: str, command: str, hint: str) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from webdataset import tariterators
 
-from vlp.core import storage
+from vlp.core import storage, wds_stores  # noqa: F401 (wds_stores: webdataset reads object-storage shards)
 from vlp.core.images import SHARD_IMAGE_EXTS
 from vlp.core.tarformat import sample_offsets
 from vlp.train.loader.plan import Piece, Segment
