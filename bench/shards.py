@@ -1,14 +1,15 @@
 """Shard-building speed: vlp vs img2dataset on the same pairs, in one run.
 
-    python bench/shards.py [--n 5000] [--workers 2] [--image-size 256]
+    python bench/shards.py [--n 5000] [--workers 2] [--image-size 256] [--repeat 3]
 
 Makes N JPEGs of 256-1024 px (smooth colour fields with mild noise, so file
 sizes are photo-like), writes one CSV of file:// URLs and one of http URLs
 served by a loopback HTTP server (in its own process), and builds
 webdataset shards from each with both tools using the same settings: border
 resize to --image-size, JPEG quality 95, the same number of processes, 16
-threads each, shards of 500 rows (img2dataset parallelises per shard). Prints
-images written per second and the ratio.
+threads each, shards of 500 rows (img2dataset parallelises per shard). The tools
+alternate, --repeat runs each; prints the median images written per second, the
+range, and the ratio of the medians.
 
 img2dataset pins webdataset < 0.3, so it runs from its own virtualenv
 (bench/baselines.py).
@@ -54,6 +55,7 @@ import csv
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -206,6 +208,7 @@ def run_img2dataset(csv_path: Path, out: Path, args, threads: int = 16) -> tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=5000)
+    parser.add_argument("--repeat", type=int, default=3, help="vlp vs img2dataset: alternating runs per tool")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--resize-filter", default="lanczos", help="vlp's --resize-filter (box: img2dataset's "
@@ -261,17 +264,25 @@ def main() -> None:
             return compare_engines(sources, work, args)
         rows = []
         for name, csv_path in sources.items():
-            vlp_s, vlp_n = run_vlp(csv_path, work / "out-vlp", args)
-            i2d_s, i2d_n = run_img2dataset(csv_path, work / "out-img2dataset", args)
-            rows.append((name, vlp_n / vlp_s, vlp_n, i2d_n / i2d_s, i2d_n))
-            print(f"  {name}: vlp {vlp_n} in {vlp_s:.1f}s, img2dataset {i2d_n} in {i2d_s:.1f}s", flush=True)
+            rates: dict[str, list[float]] = {"vlp": [], "img2dataset": []}
+            for _ in range(args.repeat):  # the tools alternate, so a drift in the machine's speed hits both
+                for tool, run in (("vlp", run_vlp), ("img2dataset", run_img2dataset)):
+                    seconds, written = run(csv_path, work / f"out-{tool}", args)
+                    rates[tool].append(written / seconds)
+                    print(f"  {name}: {tool} {written} in {seconds:.1f}s", flush=True)
+            rows.append((name, rates["vlp"], rates["img2dataset"]))
     finally:
         server.terminate()
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.median(values):.0f}" + (f" ({min(values):.0f}-{max(values):.0f})" if len(values) > 1 else "")
+
     table = {"title": f"shard building, {args.n} JPEGs 256-1024 px -> {args.image_size} px border, "
-                      f"{args.workers} processes x 16 threads; vlp --resize-filter {args.resize_filter}",
-             "columns": ["source", "vlp images/s", "img2dataset images/s", "ratio"],
-             "rows": [[name, f"{vlp_rate:.0f} ({vlp_n} written)", f"{i2d_rate:.0f} ({i2d_n} written)",
-                       f"{vlp_rate / i2d_rate:.2f}x"] for name, vlp_rate, vlp_n, i2d_rate, i2d_n in rows]}
+                      f"{args.workers} processes x 16 threads; vlp --resize-filter {args.resize_filter}; median of "
+                      f"{args.repeat} alternating runs per tool (range)",
+             "columns": ["source", "vlp images/s", "img2dataset images/s", "ratio of medians"],
+             "rows": [[name, spread(v), spread(i), f"{statistics.median(v) / statistics.median(i):.2f}x"]
+                      for name, v, i in rows]}
     print(markdown(table))
     write_result(f"shards_vs_img2dataset_{args.resize_filter}", "Shard building: vlp vs img2dataset", [table],
                  order=35)
