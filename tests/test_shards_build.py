@@ -349,7 +349,7 @@ def test_shard_tars_are_webdataset_tar_writers_bytes(tmp_path):
     import webdataset as wds
     from vlp.data_tools.writer import ShardWriter
 
-    samples = [("000000000", {"jpg": b"\xff\xd8 one", "txt": "a cat".encode(), "json": b'{"k": 1}'}),
+    samples = [("000000000", {"jpg": b"\xff\xd8 one", "txt": b"a cat", "json": b'{"k": 1}'}),
                ("000000001", {"png": b"\x89PNG two", "txt": "ünïcode".encode(), "json": b"{}"})]
     writer = ShardWriter(tmp_path, 0, ())
     for key, members in samples:
