@@ -108,7 +108,6 @@ class ShardWriter:
         self.config = config  # the build's options, in the stats as img2dataset writes its config
 
     def add_sample(self, key: str, image: bytes, ext: str, caption: str, meta: dict) -> None:
-        # One dict -> contiguous members in sorted-suffix order: .jpg, .json, .txt.
         meta_bytes = json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8")
         self.add_members(key, {ext: image, "txt": caption.encode("utf-8"), "json": meta_bytes})
 

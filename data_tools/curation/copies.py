@@ -20,7 +20,7 @@ edges' middles and the centre (a 3x3 grid each). Its thumbnails of all those vie
 the nearest counts: a crop moves the 16 blocks' edges by up to half a block, which a drawing's
 flat regions turn into tens of levels, and the nearest crop view takes most of that shift away
 (bench/copy_signal.py's "nearest eval view" rows). 21 views, 16 KB per eval image. The default thresholds come from measured distributions
-of copy and distinct pairs (bench/curation.py --copy-signal; the docs' results page).
+of copy and distinct pairs (bench/copy_signal.py; the docs' results page).
 
 Two training images (SemDeDup) have only their stored thumbnails, not their pixels. A crop of a
 few per cent is undone on the thumbnails themselves (`aligned_distance`): both are blurred by a
