@@ -107,17 +107,23 @@ _BUDGET = PixelBudget(DECODE_BUDGET_PIXELS)
 
 
 M_MMAP_THRESHOLD = -3  # glibc malloc.h
+# Pillow's own pool of freed pixel blocks, reused by the next image: without it every block is a fresh mmap
+# whose pages fault in again (a fifth of a build worker's CPU on 256-1024 px JPEGs, bench/shards.py
+# --profile). Bounded: at most this many blocks of at most this size are kept (64 MiB per process).
+PIXEL_BLOCK_BYTES = 4 << 20
+PIXEL_BLOCKS_KEPT = 16
 _MALLOC_TUNED = False
 
 
 def return_freed_pixels() -> None:
-    """Make freed image memory go back to the OS at once, in a process that decodes on several threads.
+    """Make freed image memory go back to the OS, past a small pool, in a process that decodes on threads.
 
-    Pillow allocates pixels in blocks of up to 16 MB. glibc's malloc raises its
-    mmap threshold after the first such block is freed, so later blocks come from
-    per-thread arenas that keep them after free: threads that each decode one huge
-    image in turn hold gigabytes (bench/decode_memory.py). A fixed 1 MiB
-    threshold mmaps every large block and unmaps it on free. A no-op off glibc.
+    Pillow allocates pixels in blocks. glibc's malloc raises its mmap threshold
+    after the first large block is freed, so later blocks come from per-thread
+    arenas that keep them after free: threads that each decode one huge image in
+    turn hold gigabytes (bench/decode_memory.py). A fixed 1 MiB threshold mmaps
+    every large block and unmaps it on free; Pillow keeps a bounded pool of freed
+    blocks for the next images. The malloc part is a no-op off glibc.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
@@ -126,6 +132,8 @@ def return_freed_pixels() -> None:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 1 << 20)
     except (OSError, AttributeError):  # not glibc
         pass
+    Image.core.set_block_size(PIXEL_BLOCK_BYTES)
+    Image.core.set_blocks_max(PIXEL_BLOCKS_KEPT)
     _MALLOC_TUNED = True
 
 
