@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import email.utils
 import errno
+import functools
+import heapq
 import http.client
+import itertools
 import os
 import socket
 import threading
@@ -133,7 +136,10 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
         scheme = urlparse(newurl).scheme.lower()
         if scheme not in ("http", "https"):
             raise FetchError("bad_redirect", f"redirect to a {scheme or 'relative'}:// URL refused")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+        follow = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if follow is not None:  # the redirected request runs on the same clock
+            follow.deadline = req.deadline
+        return follow
 
 
 class _Deadline:
@@ -144,17 +150,16 @@ class _Deadline:
     def __init__(self, seconds: float):
         self.at = time.monotonic() + seconds
         self.expired = False
+        self.done = False
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
 
     def __enter__(self) -> _Deadline:
-        self._timer.start()
+        _WATCHDOG.add(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._timer.cancel()
+        self.done = True
 
     def remaining(self) -> float:
         left = self.at - time.monotonic()
@@ -168,8 +173,10 @@ class _Deadline:
             if self.expired:
                 self._shut(sock)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
         with self._lock:
+            if self.done:
+                return
             self.expired = True
             for sock in self._sockets:
                 self._shut(sock)
@@ -182,38 +189,80 @@ class _Deadline:
             pass
 
 
-def _watched(base: type[http.client.HTTPConnection], deadline: _Deadline) -> type:
-    """`base` whose socket is handed to the deadline once connected (connecting gets what time is left)."""
+class _Watchdog:
+    """One thread per process expires every request's deadline when it is due. A timer thread per
+    request (64 fetch threads start hundreds a second) cost more CPU than the request itself."""
 
-    class Connection(base):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self._create_connection = dns.create_connection  # names resolved once per process
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, _Deadline]] = []  # a heap; finished ones leave when they reach the top
+        self._order = itertools.count()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
 
-        def connect(self) -> None:
-            self.timeout = deadline.remaining()
-            super().connect()
-            deadline.watch(self.sock)
+    def add(self, deadline: _Deadline) -> None:
+        with self._changed:
+            heapq.heappush(self._due, (deadline.at, next(self._order), deadline))
+            if self._thread is None or not self._thread.is_alive():  # first use in this process
+                self._thread = threading.Thread(target=self._run, name="fetch-deadlines", daemon=True)
+                self._thread.start()
+            if self._due[0][2] is deadline:  # sooner than what the thread sleeps towards
+                self._changed.notify()
 
-    return Connection
+    def _run(self) -> None:
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                while self._due and (self._due[0][2].done or self._due[0][0] <= now):
+                    heapq.heappop(self._due)[2].expire()  # a no-op for a finished request
+                self._changed.wait(self._due[0][0] - now if self._due else None)
+
+
+_WATCHDOG = _Watchdog()
+
+
+class _Watched:
+    """An HTTP(S) connection on a request's deadline: connecting gets what time is left, and the connected
+    socket is handed to the deadline. Host names are resolved once per process (vlp.core.dns)."""
+
+    def __init__(self, *args, deadline: _Deadline, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+        self._create_connection = dns.create_connection
+
+    def connect(self) -> None:
+        self.timeout = self.deadline.remaining()
+        super().connect()
+        self.deadline.watch(self.sock)
+
+
+class _WatchedHTTP(_Watched, http.client.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPS(_Watched, http.client.HTTPSConnection):
+    pass
 
 
 class _DeadlineHTTP(urllib.request.HTTPHandler):
-    def __init__(self, deadline: _Deadline):
-        super().__init__()
-        self.deadline = deadline
-
     def http_open(self, req):
-        return self.do_open(_watched(http.client.HTTPConnection, self.deadline), req)
+        return self.do_open(functools.partial(_WatchedHTTP, deadline=req.deadline), req)
 
 
 class _DeadlineHTTPS(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: _Deadline):
-        super().__init__()
-        self.deadline = deadline
-
     def https_open(self, req):
-        return self.do_open(_watched(http.client.HTTPSConnection, self.deadline), req, context=self._context)
+        return self.do_open(functools.partial(_WatchedHTTPS, deadline=req.deadline), req, context=self._context)
+
+
+_OPENER: urllib.request.OpenerDirector | None = None
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    """One opener per process, shared by the fetch threads (as urlopen's is): building one per request was
+    a millisecond of CPU each. Each request carries its own deadline."""
+    global _OPENER
+    if _OPENER is None:
+        _OPENER = urllib.request.build_opener(_HttpOnlyRedirects, _DeadlineHTTP, _DeadlineHTTPS)
+    return _OPENER
 
 
 def _read_http(url: str, opts: FetchOptions) -> bytes:
@@ -230,9 +279,9 @@ def _read_http(url: str, opts: FetchOptions) -> bytes:
 
 
 def _read_http_within(url: str, opts: FetchOptions, deadline: _Deadline) -> bytes:
-    opener = urllib.request.build_opener(_HttpOnlyRedirects, _DeadlineHTTP(deadline), _DeadlineHTTPS(deadline))
     request = urllib.request.Request(url, headers={"User-Agent": opts.user_agent})
-    with opener.open(request, timeout=deadline.remaining()) as resp:
+    request.deadline = deadline
+    with _opener().open(request, timeout=deadline.remaining()) as resp:
         refused = opted_out(resp.headers.get_all("X-Robots-Tag") or [], opts)
         if refused:
             raise FetchError("opt_out", f"X-Robots-Tag: {refused}")
