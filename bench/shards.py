@@ -9,7 +9,10 @@ webdataset shards from each with both tools using the same settings: border
 resize to --image-size, JPEG quality 95, the same number of processes, 16
 threads each, shards of 500 rows (img2dataset parallelises per shard). The tools
 alternate, --repeat runs each; prints the median images written per second, the
-range, and the ratio of the medians.
+range, and the ratio of the medians. Each tool also builds the first --small rows,
+which gives its start-up time and its marginal rate (what the rows past those cost:
+the rate a long build runs at; img2dataset starts several seconds slower, which
+flatters the end-to-end ratio of a short bench).
 
 img2dataset pins webdataset < 0.3, so it runs from its own virtualenv
 (bench/baselines.py).
@@ -19,7 +22,8 @@ img2dataset pins webdataset < 0.3, so it runs from its own virtualenv
 compares vlp's two engines instead: the local process pool and `--engine ray`
 (tasks on a Ray instance the build starts on this machine with --workers CPUs,
 or on the cluster at --ray-address), on the same inputs and settings. The Ray
-figure includes starting or connecting to Ray, as a user's run does. With
+figure includes starting or connecting to Ray, as a user's run does; a second build of the
+first --small rows with each engine gives its start-up time and marginal rate apart. With
 --two-nodes it also builds on the tests' two-node cluster (tests/ray_cluster.py:
 head + a node in its own network namespace, 1 CPU each; needs root); with --pinned each
 node's processes run on a core of their own (taskset: the head on core 0, the node on core 1),
@@ -84,6 +88,17 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
         arr = np.asarray(field, dtype=np.int16) + rng.normal(0, 4, (h, w, 3)).astype(np.int16)
         Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path, quality=90)
     return paths
+
+
+def startup_and_rate(n: int, t_n: float, small: int, t_small: float) -> tuple[float, float]:
+    """A tool's start-up seconds and marginal images/s from a build of n rows and one of the first `small`."""
+    marginal = (n - small) / (t_n - t_small)
+    return t_small - small / marginal, marginal
+
+
+def _urls(csv_path: Path) -> list[str]:
+    with open(csv_path, newline="") as fh:
+        return [row["url"] for row in csv.DictReader(fh)]
 
 
 def write_csv(path: Path, urls: list[str]) -> Path:
@@ -209,6 +224,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=3, help="vlp vs img2dataset: alternating runs per tool")
+    parser.add_argument("--small", type=int, default=500,
+                        help="vlp vs img2dataset: also build the first SMALL rows, for each tool's start-up time")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--resize-filter", default="lanczos", help="vlp's --resize-filter (box: img2dataset's "
@@ -262,27 +279,43 @@ def main() -> None:
         }
         if args.compare == "ray":
             return compare_engines(sources, work, args)
+        small = min(args.small, args.n // 2)
         rows = []
         for name, csv_path in sources.items():
-            rates: dict[str, list[float]] = {"vlp": [], "img2dataset": []}
+            head = write_csv(csv_path.with_name(f"head-{csv_path.name}"), _urls(csv_path)[:small])
+            seconds: dict[str, dict[str, list[float]]] = {"vlp": {"n": [], "small": []}, "img2dataset": {"n": [], "small": []}}
             for _ in range(args.repeat):  # the tools alternate, so a drift in the machine's speed hits both
                 for tool, run in (("vlp", run_vlp), ("img2dataset", run_img2dataset)):
-                    seconds, written = run(csv_path, work / f"out-{tool}", args)
-                    rates[tool].append(written / seconds)
-                    print(f"  {name}: {tool} {written} in {seconds:.1f}s", flush=True)
-            rows.append((name, rates["vlp"], rates["img2dataset"]))
+                    for size, path in (("small", head), ("n", csv_path)):
+                        took, written = run(path, work / f"out-{tool}", args)
+                        assert written == (small if size == "small" else args.n), f"{tool} wrote {written}"
+                        seconds[tool][size].append(took)
+                        print(f"  {name}: {tool} {written} in {took:.1f}s", flush=True)
+            rows.append((name, seconds))
     finally:
         server.terminate()
 
-    def spread(values: list[float]) -> str:
-        return f"{statistics.median(values):.0f}" + (f" ({min(values):.0f}-{max(values):.0f})" if len(values) > 1 else "")
+    def rates(tool_seconds: dict[str, list[float]]) -> tuple[str, float, float, float]:
+        """images/s end to end (median, range), its median, the start-up and the marginal rate: what rows past
+        the first `small` cost, the figure a long build runs at."""
+        whole = [args.n / t for t in tool_seconds["n"]]
+        startup, marginal = startup_and_rate(args.n, statistics.median(tool_seconds["n"]), small,
+                                             statistics.median(tool_seconds["small"]))
+        return (f"{statistics.median(whole):.0f} ({min(whole):.0f}-{max(whole):.0f})", statistics.median(whole),
+                startup, marginal)
 
+    table_rows = []
+    for name, seconds in rows:
+        (v_text, v, v_start, v_marg), (i_text, i, i_start, i_marg) = rates(seconds["vlp"]), rates(seconds["img2dataset"])
+        table_rows.append([name, v_text, i_text, f"{v / i:.2f}x", f"{v_start:.1f} / {i_start:.1f}",
+                           f"{v_marg:.0f} / {i_marg:.0f}", f"{v_marg / i_marg:.2f}x"])
     table = {"title": f"shard building, {args.n} JPEGs 256-1024 px -> {args.image_size} px border, "
                       f"{args.workers} processes x 16 threads; vlp --resize-filter {args.resize_filter}; median of "
-                      f"{args.repeat} alternating runs per tool (range)",
-             "columns": ["source", "vlp images/s", "img2dataset images/s", "ratio of medians"],
-             "rows": [[name, spread(v), spread(i), f"{statistics.median(v) / statistics.median(i):.2f}x"]
-                      for name, v, i in rows]}
+                      f"{args.repeat} alternating runs per tool (range); start-up and marginal rate from the medians "
+                      f"of runs on the first {small} rows and on all {args.n}",
+             "columns": ["source", "vlp images/s", "img2dataset images/s", "ratio of medians",
+                         "start-up s, vlp / img2dataset", "marginal images/s, vlp / img2dataset", "marginal ratio"],
+             "rows": table_rows}
     print(markdown(table))
     write_result(f"shards_vs_img2dataset_{args.resize_filter}", "Shard building: vlp vs img2dataset", [table],
                  order=35)
@@ -327,9 +360,14 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
     for its runs: its idle daemons would slow the others down)."""
     runs: dict[str, dict] = {name: {} for name in sources}
     folders = {name: [work / f"out-{i}-{k}" for k in range(2)] for i, name in enumerate(sources)}
+    small = min(args.small, args.n // 2)
+    startup: dict[str, dict] = {name: {} for name in sources}  # local and Ray started by the build
     for name, csv_path in sources.items():
-        runs[name]["local"] = run_vlp(csv_path, folders[name][0], args, "local")
-        runs[name]["ray, 1 node"] = run_vlp(csv_path, folders[name][1], args, "ray")
+        head = write_csv(csv_path.with_name(f"head-{csv_path.name}"), _urls(csv_path)[:small])
+        for engine, label, folder in (("local", "local", folders[name][0]), ("ray", "ray, 1 node", folders[name][1])):
+            runs[name][label] = run_vlp(csv_path, folder, args, engine)
+            startup[name][label] = startup_and_rate(args.n, runs[name][label][0], small,
+                                                    run_vlp(head, work / "out-small", args, engine)[0])
     if args.two_nodes:
         import ray_cluster
 
@@ -370,8 +408,15 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
     table = {"title": f"shard building, {args.n} JPEGs 256-1024 px -> {args.image_size} px border, "
                       f"{args.workers} processes x 16 threads; ray {where}",
              "columns": ["source", *[f"{k} images/s" for k in names], "same files"], "rows": table_rows}
+    marginal = {"title": f"start-up and marginal rate, from a second build of the first {small} rows with each "
+                         "engine (Ray: the instance the build starts and stops)",
+                "columns": ["source", "local start-up s", "local marginal images/s", "ray start-up s",
+                            "ray marginal images/s", "ray / local, marginal"],
+                "rows": [[name, f"{lo[0]:.1f}", f"{lo[1]:.0f}", f"{ra[0]:.1f}", f"{ra[1]:.0f}", f"{ra[1] / lo[1]:.2f}x"]
+                         for name, (lo, ra) in ((n, (v["local"], v["ray, 1 node"])) for n, v in startup.items())]}
     print(markdown(table))
-    write_result("shards_ray", "Shard building: the local engine vs --engine ray", [table], order=36)
+    print(markdown(marginal))
+    write_result("shards_ray", "Shard building: the local engine vs --engine ray", [table, marginal], order=36)
 
 
 def compare_s3(csv_path: Path, work: Path, args) -> None:

@@ -6,8 +6,9 @@ everything in row order: keys, shard rollover, deduplication across the whole
 build, resume. Ray replaces only the worker processes. `RayWorkers` has the
 local pool's contract (`map(chunks)` yields `(chunk, results)` in order, with a
 bounded window): each chunk of rows is a Ray task running `process_chunk`,
-4 chunks per CPU of the cluster are in flight, and the results come back in
-row order to the same writer. So a Ray build writes byte for byte the files a
+placed by this process on the node with the fewest unfinished chunks per CPU
+(a faster node gets more), 4 chunks per CPU of the cluster are in flight,
+and the results come back in row order to the same writer. So a Ray build writes byte for byte the files a
 local build writes, every row is accounted, and a build started with one
 engine resumes with either.
 
@@ -66,7 +67,8 @@ from vlp.core.errors import RowFailure, UserError, first_line
 from vlp.core.fetch import FetchOptions, fetch, is_url
 
 MAX_RETRIES = 3  # Ray reruns a task whose worker or node died this many times
-WINDOW_PER_CPU = 4  # chunks in flight per CPU of the cluster
+WINDOW_PER_CPU = 4  # chunks in flight per CPU of the cluster, finished ones waiting for their turn included
+NODE_QUEUE_PER_CPU = 2  # unfinished chunks placed on a node per CPU: one running, one ready to start
 # connecting to a running cluster (a TCP check first: an unreachable one fails fast); VLP_RAY_CONNECT_TIMEOUT
 CONNECT_TIMEOUT_S = float(os.environ.get("VLP_RAY_CONNECT_TIMEOUT", "60"))
 PROBE_TIMEOUT_S = 300.0  # every node answers the reachability probe (a node may start a worker first)
@@ -336,21 +338,37 @@ def _probe(ray, rows: list[Row], opts: RowOptions, cwd: str) -> None:
 
 
 class RayWorkers:
-    """Ordered, bounded-window map of process_chunk over a Ray cluster (build._Workers' contract)."""
+    """Ordered, bounded-window map of process_chunk over a Ray cluster (build._Workers' contract).
+
+    Chunks are placed by the driver, not by Ray's strategies: each node holds at most
+    NODE_QUEUE_PER_CPU chunks per CPU (running or waiting), and the next chunk goes to the node with
+    the fewest per CPU, so a node that finishes sooner is fed sooner. (SPREAD dealt chunks round the
+    nodes in turn: the slowest node set the pace of all, since results are written in row order.)
+    The placement is soft: a chunk whose node died runs elsewhere. Nodes that join after the start
+    are not used by this build.
+    """
 
     def __init__(self, opts: RowOptions, address: str | None, num_cpus: int):
         self.opts, self.address, self.num_cpus = opts, address, num_cpus
 
     def map(self, chunks: Iterator[list[Row]]) -> Iterator[tuple[list[Row], list[RowResult]]]:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         ray = _ray()
         started = connect(self.address, self.num_cpus)
-        window: deque = deque()
+        window: deque = deque()  # (chunk, ref) in row order, finished or not
         try:
             cwd = os.getcwd()
             opts = ray.put(self.opts)
-            # SPREAD: chunks go round the nodes, not first to the driver's (Ray's default packs a busy head)
-            task = ray.remote(_run_chunk).options(max_retries=MAX_RETRIES, name=TASK_NAME, scheduling_strategy="SPREAD")
-            size = WINDOW_PER_CPU * max(1, int(ray.cluster_resources().get("CPU", 1)))
+            cpus = {n["NodeID"]: int(n["Resources"]["CPU"]) for n in ray.nodes()
+                    if n["Alive"] and n["Resources"].get("CPU", 0) >= 1}
+            task = ray.remote(_run_chunk)
+            on_node = {node: task.options(max_retries=MAX_RETRIES, name=TASK_NAME,
+                                          scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
+                       for node in cpus}
+            queued = dict.fromkeys(cpus, 0)  # chunks on each node not finished yet
+            running: dict = {}  # unfinished ref -> its node
+            size = WINDOW_PER_CPU * max(1, sum(cpus.values()))
             # before work starts: the nodes must read the first window's images as this machine does
             first = [c for c in (next(chunks, None) for _ in range(size)) if c is not None]
             if not first:
@@ -360,16 +378,30 @@ class RayWorkers:
             probes = 0
             pending = iter(first)
             while True:
-                while len(window) < size and (chunk := next(pending, None) or next(chunks, None)) is not None:
+                while len(window) < size:
+                    node = min(cpus, key=lambda n: queued[n] / cpus[n])
+                    if queued[node] >= NODE_QUEUE_PER_CPU * cpus[node]:
+                        break
+                    if (chunk := next(pending, None) or next(chunks, None)) is None:
+                        break
                     new = {row.source for row in chunk} - probed
                     if new and probes < MAX_PROBES:  # a further input: its folders may be elsewhere
                         _probe(ray, chunk, self.opts, cwd)
                         probes += 1
                     probed |= new
-                    window.append((chunk, task.remote(chunk, opts, cwd)))
+                    ref = on_node[node].remote(chunk, opts, cwd)
+                    window.append((chunk, ref))
+                    running[ref] = node
+                    queued[node] += 1
                 if not window:
                     return
-                chunk, ref = window.popleft()
+                chunk, ref = window[0]
+                if ref in running:  # the head is not done: wait for any chunk, then place the next
+                    done, _ = ray.wait(list(running), num_returns=1)
+                    for finished in done:
+                        queued[running.pop(finished)] -= 1
+                    continue
+                window.popleft()
                 yield chunk, self._results(ray, chunk, ref, opts, cwd)
         finally:
             for _, ref in window:  # a build that stops early leaves no work behind on the cluster
