@@ -7,10 +7,10 @@ build, resume. Ray replaces only the worker processes. `RayWorkers` has the
 local pool's contract (`map(chunks)` yields `(chunk, results)` in order, with a
 bounded window): each chunk of rows is a Ray task running `process_chunk`,
 placed by this process on the node with the fewest unfinished chunks per CPU
-(a faster node gets more), 4 chunks per CPU of the cluster are in flight,
-and the results come back in row order to the same writer. So a Ray build writes byte for byte the files a
-local build writes, every row is accounted, and a build started with one
-engine resumes with either.
+(a faster node gets more), 4 chunks per CPU of the cluster are in flight, and
+the results come back in row order to the same writer. So a Ray build writes
+byte for byte the files a local build writes, every row is accounted, and a
+build started with one engine resumes with either.
 
 - A worker or node that dies mid-task: Ray reruns the task (`max_retries`);
   nothing is lost or written twice, since only the driver writes. A chunk
@@ -362,6 +362,8 @@ class RayWorkers:
             opts = ray.put(self.opts)
             cpus = {n["NodeID"]: int(n["Resources"]["CPU"]) for n in ray.nodes()
                     if n["Alive"] and n["Resources"].get("CPU", 0) >= 1}
+            if not cpus:
+                raise UserError("--engine ray: no node of the cluster has a whole CPU to run chunks on")
             task = ray.remote(_run_chunk)
             on_node = {node: task.options(max_retries=MAX_RETRIES, name=TASK_NAME,
                                           scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
