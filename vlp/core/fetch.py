@@ -257,8 +257,8 @@ _OPENER: urllib.request.OpenerDirector | None = None
 
 
 def _opener() -> urllib.request.OpenerDirector:
-    """One opener per process, shared by the fetch threads (as urlopen's is): building one per request was
-    a millisecond of CPU each. Each request carries its own deadline."""
+    """One opener per process, shared by the fetch threads (as urlopen's is): building one per request cost
+    more CPU than the request. Each request carries its own deadline."""
     global _OPENER
     if _OPENER is None:
         _OPENER = urllib.request.build_opener(_HttpOnlyRedirects, _DeadlineHTTP, _DeadlineHTTPS)

@@ -108,8 +108,8 @@ _BUDGET = PixelBudget(DECODE_BUDGET_PIXELS)
 
 M_MMAP_THRESHOLD = -3  # glibc malloc.h
 # Pillow's own pool of freed pixel blocks, reused by the next image: without it every block is a fresh mmap
-# whose pages fault in again (a fifth of a build worker's CPU on 256-1024 px JPEGs, bench/shards.py
-# --profile). Bounded: at most this many blocks of at most this size are kept (64 MiB per process).
+# whose pages fault in again, a large share of a build worker's CPU (docs/safety.md). Bounded: at most this
+# many blocks of at most this size are kept (64 MiB per process).
 PIXEL_BLOCK_BYTES = 4 << 20
 PIXEL_BLOCKS_KEPT = 16
 _MALLOC_TUNED = False
