@@ -57,9 +57,14 @@ def vlp(*args: str) -> str:
 
 
 def _score_rows(scored: list[tuple[str, dict]]) -> list[list[str]]:
-    """(curation name, planted.score result) -> the table's rows: each defect's share removed."""
-    keys = ("mismatched_removed", "good_removed", "near_duplicates_removed", "eval_removed")
-    return [[name, *(f"{s[k]:.1%}" for k in keys)] for name, s in scored]
+    """(curation name, planted.score result) -> the table's rows: each defect's share removed (near-duplicate
+    pairs that decontamination took whole, as copies of eval images, counted in brackets)."""
+    def near(s: dict) -> str:
+        whole = s["near_duplicates_as_eval_copies"]
+        return f"{s['near_duplicates_removed']:.1%}" + (f" ({whole} as eval copies)" if whole else "")
+
+    return [[name, f"{s['mismatched_removed']:.1%}", f"{s['good_removed']:.1%}", near(s), f"{s['eval_removed']:.1%}"]
+            for name, s in scored]
 
 
 def planted(args) -> None:
@@ -154,15 +159,19 @@ def planted_real(args) -> None:
     counts = results[0][1]["counts"]
     table = {"title": f"planted defects in {args.real} ({len(rows)} real pairs; {counts['mismatched']} captions "
                       f"swapped, {counts['near_duplicate_pairs']} near-duplicates by a 2% crop + JPEG, "
-                      f"{counts['eval']} eval images); model: vlp-tiny trained on them ({args.real_samples} samples)",
+                      f"{counts['eval']} eval images; {counts['eval_twins']} pairs already an eval image pixel for "
+                      f"pixel, not counted as good); model: vlp-tiny trained on them ({args.real_samples} samples)",
              "columns": ["curation", "swapped removed", "good removed", "near-duplicates removed",
-                         "eval copies removed", "good removed by"],
-             "rows": [[*row, ", ".join(f"{k} {v}" for k, v in s["good_removed_by"].items()) or "-"]
+                         "eval copies removed", "eval twins removed", "good removed by"],
+             "rows": [[*row, f"{s['eval_twins_removed']:.1%}",
+                       ", ".join(f"{k} {v}" for k, v in s["good_removed_by"].items()) or "-"]
                       for row, (_, s) in zip(_score_rows(results), results, strict=True)]}
     print(markdown(table))
     write_result(f"curation_planted_{args.real}", f"Curation on planted defects ({args.real}, real drawings)",
                  [table], order=41, about="targets: 100% of eval copies, >= 95% of near-duplicates, >= 90% of "
-                 "swapped captions, <= 2% of good pairs lost")
+                 "swapped captions, <= 2% of good pairs lost. Eval twins: clean pairs whose source image is an image of the eval "
+                 "suite pixel for pixel (decided on the source files, not by curation's signal). A near-duplicate "
+                 "pair counts as removed when one went as the other's duplicate or both went as eval copies.")
 
 
 def ab(work: Path, args) -> dict:

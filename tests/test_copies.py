@@ -13,11 +13,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 from shard_helpers import build, write_csv
 from vlp.data_tools.curation import copies
+from vlp.data_tools.curation.decontaminate import copy_distances, view_thumbnails
 from vlp.data_tools.curation.phash import distances, phash
+from vlp.data_tools.curation.planted import plant_rows, score
 
 from vlp.app.cli import main
 from vlp.core.config import COPY_DISTANCE
@@ -100,8 +104,8 @@ def flat_set(tmp_path: Path) -> tuple[Path, Path, set[str]]:
         _jpeg_copy(drawing(s), 75).save(train / f"copy{s}.jpg", quality=75)
         drawing(s, variant=1).save(train / f"variant{s}.png")
         rows += [{"url": f"copy{s}.jpg", "caption": f"copy {s}"}, {"url": f"variant{s}.png", "caption": f"variant {s}"}]
-    for s in range(8, 16):
-        drawing(s).save(train / f"other{s}.png")
+    for s in range(8, 16):  # other drawings: with the variant face (drawing(13) is drawing(7) 3% larger: a copy)
+        drawing(s, variant=1).save(train / f"other{s}.png")
         rows.append({"url": f"other{s}.png", "caption": f"other {s}"})
     build([write_csv(train / "pairs.csv", rows)], tmp_path / "shards", resize_mode="no")
     return tmp_path / "shards", suite, {r["caption"] for r in rows if r["caption"].startswith("copy")}
@@ -191,3 +195,81 @@ def test_a_crop_is_undone_on_the_thumbnails_alone_and_variants_stay_apart():
     ramp[:, 8:] = 200.0  # a vertical edge between blocks 7 and 8
     shifted = copies._resample(ramp, 1.0, 0.25 / 16, 0.0)  # the window a quarter block to the right
     assert shifted[0, 7, 0] == pytest.approx(50.0) and shifted[0, 6, 0] == 0 and shifted[0, 8, 0] == 200
+
+
+def _line_drawing(seed: int, side: int = 64, strokes: int = 16) -> Image.Image:
+    """A detailed line drawing (many thin dark strokes on white): every thumbnail block holds an edge."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (side, side), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for _ in range(strokes):
+        draw.line([int(v) for v in rng.integers(0, side, 4)], fill=(20, 20, 20), width=2)
+    return image
+
+
+def test_decontamination_also_aligns_a_crop_that_falls_between_the_eval_images_views():
+    """On a detailed line drawing a 1-4% crop at a random offset misses every crop view by more than the default
+    distance in a third of cases (block edges cut strokes); decontamination's distance also tries the blurred,
+    aligned comparison SemDeDup uses, which finds most of them, and keeps other drawings far."""
+    rng = np.random.default_rng(0)
+    by_views, by_rule, distinct = [], [], []
+    others = np.stack([view_thumbnails(_line_drawing(s)) for s in range(100, 120)])
+    for s in range(40):
+        original = _line_drawing(s)
+        w, h = original.size
+        f = rng.uniform(0.96, 0.99)
+        cw, ch = round(w * f), round(h * f)
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = _thumb(_jpeg_copy(original.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BICUBIC), 85))
+        views = view_thumbnails(original)[None]
+        by_views.append(copies.distance(crop[None, None], views).min())
+        by_rule.append(copy_distances(crop, views)[0])
+        distinct.append(copy_distances(_thumb(original), others).min())
+    by_views, by_rule = np.array(by_views), np.array(by_rule)
+    assert (by_rule <= by_views + 1e-6).all()  # the nearer of the two: never further than the views alone
+    assert np.mean(by_rule <= COPY_DISTANCE) >= 0.9 > 0.8 > np.mean(by_views <= COPY_DISTANCE)
+    assert min(distinct) > 2 * COPY_DISTANCE
+
+
+def test_planted_truth_names_eval_twins_and_the_score_counts_pairs_taken_as_eval_copies(tmp_path):
+    """A real set may already hold eval images pixel for pixel (OpenMoji's colour and black drawings of one
+    emoji): plant_rows records them, and score() counts them neither as good pairs nor as defects missed; a
+    near-duplicate pair both of whose rows decontamination took is gone from the set, counted apart."""
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    write_csv(evals / "pairs.csv", [{"image": f"{s}.png", "caption": f"d{s}"} for s in range(3)])
+    for s in range(3):
+        drawing(s).save(evals / f"{s}.png")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"name: flat\ntasks:\n  - name: ret\n    type: retrieval\n"
+                     f"    dataset: {{format: csv, path: {evals / 'pairs.csv'}}}\n")
+    root = tmp_path / "pairs"
+    (root / "src").mkdir(parents=True)
+    rows = []
+    for s in range(10):  # rows 0 and 1 are eval images 1 and 2 stored as BMP (same pixels, other bytes)
+        name = f"src/{s}.bmp" if s < 2 else f"src/{s}.png"
+        drawing(s + 1 if s < 2 else s + 20, variant=0 if s < 2 else 1).save(root / name)
+        rows.append({"url": name, "caption": f"row {s}"})
+    plant_rows(root, rows, seed=0, mismatched=0.0, near_duplicates=2, eval_suite=str(suite), eval_images=1)
+    truth = json.loads((root / "truth.json").read_text())
+    assert [t["row"] for t in truth["eval_twins"]] == [0, 1]
+    assert all(t["image"].startswith("ret: ") for t in truth["eval_twins"])
+    # a build record and a curation outcome made by hand: every clean row built; the first near-duplicate
+    # pair's rows both taken as eval copies, the second's copy removed as a duplicate of its source
+    (a1, b1), (a2, b2) = truth["near_duplicate"]
+    build = tmp_path / "build"
+    build.mkdir()
+    n = len(truth["near_duplicate"]) + 10 + len(truth["eval"])
+    pq.write_table(pa.table({"row": list(range(n)), "key": [f"k{r}" for r in range(n)], "status": ["success"] * n}),
+                   build / "00000.parquet")
+    curated = tmp_path / "curated"
+    curated.mkdir()
+    gone = {a1: {"reason": "eval_contamination"}, b1: {"reason": "eval_contamination"},
+            b2: {"reason": "semantic_duplicate", "matched": f"k{a2}"}, 0: {"reason": "eval_contamination"}}
+    gone.update({r: {"reason": "eval_contamination"} for r in (truth["eval"][0]["row"],)})
+    (curated / "removed.jsonl").write_text("".join(json.dumps({"key": f"k{r}", **e}) + "\n" for r, e in gone.items()))
+    found = score(root, build, curated)
+    assert found["near_duplicates_removed"] == 1.0 and found["near_duplicates_as_eval_copies"] == 1
+    assert found["eval_twins_removed"] == 0.5 and found["counts"]["eval_twins"] == 2
+    good = set(range(10)) - {0, 1, a1, a2}
+    assert found["counts"]["good"] == len(good) and found["good_removed"] == 0  # the twin row 0 is not a good pair

@@ -11,7 +11,8 @@ images. A model trained on few concepts (vlp's synthetic world) embeds
 different pictures of the same content as closely as copies (the demo's
 model puts many training images within 0.98 of some eval image);
 `copy_distance` (on by default) then also asks the two images' thumbnails
-(copies.py) to be within that many grey levels, which copies, resizes,
+(copies.py: the nearest of the eval image's views, or the two aligned, see
+`copy_distances`) to be within that many grey levels, which copies, resizes,
 re-encodings and small crops are, photos and flat drawings alike;
 `hash_distance` asks the same of their perceptual hashes (phash.py), which
 flat drawings re-encoded as JPEG often are not.
@@ -70,7 +71,7 @@ def eval_images(suite: str, encoder: Encoder) -> EvalImages:
         if ok:
             features.append(encoder.encode_images([image for _, _, image in ok]).numpy())
             hashes += [phash(image) for _, _, image in ok]
-            thumbs += [_views(image) for _, _, image in ok]
+            thumbs += [view_thumbnails(image) for _, _, image in ok]
             names += [f"{name}: {_short(ref.describe())}" for name, ref, _ in ok]
     dim = encoder.dim
     return EvalImages(np.concatenate(features) if features else np.zeros((0, dim), np.float32),
@@ -78,7 +79,8 @@ def eval_images(suite: str, encoder: Encoder) -> EvalImages:
                       np.stack(thumbs) if thumbs else np.zeros((0, VIEWS, copies.SIZE), np.uint8), names, failed)
 
 
-def _views(image: Image.Image) -> np.ndarray:
+def view_thumbnails(image: Image.Image) -> np.ndarray:
+    """(VIEWS, SIZE) uint8: the image's thumbnails (copies.views), the first repeated to fill VIEWS."""
     views = copies.views(image)
     views += views[:1] * (VIEWS - len(views))
     return np.stack([np.frombuffer(v, np.uint8) for v in views])
@@ -90,13 +92,22 @@ def _short(where: str) -> str:
     return where[len(cache) + 1:] if where.startswith(cache) else where
 
 
+def copy_distances(thumb: np.ndarray, eval_views: np.ndarray) -> np.ndarray:
+    """A training thumbnail (SIZE,) against eval images' views (n, VIEWS, SIZE): for each eval image, the nearer
+    of its nearest view and the crop-tolerant distance to the image as it is (copies.aligned_distance). A crop
+    whose offset falls between the views' grid is far from every view on a sharp drawing, and aligning the
+    blurred thumbnails finds it (bench/copy_signal.py measures both, on synthetic scenes and on drawings)."""
+    nearest_view = copies.distance(thumb[None, None], eval_views).min(axis=1)
+    return np.minimum(nearest_view, copies.aligned_distance(thumb, eval_views[:, 0]))
+
+
 def matches(train: np.ndarray, train_hashes: np.ndarray, evals: EvalImages, threshold: float,
             hash_distance: int | None, train_thumbs: np.ndarray | None = None,
             copy_distance: float | None = None) -> dict[int, tuple[str, float]]:
     """{training row index: (the eval image it matched, cosine)}: of the eval images at or above the cosine
     threshold (faiss range search, exact), with `hash_distance` only those whose perceptual hash is within
     that many bits, with `copy_distance` only those whose thumbnail (nearest view) is within that many grey
-    levels of the training image's (rows of `train_thumbs`), the most similar."""
+    levels of the training image's (rows of `train_thumbs`; `copy_distances`), the most similar."""
     if not len(evals.features) or not len(train):
         return {}
     faiss = faiss_module()
@@ -110,7 +121,7 @@ def matches(train: np.ndarray, train_hashes: np.ndarray, evals: EvalImages, thre
             close = distances(np.full(len(cand), train_hashes[i]), evals.hashes[cand]) <= hash_distance
             cand, cand_sims = cand[close], cand_sims[close]
         if copy_distance is not None and len(cand):
-            close = copies.distance(train_thumbs[i][None, None], evals.thumbs[cand]).min(axis=1) <= copy_distance
+            close = copy_distances(train_thumbs[i], evals.thumbs[cand]) <= copy_distance
             cand, cand_sims = cand[close], cand_sims[close]
         if len(cand):
             best = int(np.argmax(cand_sims))
