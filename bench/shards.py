@@ -20,8 +20,9 @@ img2dataset pins webdataset < 0.3, so it runs from its own virtualenv
     python bench/shards.py --compare ray [--ray-address HEAD:PORT]
 
 compares vlp's two engines instead: the local process pool and `--engine ray`
-(tasks on a Ray instance the build starts on this machine with --workers CPUs,
-or on the cluster at --ray-address), on the same inputs and settings. The Ray
+(tasks on a Ray instance the build starts on this machine with --workers CPUs, then on
+one started beforehand with `ray start --head` as a Ray user's builds run, or on the
+cluster at --ray-address), on the same inputs and settings. The Ray
 figure includes starting or connecting to Ray, as a user's run does; a second build of the
 first --small rows with each engine gives its start-up time and marginal rate apart. With
 --two-nodes it also builds on the tests' two-node cluster (tests/ray_cluster.py:
@@ -70,6 +71,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # bench/ is not a package
+sys.path.insert(0, str(ROOT.parent / "tests"))  # the tests' Ray cluster and S3 server
 
 from baselines import img2dataset_python, markdown, write_result  # noqa: E402
 
@@ -266,7 +268,6 @@ def main() -> None:
         img2dataset_python()
     host = "127.0.0.1"
     if args.compare == "ray" and args.two_nodes:  # the node in its namespace fetches from the bridge's address
-        sys.path.insert(0, str(ROOT.parent / "tests"))
         import ray_cluster
 
         ray_cluster.HOSTS.up()
@@ -368,6 +369,22 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
             runs[name][label] = run_vlp(csv_path, folder, args, engine)
             startup[name][label] = startup_and_rate(args.n, runs[name][label][0], small,
                                                     run_vlp(head, work / "out-small", args, engine)[0])
+    if not args.ray_address:  # as a Ray user builds: on an instance already running (`ray start --head`)
+        import ray_cluster
+
+        cluster = ray_cluster.start(work / "ray-running", netns=False, nodes=1, head_cpus=args.workers)
+        try:
+            for name, csv_path in sources.items():
+                folder = work / f"out-{list(sources).index(name)}-running"
+                folders[name].append(folder)
+                head = csv_path.with_name(f"head-{csv_path.name}")
+                label = "ray, 1 node running"
+                runs[name][label] = run_vlp(csv_path, folder, args, "ray", address=cluster.address)
+                startup[name][label] = startup_and_rate(args.n, runs[name][label][0], small,
+                                                        run_vlp(head, work / "out-small", args, "ray",
+                                                                address=cluster.address)[0])
+        finally:
+            ray_cluster.stop(cluster)
     if args.two_nodes:
         import ray_cluster
 
@@ -409,18 +426,17 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
                       f"{args.workers} processes x 16 threads; ray {where}",
              "columns": ["source", *[f"{k} images/s" for k in names], "same files"], "rows": table_rows}
     marginal = {"title": f"start-up and marginal rate, from a second build of the first {small} rows with each "
-                         "engine (Ray: the instance the build starts and stops)",
-                "columns": ["source", "local start-up s", "local marginal images/s", "ray start-up s",
-                            "ray marginal images/s", "ray / local, marginal"],
-                "rows": [[name, f"{lo[0]:.1f}", f"{lo[1]:.0f}", f"{ra[0]:.1f}", f"{ra[1]:.0f}", f"{ra[1] / lo[1]:.2f}x"]
-                         for name, (lo, ra) in ((n, (v["local"], v["ray, 1 node"])) for n, v in startup.items())]}
+                         "engine (ray, 1 node: the instance the build starts and stops; running: one started "
+                         f"beforehand with `ray start --head --num-cpus {args.workers}`)",
+                "columns": ["source", "engine", "start-up s", "marginal images/s", "marginal / local"],
+                "rows": [[name, label, f"{t0:.1f}", f"{rate:.0f}", f"{rate / v['local'][1]:.2f}x"]
+                         for name, v in startup.items() for label, (t0, rate) in v.items()]}
     print(markdown(table))
     print(markdown(marginal))
     write_result("shards_ray", "Shard building: the local engine vs --engine ray", [table, marginal], order=36)
 
 
 def compare_s3(csv_path: Path, work: Path, args) -> None:
-    sys.path.insert(0, str(ROOT.parent / "tests"))
     from s3_server import S3Server
 
     server = S3Server().start()

@@ -135,13 +135,13 @@ class Cluster:
                        for p in sorted(session.glob("logs/worker-*.out")))  # (.err has the same marks)
 
 
-def _start_node(cluster: Cluster, name: str, argv: list[str], core: int | None = None) -> None:
+def _start_node(cluster: Cluster, name: str, argv: list[str], core: int | None = None, cpus: int = 1) -> None:
     # Ray's sockets live under its temp dir, and a Unix socket path is at most 107 bytes: a short folder
     # of our own under /tmp, not the test's (pytest-xdist's basetemp adds to its length)
     temp = Path(tempfile.mkdtemp(prefix=f"vr-{name}-", dir="/tmp"))
     cluster.temp_dirs[name] = temp
     log = open(cluster.root / f"{name}.log", "w")  # noqa: SIM115 - the node writes it while it runs
-    cmd = [str(RAY), "start", *argv, "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp}", "--block"]
+    cmd = [str(RAY), "start", *argv, f"--num-cpus={cpus}", "--disable-usage-stats", f"--temp-dir={temp}", "--block"]
     if core is not None:  # the node and everything it starts (raylet, workers) on one core: a machine of its own
         cmd = ["taskset", "-c", str(core), *cmd]
     if cluster.netns and name != "head":  # its own network, and an empty private/
@@ -153,11 +153,13 @@ def _start_node(cluster: Cluster, name: str, argv: list[str], core: int | None =
     log.close()
 
 
-def start(root: Path, netns: bool = True, network_up: bool = False, nodes: int = 2, pinned: bool = False) -> Cluster:
+def start(root: Path, netns: bool = True, network_up: bool = False, nodes: int = 2, pinned: bool = False,
+          head_cpus: int = 1) -> Cluster:
     """Head (1 CPU) + a second node (1 CPU); returns once `ray status` lists both. `network_up`: the
     namespace and bridge exist already (HOSTS.up() was called: something listens on the bridge).
     `nodes=1`: the head alone. `pinned`: the head's processes on core 0, the second node's on core 1
-    (bench/shards.py's scaling figure: each node a core of its own, as separate machines would be)."""
+    (bench/shards.py's scaling figure: each node a core of its own, as separate machines would be).
+    `head_cpus`: the CPUs the head offers (bench/shards.py's running one-node instance)."""
     if netns and not network_up:
         HOSTS.up()
     host = HEAD_IP if netns else "127.0.0.1"
@@ -169,7 +171,7 @@ def start(root: Path, netns: bool = True, network_up: bool = False, nodes: int =
         head = ["--head", f"--port={port}", "--include-dashboard=false"]
         if netns:
             head.append(f"--node-ip-address={HEAD_IP}")
-        _start_node(cluster, "head", head, 0 if pinned else None)
+        _start_node(cluster, "head", head, 0 if pinned else None, head_cpus)
         cluster.wait_nodes(1)
         if nodes == 2:
             node2 = [f"--address={cluster.address}"]
