@@ -379,9 +379,10 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
                 folders[name].append(folder)
                 head = csv_path.with_name(f"head-{csv_path.name}")
                 label = "ray, 1 node running"
-                runs[name][label] = run_vlp(csv_path, folder, args, "ray", address=cluster.address)
+                env = {**os.environ, **cluster.env}
+                runs[name][label] = run_vlp(csv_path, folder, args, "ray", env=env, address=cluster.address)
                 startup[name][label] = startup_and_rate(args.n, runs[name][label][0], small,
-                                                        run_vlp(head, work / "out-small", args, "ray",
+                                                        run_vlp(head, work / "out-small", args, "ray", env=env,
                                                                 address=cluster.address)[0])
         finally:
             ray_cluster.stop(cluster)

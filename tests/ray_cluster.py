@@ -169,14 +169,13 @@ def start(root: Path, netns: bool = True, network_up: bool = False, nodes: int =
     cluster.private.mkdir(parents=True, exist_ok=True)
     try:
         head = ["--head", f"--port={port}", "--include-dashboard=false"]
-        if netns:
-            head.append(f"--node-ip-address={HEAD_IP}")
+        # without namespaces every node is on loopback (Ray would advertise the machine's own interface)
+        head.append(f"--node-ip-address={HEAD_IP if netns else '127.0.0.1'}")
         _start_node(cluster, "head", head, 0 if pinned else None, head_cpus)
         cluster.wait_nodes(1)
         if nodes == 2:
             node2 = [f"--address={cluster.address}"]
-            if netns:
-                node2.append(f"--node-ip-address={HOSTS.addr(HOSTS.names[0])}")
+            node2.append(f"--node-ip-address={HOSTS.addr(HOSTS.names[0]) if netns else '127.0.0.1'}")
             _start_node(cluster, "node2", node2, 1 if pinned else None)
             cluster.wait_nodes(2)
     except BaseException:
