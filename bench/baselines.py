@@ -30,6 +30,17 @@ _MAXRSS = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).
            "sys.exit(rc)")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo): figures, the demo's included, differ between CPU kinds."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU model unknown"
+
+
 def provenance() -> dict:
     """What every result file records besides its figures: date, commit, machine, command."""
     import os
@@ -39,7 +50,8 @@ def provenance() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     return {"date": date.today().isoformat(), "commit": commit,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+            "machine": f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} CPU cores, "
+                       f"Python {platform.python_version()}",
             "command": " ".join(["python", *sys.argv])}
 
 

@@ -434,7 +434,10 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
                          for name, v in startup.items() for label, (t0, rate) in v.items()]}
     print(markdown(table))
     print(markdown(marginal))
-    write_result("shards_ray", "Shard building: the local engine vs --engine ray", [table, marginal], order=36)
+    # the two-node scaling runs and the one-node comparison are kept apart: neither overwrites the other
+    write_result("shards_ray" if args.two_nodes else "shards_ray_one_node",
+                 "Shard building: the local engine vs --engine ray" + ("" if args.two_nodes else ", one node"),
+                 [table, marginal], order=36)
 
 
 def compare_s3(csv_path: Path, work: Path, args) -> None:
