@@ -8,6 +8,8 @@ test server; the resolver calls are counted by wrapping socket.getaddrinfo, whic
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 from http_server import serve
 from shard_helpers import build, failures, noise_image, save, write_csv
@@ -39,3 +41,39 @@ def test_one_lookup_per_host_for_a_whole_build(tmp_path, monkeypatch):
     assert sum(hits.values()) == 24
     assert asked.count("localhost") == 1 and asked.count("unresolvable.test") == 1
     assert {f["reason"] for f in failures(tmp_path / "out")} == {"connection_error"}
+
+
+def test_threads_needing_one_name_at_once_wait_for_a_single_lookup(monkeypatch):
+    """A build's threads start together and all need the first host: one asks, the others wait for its answer
+    (before, each missed the cache and asked). A lookup that fails with something other than a resolver error
+    caches nothing and leaves no lookup registered: the next call asks again."""
+    asked: list[str] = []
+
+    def slow(host, *args, **kwargs):
+        asked.append(host)
+        time.sleep(0.2)  # every thread reaches the cache before the first answer comes
+        if host == "broken.test":
+            raise UnicodeError("label too long")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 80))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    dns.clear()
+    start = threading.Barrier(8)
+    answers = []
+
+    def one() -> None:
+        start.wait()
+        answers.append(dns.resolve("localhost", 80))
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert asked == ["localhost"] and len(answers) == 8 and all(a == answers[0] for a in answers)
+    for _ in range(2):
+        try:
+            dns.resolve("broken.test", 80)
+        except UnicodeError:
+            pass
+    assert asked.count("broken.test") == 2  # not cached, and the second call did not wait forever

@@ -17,26 +17,45 @@ TTL = 300.0
 NEGATIVE_TTL = 60.0
 
 _cache: dict[tuple[str, int], tuple[float, list | socket.gaierror]] = {}
+_asking: dict[tuple[str, int], threading.Event] = {}  # lookups under way: other threads wait for their answer
 _lock = threading.Lock()
 
 
 def resolve(host: str, port: int) -> list[tuple]:
-    """getaddrinfo(host, port, TCP) from the process's cache (a gaierror is cached and raised again)."""
+    """getaddrinfo(host, port, TCP) from the process's cache (a gaierror is cached and raised again). Threads
+    that need the same name at once wait for the one lookup under way instead of asking too."""
     key = (host, port)
-    now = time.monotonic()
-    with _lock:
-        hit = _cache.get(key)
-    if hit is None or hit[0] < now:
-        try:
-            answer: list | socket.gaierror = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-            expires = now + TTL
-        except socket.gaierror as err:
-            answer, expires = err, now + NEGATIVE_TTL
+    while True:
         with _lock:
-            _cache[key] = hit = (expires, answer)
+            hit = _cache.get(key)
+            if hit is not None and hit[0] >= time.monotonic():
+                break
+            under_way = _asking.get(key)
+            if under_way is None:
+                _asking[key] = threading.Event()
+        if under_way is None:
+            hit = _look_up(key)
+            break
+        under_way.wait()  # then read the cache again (a lookup that raised something else left nothing there)
     if isinstance(hit[1], socket.gaierror):
         raise hit[1]
     return hit[1]
+
+
+def _look_up(key: tuple[str, int]) -> tuple[float, list | socket.gaierror]:
+    """Ask the resolver (this thread registered the lookup in _asking), cache the answer, wake the waiters."""
+    try:
+        try:
+            answer: list | socket.gaierror = socket.getaddrinfo(*key, 0, socket.SOCK_STREAM)
+            expires = time.monotonic() + TTL
+        except socket.gaierror as err:
+            answer, expires = err, time.monotonic() + NEGATIVE_TTL
+        with _lock:
+            _cache[key] = (expires, answer)
+        return expires, answer
+    finally:
+        with _lock:
+            _asking.pop(key).set()
 
 
 def create_connection(address: tuple[str, int], timeout: float | None = None,
