@@ -53,6 +53,15 @@ def _jpeg_copy(image: Image.Image, quality: int) -> Image.Image:
     return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
+def _crop_copy(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A near-duplicate as planted ones are made: 96-99% of each side at a random offset, resized back, JPEG."""
+    w, h = image.size
+    f = rng.uniform(0.96, 0.99)
+    cw, ch = round(w * f), round(h * f)
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return _jpeg_copy(image.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BICUBIC), 85)
+
+
 def _thumb(image: Image.Image) -> np.ndarray:
     return np.frombuffer(copies.thumbnail(image), np.uint8)
 
@@ -160,11 +169,7 @@ def test_small_crops_of_flat_drawings_are_near_one_of_the_eval_images_crop_views
     plain, nearest = [], []
     for s in range(40):
         original = drawing(s)
-        w, h = original.size
-        f = rng.uniform(0.96, 0.99)
-        cw, ch = round(w * f), round(h * f)
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        crop = _jpeg_copy(original.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BICUBIC), 85)
+        crop = _crop_copy(original, rng)
         views = np.stack([np.frombuffer(v, np.uint8) for v in copies.views(original)])
         d = copies.distance(_thumb(crop)[None], views)
         plain.append(d[0])
@@ -216,11 +221,7 @@ def test_decontamination_also_aligns_a_crop_that_falls_between_the_eval_images_v
     others = np.stack([view_thumbnails(_line_drawing(s)) for s in range(100, 120)])
     for s in range(40):
         original = _line_drawing(s)
-        w, h = original.size
-        f = rng.uniform(0.96, 0.99)
-        cw, ch = round(w * f), round(h * f)
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        crop = _thumb(_jpeg_copy(original.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BICUBIC), 85))
+        crop = _thumb(_crop_copy(original, rng))
         views = view_thumbnails(original)[None]
         by_views.append(copies.distance(crop[None, None], views).min())
         by_rule.append(copy_distances(crop, views)[0])
