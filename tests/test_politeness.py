@@ -25,23 +25,35 @@ from vlp.core.fetch import RetryLater
 
 class _Host:
     """A server on one loopback address: serves one PNG after `delay` seconds (or 429 + Retry-After, or never),
-    counting requests and the most it ever had in flight at once."""
+    counting requests and the most it ever had in flight at once.
+
+    In flight, as the client sees it: from the request's arrival until just before the response's last bytes
+    are sent (the client cannot finish a request earlier) or until the client hangs up (a hanging host's
+    requests end at the client's deadline, which the server notices only when it next looks). So each arrival
+    first drops the connections whose client has gone: the count never includes a request the client has
+    already given up, which a count decremented when the handler returns did, by a few milliseconds."""
 
     def __init__(self, address: str, png: bytes, mode: str = "ok", delay: float = 0.0):
         self.png, self.mode, self.delay = png, mode, delay
         self.lock = threading.Lock()
-        self.in_flight = self.most = self.requests = 0
+        self.active: set[socket.socket] = set()
+        self.most = self.requests = 0
         host = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args) -> None:
                 pass
 
+            def done(self) -> None:
+                with host.lock:
+                    host.active.discard(self.connection)
+
             def do_GET(self) -> None:
                 with host.lock:
+                    host.active -= {c for c in host.active if _hung_up(c)}
                     host.requests += 1
-                    host.in_flight += 1
-                    host.most = max(host.most, host.in_flight)
+                    host.active.add(self.connection)
+                    host.most = max(host.most, len(host.active))
                 try:
                     if host.mode == "hang":  # never answers; gone when the client hangs up (its deadline)
                         end = time.monotonic() + 30
@@ -55,17 +67,18 @@ class _Host:
                         self.send_response(429)
                         self.send_header("Retry-After", "1")
                         self.send_header("Content-Length", "0")
+                        self.done()
                         self.end_headers()
                         return
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(host.png)))
                     self.end_headers()
+                    self.done()
                     self.wfile.write(host.png)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
                 finally:
-                    with host.lock:
-                        host.in_flight -= 1
+                    self.done()
 
         self.server = ThreadingHTTPServer((address, 0), Handler)
         self.server.daemon_threads = True
@@ -75,6 +88,15 @@ class _Host:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _hung_up(connection: socket.socket) -> bool:
+    """The client closed this connection (a zero-byte peek); a request's bytes already read leave nothing."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and not connection.recv(1, socket.MSG_PEEK)
+    except OSError:
+        return True
 
 
 @contextmanager
