@@ -363,27 +363,28 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
     folders = {name: [work / f"out-{i}-{k}" for k in range(2)] for i, name in enumerate(sources)}
     small = min(args.small, args.n // 2)
     startup: dict[str, dict] = {name: {} for name in sources}  # local and Ray started by the build
+
+    def both_builds(name: str, label: str, folder: Path, engine: str, **where) -> None:
+        """The whole build, then the first `small` rows alone: the full rate, start-up and marginal rate."""
+        csv_path = sources[name]
+        runs[name][label] = run_vlp(csv_path, folder, args, engine, **where)
+        head = csv_path.with_name(f"head-{csv_path.name}")
+        startup[name][label] = startup_and_rate(args.n, runs[name][label][0], small,
+                                                run_vlp(head, work / "out-small", args, engine, **where)[0])
+
     for name, csv_path in sources.items():
-        head = write_csv(csv_path.with_name(f"head-{csv_path.name}"), _urls(csv_path)[:small])
-        for engine, label, folder in (("local", "local", folders[name][0]), ("ray", "ray, 1 node", folders[name][1])):
-            runs[name][label] = run_vlp(csv_path, folder, args, engine)
-            startup[name][label] = startup_and_rate(args.n, runs[name][label][0], small,
-                                                    run_vlp(head, work / "out-small", args, engine)[0])
+        write_csv(csv_path.with_name(f"head-{csv_path.name}"), _urls(csv_path)[:small])
+        both_builds(name, "local", folders[name][0], "local")
+        both_builds(name, "ray, 1 node", folders[name][1], "ray")
     if not args.ray_address:  # as a Ray user builds: on an instance already running (`ray start --head`)
         import ray_cluster
 
         cluster = ray_cluster.start(work / "ray-running", netns=False, nodes=1, head_cpus=args.workers)
         try:
-            for name, csv_path in sources.items():
-                folder = work / f"out-{list(sources).index(name)}-running"
-                folders[name].append(folder)
-                head = csv_path.with_name(f"head-{csv_path.name}")
-                label = "ray, 1 node running"
-                env = {**os.environ, **cluster.env}
-                runs[name][label] = run_vlp(csv_path, folder, args, "ray", env=env, address=cluster.address)
-                startup[name][label] = startup_and_rate(args.n, runs[name][label][0], small,
-                                                        run_vlp(head, work / "out-small", args, "ray", env=env,
-                                                                address=cluster.address)[0])
+            for i, name in enumerate(sources):
+                folders[name].append(work / f"out-{i}-running")
+                both_builds(name, "ray, 1 node running", folders[name][-1], "ray",
+                            env={**os.environ, **cluster.env}, address=cluster.address)
         finally:
             ray_cluster.stop(cluster)
     if args.two_nodes:
