@@ -144,15 +144,20 @@ def planted_real(args) -> None:
                    eval_images=50, crop=(0.98, 0.98))
     vlp("shards", "build", str(pairs / "pairs.csv"), "--output", str(work / "shards"), "--image-size", "64",
         "--shard-size", "1000", "--overwrite", "--quiet")
-    run = work / "run"
-    if not (run / "checkpoints").exists():  # a model trained on these pairs (the recipe, as bench/real_sets.py)
-        vlp("train", "--config", "recipe-small", f"data.sources=[{{shards: '{work / 'shards'}'}}]",
+    # the scorer: a model trained on these pairs (swapped captions included, as a crawl's own model would be),
+    # or on the other real set (other drawings of the same emoji names: a model that never saw these pairs)
+    other = {"emoji": "openmoji", "openmoji": "emoji"}[args.real]
+    scorer_shards = real_sets.SETS[other](sets_work)[0] if args.scorer == "other-set" else work / "shards"
+    suffix = f"-{other}" if args.scorer == "other-set" else ""
+    run, emb = work / f"run{suffix}", work / f"emb{suffix}"
+    if not (run / "checkpoints").exists():  # the recipe, as bench/real_sets.py
+        vlp("train", "--config", "recipe-small", f"data.sources=[{{shards: '{scorer_shards}'}}]",
             f"train.output_dir={run}", f"train.samples={args.real_samples}")
-    vlp("shards", "embed", str(work / "shards"), "--out", str(work / "emb"), "--model", str(run), "--quiet")
+    vlp("shards", "embed", str(work / "shards"), "--out", str(emb), "--model", str(run), "--quiet")
     results = []
     for name, extra in REAL_SETTINGS:
         out = work / "curated"
-        printed = vlp("shards", "curate", str(work / "shards"), "--output", str(out), "--embeddings", str(work / "emb"),
+        printed = vlp("shards", "curate", str(work / "shards"), "--output", str(out), "--embeddings", str(emb),
                       *[str(suite) if e == "SUITE" else e for e in extra], "--overwrite", "--quiet")
         print(printed.strip())
         results.append((name, score(pairs, work / "shards", out)))
@@ -160,14 +165,16 @@ def planted_real(args) -> None:
     table = {"title": f"planted defects in {args.real} ({len(rows)} real pairs; {counts['mismatched']} captions "
                       f"swapped, {counts['near_duplicate_pairs']} near-duplicates by a 2% crop + JPEG, "
                       f"{counts['eval']} eval images; {counts['eval_twins']} pairs already an eval image pixel for "
-                      f"pixel, not counted as good); model: vlp-tiny trained on them ({args.real_samples} samples)",
+                      f"pixel, not counted as good); model: vlp-tiny trained on "
+                      f"{'the ' + other + ' set' if args.scorer == 'other-set' else 'them'} ({args.real_samples} samples)",
              "columns": ["curation", "swapped removed", "good removed", "near-duplicates removed",
                          "eval copies removed", "eval twins removed", "good removed by"],
              "rows": [[*row, f"{s['eval_twins_removed']:.1%}",
                        ", ".join(f"{k} {v}" for k, v in s["good_removed_by"].items()) or "-"]
                       for row, (_, s) in zip(_score_rows(results), results, strict=True)]}
     print(markdown(table))
-    write_result(f"curation_planted_{args.real}", f"Curation on planted defects ({args.real}, real drawings)",
+    write_result(f"curation_planted_{args.real}{suffix.replace('-', '_scored_by_')}",
+                 f"Curation on planted defects ({args.real}, real drawings{', scored by ' + other if suffix else ''})",
                  [table], order=41, about="targets: 100% of eval copies, >= 95% of near-duplicates, >= 90% of "
                  "swapped captions, <= 2% of good pairs lost. Eval twins: clean pairs whose source image is an image of the eval "
                  "suite pixel for pixel (decided on the source files, not by curation's signal). A near-duplicate "
@@ -314,7 +321,9 @@ def main() -> None:
     parser.add_argument("--real", choices=["emoji", "openmoji"], help="the planted-defect bench on this real set "
                         "(bench/real_sets.py's) with a model trained on it")
     parser.add_argument("--real-work", default="/tmp/vlp-bench-real", help="where bench/real_sets.py keeps its sets")
-    parser.add_argument("--real-samples", type=int, default=30000)
+    parser.add_argument("--real-samples", type=int, default=30000, help="the scoring model's training samples")
+    parser.add_argument("--scorer", choices=["in-set", "other-set"], default="in-set",
+                        help="with --real: embed with a model trained on the planted pairs, or on the other real set")
     args = parser.parse_args()
     if args.scale:
         return scale(args)
