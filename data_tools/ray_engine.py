@@ -20,7 +20,7 @@ build started with one engine resumes with either.
 - The workers read the images themselves, so on a multi-node cluster the
   rows' images must be http(s) URLs, in object storage (with credentials on
   every node) or on a shared filesystem mounted at the same path on every
-  node. Before anything is written (and at the first chunk of each further input, for
+  node. Before work starts (and at the first chunk of each further input, for
   up to MAX_PROBES inputs), a probe on every node reads a sample of the
   images on disk or in object storage that the rows name and compares them
   with what this machine reads, along with the vlp and Pillow versions (the
@@ -54,7 +54,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import PIL
@@ -300,33 +299,19 @@ def _sample(rows: list[Row]) -> list[tuple[str, str]]:
     return [*by_dir.values(), *rest][:PROBE_FILES]
 
 
-@dataclass
-class _Probe:
-    """A probe in flight: what this machine read, and each node's answer to come."""
-
-    refs: list[tuple[str, str]]
-    here: dict
-    nodes: list[dict]
-    answers: list
-
-
-def _send_probe(ray, rows: list[Row], opts: RowOptions, cwd: str) -> _Probe:
-    """Ask every node with CPUs to read the sampled images (and say its versions); read them here meanwhile."""
+def _probe(ray, rows: list[Row], opts: RowOptions, cwd: str) -> None:
+    """Every node with CPUs must read the sampled images (and have the versions) exactly as this process."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     refs = _sample(rows)
+    here = _look(refs, cwd, opts.fetch)
     look = ray.remote(_look)
     nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
-    answers = [look.options(num_cpus=0, max_retries=MAX_RETRIES, name="vlp_shards_probe",
+    pending = [look.options(num_cpus=0, max_retries=MAX_RETRIES, name="vlp_shards_probe",
                             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                .remote(refs, cwd, opts.fetch) for n in nodes]
-    return _Probe(refs, _look(refs, cwd, opts.fetch), nodes, answers)
-
-
-def _check_probe(ray, probe: _Probe) -> None:
-    """Every node must have read the sampled images (and have the versions) exactly as this process."""
     deadline = time.monotonic() + PROBE_TIMEOUT_S
-    for node, answer in zip(probe.nodes, probe.answers, strict=True):
+    for node, answer in zip(nodes, pending, strict=True):
         name = node["NodeManagerAddress"]
         try:
             there = ray.get(answer, timeout=max(0.0, deadline - time.monotonic()))
@@ -336,11 +321,11 @@ def _check_probe(ray, probe: _Probe) -> None:
             last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
             raise UserError(f"--engine ray: node {name} cannot run vlp's tasks ({last}); "
                             f"install the same vlp on every node") from None
-        if there["versions"] != probe.here["versions"]:
+        if there["versions"] != here["versions"]:
             raise UserError(f"--engine ray: node {name} has {there['versions']}, this machine "
-                            f"{probe.here['versions']}; install the same versions everywhere (the images' bytes "
+                            f"{here['versions']}; install the same versions everywhere (the images' bytes "
                             f"depend on them)")
-        for (ref, base_dir), mine, theirs in zip(probe.refs, probe.here["images"], there["images"], strict=True):
+        for (ref, base_dir), mine, theirs in zip(refs, here["images"], there["images"], strict=True):
             if mine != theirs:
                 shown = ref if "://" in ref or os.path.isabs(ref) else os.path.join(base_dir, ref)
                 raise UserError(f"--engine ray: node {name} reads image {shown} as {theirs}, this machine as "
@@ -386,12 +371,11 @@ class RayWorkers:
             queued = dict.fromkeys(cpus, 0)  # chunks on each node not finished yet
             running: dict = {}  # unfinished ref -> its node
             size = WINDOW_PER_CPU * max(1, sum(cpus.values()))
-            # the nodes must read the first window's images as this machine does: asked as the first chunks
-            # start (a worker's first task is slow: it imports vlp), answered before any result is written
+            # before work starts: the nodes must read the first window's images as this machine does
             first = [c for c in (next(chunks, None) for _ in range(size)) if c is not None]
             if not first:
                 return  # nothing (left) to do
-            probe: _Probe | None = _send_probe(ray, [row for chunk in first for row in chunk], self.opts, cwd)
+            _probe(ray, [row for chunk in first for row in chunk], self.opts, cwd)
             probed = {row.source for chunk in first for row in chunk}
             probes = 0
             pending = iter(first)
@@ -404,7 +388,7 @@ class RayWorkers:
                         break
                     new = {row.source for row in chunk} - probed
                     if new and probes < MAX_PROBES:  # a further input: its folders may be elsewhere
-                        _check_probe(ray, _send_probe(ray, chunk, self.opts, cwd))
+                        _probe(ray, chunk, self.opts, cwd)
                         probes += 1
                     probed |= new
                     ref = on_node[node].remote(chunk, opts, cwd)
@@ -419,9 +403,6 @@ class RayWorkers:
                     for finished in done:
                         queued[running.pop(finished)] -= 1
                     continue
-                if probe is not None:
-                    _check_probe(ray, probe)
-                    probe = None
                 window.popleft()
                 yield chunk, self._results(ray, chunk, ref, opts, cwd)
         finally:
