@@ -28,6 +28,7 @@ import dataclasses
 import io
 import itertools
 import json
+import os
 import re
 import time
 from collections import Counter, deque
@@ -294,14 +295,26 @@ class _Workers:
     counts as in flight at that crash.
     """
 
-    def __init__(self, n: int, opts: RowOptions):
-        self.n, self.opts = n, opts
+    def __init__(self, n: int, opts: RowOptions, pin: bool = False):
+        self.n, self.opts, self.pin = n, opts, pin
         self.pool: ProcessPoolExecutor | None = None
 
     def _start(self) -> None:
-        self.pool = ProcessPoolExecutor(
-            self.n, mp_context=get_context("spawn"), initializer=init_worker, initargs=(self.opts,)
-        )
+        context = get_context("spawn")
+        self.pool = ProcessPoolExecutor(self.n, mp_context=context, initializer=init_worker,
+                                        initargs=(self.opts, self._cores(context)))
+
+    def _cores(self, context):
+        """With `pin` and one worker per core this process may use: a queue of those cores, one per worker.
+        A worker's decoding threads then stay on one core (moving between cores, a build spent several percent
+        more CPU per image); with fewer workers than cores, or other work beside, the kernel places them."""
+        cores = sorted(os.sched_getaffinity(0)) if self.pin and hasattr(os, "sched_setaffinity") else []
+        if len(cores) != self.n:
+            return None
+        free = context.Queue()
+        for core in cores:
+            free.put(core)
+        return free
 
     def _submit(self, chunk: list[Row], crashes: int) -> tuple[list[Row], Future | list[RowResult], int]:
         if crashes >= 2:
@@ -603,7 +616,7 @@ def _build(opts: ShardsBuildConfig, rows: Iterator[Row], output: BuildOutput, pa
     failed = 0
     try:
         workers = (RayWorkers(row_options(opts), opts.ray_address, opts.workers) if opts.engine == "ray"
-                   else _Workers(opts.workers, row_options(opts)))
+                   else _Workers(opts.workers, row_options(opts), opts.pin_workers))
         url_rows = max(CHUNK_ROWS, URL_CHUNK_ROUNDS * opts.threads)
         for chunk, results in workers.map(_chunks(rows, opts.shard_size, part, url_rows)):
             for row, result in zip(chunk, results, strict=True):

@@ -8,6 +8,8 @@ row can never take a build down.
 from __future__ import annotations
 
 import hashlib
+import os
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -71,10 +73,16 @@ _THREADS: ThreadPoolExecutor | None = None
 _OPTS: RowOptions | None = None
 
 
-def init_worker(opts: RowOptions) -> None:
+def init_worker(opts: RowOptions, cores=None) -> None:
+    """`cores`: a queue of the build's cores (build._Workers), of which this worker takes one to stay on."""
     global _OPTS
     _OPTS = opts
     die_with_parent()
+    if cores is not None:
+        try:
+            os.sched_setaffinity(0, {cores.get(timeout=10)})
+        except queue.Empty:  # a worker started beyond the pool's count (not expected): left where it is
+            pass
 
 
 def process_chunk(rows: list[Row], opts: RowOptions | None = None) -> list[RowResult]:

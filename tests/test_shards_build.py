@@ -300,6 +300,44 @@ def test_same_input_gives_identical_bytes_whatever_the_worker_count(pairs):
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
 
 
+def _worker_cores(workers) -> set[frozenset[int]]:
+    """The cores each of a started pool's processes may run on."""
+    import os
+
+    return {frozenset(os.sched_getaffinity(pid)) for pid in workers.pool._processes}
+
+
+def test_one_worker_per_core_pins_each_to_its_own_core_and_fewer_are_left_to_the_kernel():
+    """Pinned only when the build has a worker for every core it may use (the default count): each worker then
+    on one core, no two on the same; with fewer workers, or pin_workers off, each may use all of them."""
+    import os
+    import time
+
+    from shard_helpers import options
+    from vlp.data_tools.build import _Workers, row_options
+    from vlp.data_tools.readers import Row
+
+    allowed = os.sched_getaffinity(0)
+    cores = sorted(allowed)[:2]
+    if len(cores) < 2:
+        pytest.fail("this test needs a machine with 2 cores")
+    os.sched_setaffinity(0, cores)  # the build may use these two: the workers it spawns inherit them
+    rows = [Row(index=i, source="x.csv", line=i + 1, ref=None, base_dir=".", caption=None, error="no_image")
+            for i in range(8)]
+    try:
+        for n, pin, expected in [(2, True, {frozenset([c]) for c in cores}), (1, True, {frozenset(cores)}),
+                                 (2, False, {frozenset(cores)})]:
+            workers = _Workers(n, row_options(options()), pin=pin)
+            results = workers.map(iter([rows[i:i + 1] for i in range(8)]))
+            assert [r.index for _, res in results for r in res] == list(range(8))  # ...and they work
+            workers._start()  # map shut its pool down: a fresh one, each of its processes busy a while
+            list(workers.pool.map(time.sleep, [0.2] * 4 * n))
+            assert _worker_cores(workers) == expected, (n, pin)
+            workers.pool.shutdown()
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
 def test_verify_detects_a_damaged_shard(pairs):
     root, rows = pairs
     out = root / "out"
