@@ -396,13 +396,13 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
                 cluster = ray_cluster.start(work / f"ray-cluster-{nodes}", network_up=True, nodes=nodes,
                                             pinned=args.pinned)
                 try:
-                    for name, csv_path in sources.items():
+                    for name in sources:
                         folder = work / f"out-{list(sources).index(name)}-{label.replace(' ', '_')}"
                         folders[name].append(folder)
                         # pinned: the build (the driver, the single writer) runs on the head's core, as it
                         # would on the head machine; a one-node cluster then has no second core to borrow
-                        runs[name][label] = run_vlp(csv_path, folder, args, "ray", env={**os.environ, **cluster.env},
-                                                    address=cluster.address, core=0 if args.pinned else None)
+                        both_builds(name, label, folder, "ray", env={**os.environ, **cluster.env},
+                                    address=cluster.address, core=0 if args.pinned else None)
                 finally:
                     ray_cluster.stop(cluster)
         finally:
@@ -433,12 +433,18 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
                 "columns": ["source", "engine", "start-up s", "marginal images/s", "marginal / local"],
                 "rows": [[name, label, f"{t0:.1f}", f"{rate:.0f}", f"{rate / v['local'][1]:.2f}x"]
                          for name, v in startup.items() for label, (t0, rate) in v.items()]}
-    print(markdown(table))
-    print(markdown(marginal))
+    tables = [table, marginal]
+    if args.pinned:  # the scaling: the whole build (start-up included) and past the start-up
+        pair = ("ray, 1 pinned node", "ray, 2 pinned nodes")
+        tables.append({"title": "2 pinned nodes / 1 pinned node", "columns": ["source", "whole build", "marginal"],
+                       "rows": [[name, f"{runs[name][pair[0]][0] / runs[name][pair[1]][0]:.2f}x",
+                                 f"{startup[name][pair[1]][1] / startup[name][pair[0]][1]:.2f}x"] for name in sources]})
+    for t in tables:
+        print(markdown(t))
     # the two-node scaling runs and the one-node comparison are kept apart: neither overwrites the other
     write_result("shards_ray" if args.two_nodes else "shards_ray_one_node",
                  "Shard building: the local engine vs --engine ray" + ("" if args.two_nodes else ", one node"),
-                 [table, marginal], order=36)
+                 tables, order=36)
 
 
 def compare_s3(csv_path: Path, work: Path, args) -> None:
