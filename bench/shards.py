@@ -437,8 +437,9 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
     if args.pinned:  # the scaling: the whole build (start-up included) and past the start-up
         pair = ("ray, 1 pinned node", "ray, 2 pinned nodes")
         tables.append({"title": "2 pinned nodes / 1 pinned node", "columns": ["source", "whole build", "marginal"],
-                       "rows": [[name, f"{runs[name][pair[0]][0] / runs[name][pair[1]][0]:.2f}x",
-                                 f"{startup[name][pair[1]][1] / startup[name][pair[0]][1]:.2f}x"] for name in sources]})
+                       "rows": [[name, f"{whole[pair[0]][0] / whole[pair[1]][0]:.2f}x",
+                                 f"{startup[name][pair[1]][1] / startup[name][pair[0]][1]:.2f}x"]
+                                for name, whole, _ in rows]})
     for t in tables:
         print(markdown(t))
     # the two-node scaling runs and the one-node comparison are kept apart: neither overwrites the other
