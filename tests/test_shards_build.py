@@ -338,6 +338,55 @@ def test_one_worker_per_core_pins_each_to_its_own_core_and_fewer_are_left_to_the
         os.sched_setaffinity(0, allowed)
 
 
+def _hold_core(offered: int, folder: str, conn) -> None:
+    """A Ray worker's part: take a core, say which and where this process may now run, hold it until told."""
+    import os
+
+    from vlp.data_tools.ray_engine import take_core
+
+    conn.send((take_core(offered, folder), sorted(os.sched_getaffinity(0))))
+    conn.recv()
+
+
+def test_ray_workers_take_a_core_each_while_there_is_a_free_one(tmp_path):
+    """On a node that offers Ray all its cores, each worker process locks a core of its own and stays on it; a
+    third finds none and stays where the kernel puts it, as does any worker on a node offering fewer CPUs; a
+    core is free again once its process ended."""
+    import multiprocessing
+    import os
+
+    allowed = os.sched_getaffinity(0)
+    cores = sorted(allowed)[:2]
+    if len(cores) < 2:
+        pytest.fail("this test needs a machine with 2 cores")
+    os.sched_setaffinity(0, cores)
+    context = multiprocessing.get_context("fork")
+    held = []
+
+    def start(offered: int):
+        mine, theirs = context.Pipe()
+        proc = context.Process(target=_hold_core, args=(offered, str(tmp_path), theirs))
+        proc.start()
+        held.append((proc, mine))
+        return mine.recv()
+
+    try:
+        first, second = start(2), start(2)
+        assert {first[0], second[0]} == set(cores) and first[1] == [first[0]] and second[1] == [second[0]]
+        assert start(2) == (None, cores)  # every core taken
+        assert start(1) == (None, cores)  # the node offers Ray fewer CPUs than its cores: not pinned
+        proc, mine = held[0]
+        mine.send("go")
+        proc.join()
+        assert start(2) == (first[0], [first[0]])  # the ended process's core is free again
+    finally:
+        for proc, mine in held:
+            if proc.is_alive():
+                mine.send("go")
+                proc.join()
+        os.sched_setaffinity(0, allowed)
+
+
 def test_verify_detects_a_damaged_shard(pairs):
     root, rows = pairs
     out = root / "out"
