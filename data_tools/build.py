@@ -28,7 +28,6 @@ import dataclasses
 import io
 import itertools
 import json
-import os
 import re
 import time
 from collections import Counter, deque
@@ -300,21 +299,9 @@ class _Workers:
         self.pool: ProcessPoolExecutor | None = None
 
     def _start(self) -> None:
-        context = get_context("spawn")
-        self.pool = ProcessPoolExecutor(self.n, mp_context=context, initializer=init_worker,
-                                        initargs=(self.opts, self._cores(context)))
-
-    def _cores(self, context):
-        """With `pin` and one worker per core this process may use: a queue of those cores, one per worker.
-        A worker's decoding threads then stay on one core (moving between cores, a build spent several percent
-        more CPU per image); with fewer workers than cores, or other work beside, the kernel places them."""
-        cores = sorted(os.sched_getaffinity(0)) if self.pin and hasattr(os, "sched_setaffinity") else []
-        if len(cores) != self.n:
-            return None
-        free = context.Queue()
-        for core in cores:
-            free.put(core)
-        return free
+        # pinned (vlp.core.processes.take_core) when the pool has one worker per core this process may use
+        self.pool = ProcessPoolExecutor(self.n, mp_context=get_context("spawn"), initializer=init_worker,
+                                        initargs=(self.opts, self.n if self.pin else None))
 
     def _submit(self, chunk: list[Row], crashes: int) -> tuple[list[Row], Future | list[RowResult], int]:
         if crashes >= 2:
@@ -615,7 +602,7 @@ def _build(opts: ShardsBuildConfig, rows: Iterator[Row], output: BuildOutput, pa
     bar = tqdm(unit=" rows", desc="build", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     failed = 0
     try:
-        workers = (RayWorkers(row_options(opts), opts.ray_address, opts.workers) if opts.engine == "ray"
+        workers = (RayWorkers(row_options(opts), opts.ray_address, opts.workers, opts.pin_workers) if opts.engine == "ray"
                    else _Workers(opts.workers, row_options(opts), opts.pin_workers))
         url_rows = max(CHUNK_ROWS, URL_CHUNK_ROUNDS * opts.threads)
         for chunk, results in workers.map(_chunks(rows, opts.shard_size, part, url_rows)):

@@ -8,8 +8,6 @@ row can never take a build down.
 from __future__ import annotations
 
 import hashlib
-import os
-import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,7 +19,7 @@ from vlp.data_tools.reencode import EncodedImage, ImageOptions, process_image
 from vlp.core.errors import RowFailure
 from vlp.core.fetch import FetchOptions, RetryLater, fetch, suffix_of
 from vlp.core.images import return_freed_pixels
-from vlp.core.processes import die_with_parent
+from vlp.core.processes import die_with_parent, take_core
 
 
 @dataclass(frozen=True)
@@ -73,16 +71,12 @@ _THREADS: ThreadPoolExecutor | None = None
 _OPTS: RowOptions | None = None
 
 
-def init_worker(opts: RowOptions, cores=None) -> None:
-    """`cores`: a queue of the build's cores (build._Workers), of which this worker takes one to stay on."""
+def init_worker(opts: RowOptions, pool_size: int | None = None) -> None:
+    """`pool_size`: the pool's processes, to keep to a core each when there are as many as cores (None: not)."""
     global _OPTS
     _OPTS = opts
     die_with_parent()
-    if cores is not None:
-        try:
-            os.sched_setaffinity(0, {cores.get(timeout=10)})
-        except queue.Empty:  # a worker started beyond the pool's count (not expected): left where it is
-            pass
+    take_core(pool_size)
 
 
 def process_chunk(rows: list[Row], opts: RowOptions | None = None) -> list[RowResult]:

@@ -36,7 +36,7 @@ build started with one engine resumes with either.
   CONNECT_TIMEOUT_S: Ray alone retries for minutes.
 - The driver is the single writer: its write and dedup rate bounds the build.
 - On a node that offers Ray every core it may use, each worker process that runs chunks stays on a
-  core of its own (`take_core`, a lock file per core), as the local engine's workers do.
+  core of its own (vlp.core.processes.take_core), as the local engine's workers do (--no-pin-workers: not).
 
 `import ray` happens only inside functions: Ray is an optional extra (vlp[ray]).
 """
@@ -44,7 +44,6 @@ build started with one engine resumes with either.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -68,6 +67,7 @@ import vlp
 from vlp.core.atomic import write_atomic
 from vlp.core.errors import RowFailure, UserError, first_line
 from vlp.core.fetch import FetchOptions, fetch, is_url
+from vlp.core.processes import take_core
 
 MAX_RETRIES = 3  # Ray reruns a task whose worker or node died this many times
 WINDOW_PER_CPU = 4  # chunks in flight per CPU of the cluster, finished ones waiting for their turn included
@@ -108,37 +108,6 @@ def _enter(cwd: str) -> None:
     """Resolve relative paths as the driver does (a worker starts in its node's own folder)."""
     if os.getcwd() != cwd and os.path.isdir(cwd):
         os.chdir(cwd)
-
-
-_CORE: list = []  # this worker process's core lock, once it took one (held for the life of the process)
-
-
-def take_core(offered: int | None, folder: str | None = None) -> int | None:
-    """Keep this Ray worker process on a core of its own, as the local engine keeps its workers, when the node
-    offers Ray every core it may use (`offered` CPUs): the core is the first whose lock file in `folder` no
-    other process holds (an advisory lock, freed when its process ends). None: not pinned (fewer CPUs offered
-    than cores, or every core taken by another process)."""
-    if _CORE:
-        return _CORE[0][0]
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else []
-    if offered is None or len(cores) < 2 or offered != len(cores):
-        return None
-    folder = Path(folder or tempfile.gettempdir()) / "vlp-ray-cores"
-    for core in cores:
-        try:  # another user's folder, a full disk...: left to the kernel, as without pinning
-            folder.mkdir(exist_ok=True)
-            fh = open(folder / str(core), "a")  # noqa: SIM115 - held open: the lock lasts as long as the process
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # another process's core
-            fh.close()
-            continue
-        os.sched_setaffinity(0, {core})
-        _CORE.append((core, fh))
-        return core
-    return None
 
 
 def _run_chunk(rows: list[Row], opts: RowOptions, cwd: str, node_cpus: int | None = None) -> list[RowResult]:
@@ -383,8 +352,8 @@ class RayWorkers:
     are not used by this build.
     """
 
-    def __init__(self, opts: RowOptions, address: str | None, num_cpus: int):
-        self.opts, self.address, self.num_cpus = opts, address, num_cpus
+    def __init__(self, opts: RowOptions, address: str | None, num_cpus: int, pin: bool = False):
+        self.opts, self.address, self.num_cpus, self.pin = opts, address, num_cpus, pin
 
     def map(self, chunks: Iterator[list[Row]]) -> Iterator[tuple[list[Row], list[RowResult]]]:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -426,7 +395,7 @@ class RayWorkers:
                         _probe(ray, chunk, self.opts, cwd)
                         probes += 1
                     probed |= new
-                    ref = on_node[node].remote(chunk, opts, cwd, cpus[node])
+                    ref = on_node[node].remote(chunk, opts, cwd, cpus[node] if self.pin else None)
                     window.append((chunk, ref))
                     running[ref] = node
                     queued[node] += 1

@@ -307,7 +307,7 @@ def _worker_cores(workers) -> set[frozenset[int]]:
     return {frozenset(os.sched_getaffinity(pid)) for pid in workers.pool._processes}
 
 
-def test_one_worker_per_core_pins_each_to_its_own_core_and_fewer_are_left_to_the_kernel():
+def test_one_worker_per_core_pins_each_to_its_own_core_and_fewer_are_left_to_the_kernel(tmp_path, monkeypatch):
     """Pinned only when the build has a worker for every core it may use (the default count): each worker then
     on one core, no two on the same; with fewer workers, or pin_workers off, each may use all of them."""
     import os
@@ -322,6 +322,7 @@ def test_one_worker_per_core_pins_each_to_its_own_core_and_fewer_are_left_to_the
     if len(cores) < 2:
         pytest.fail("this test needs a machine with 2 cores")
     os.sched_setaffinity(0, cores)  # the build may use these two: the workers it spawns inherit them
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the workers' core locks: this test's own
     rows = [Row(index=i, source="x.csv", line=i + 1, ref=None, base_dir=".", caption=None, error="no_image")
             for i in range(8)]
     try:
@@ -339,19 +340,21 @@ def test_one_worker_per_core_pins_each_to_its_own_core_and_fewer_are_left_to_the
 
 
 def _hold_core(offered: int, folder: str, conn) -> None:
-    """A Ray worker's part: take a core, say which and where this process may now run, hold it until told."""
+    """A worker's part: take a core, say which and where this process may now run, hold it until told."""
     import os
+    import tempfile
 
-    from vlp.data_tools.ray_engine import take_core
+    from vlp.core.processes import take_core
 
-    conn.send((take_core(offered, folder), sorted(os.sched_getaffinity(0))))
+    tempfile.tempdir = folder  # the lock files of this test only
+    conn.send((take_core(offered), sorted(os.sched_getaffinity(0))))
     conn.recv()
 
 
-def test_ray_workers_take_a_core_each_while_there_is_a_free_one(tmp_path):
-    """On a node that offers Ray all its cores, each worker process locks a core of its own and stays on it; a
-    third finds none and stays where the kernel puts it, as does any worker on a node offering fewer CPUs; a
-    core is free again once its process ended."""
+def test_workers_take_a_core_each_while_there_is_a_free_one(tmp_path):
+    """A pool with a process per core (a local build's, or a Ray node offering every core): each locks a core of
+    its own and stays on it; a third process (another build's) finds none and stays where the kernel puts it,
+    as does a process of a smaller pool; a core is free again once its process ended."""
     import multiprocessing
     import os
 

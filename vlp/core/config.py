@@ -421,7 +421,7 @@ class ShardsBuildConfig(Section):
     workers: int = Field(default_factory=cpu_cores, ge=0, description="worker processes (0: in-process; default: all cores)")
     threads: int = Field(16, ge=1, description="concurrent fetches per worker")
     pin_workers: bool = Field(True, description="with one worker per core this build may use (the default), "
-                              "each worker on a core of its own")
+                              "each worker on a core of its own (with --engine ray: on nodes offering Ray every core)")
     host_concurrency: int = Field(16, ge=1, description="requests to one host at once, over all workers (each "
                                   "worker gets its share, at least 1)")
     host_rate: float = Field(0.0, ge=0, description="request starts per second to one host, over all workers "
