@@ -22,6 +22,7 @@ from vlp.core.models import create_model, forward, image_normalization
 from vlp.train.gradcache import GradCache, RngState
 from vlp.train.loader.batches import normalize
 from vlp.train.losses import ContrastiveLoss
+from vlp.train.tokendrop import allow_smaller_images
 
 CHUNK, PER_RANK, CTX = 4, 12, 16
 
@@ -204,6 +205,23 @@ def test_normalising_uint8_chunks_equals_normalised_input():
     got_grads, want_grads = grads_of(model), grads_of(reference)
     assert set(got_grads) == set(want_grads)
     assert all(torch.equal(got_grads[name], g) for name, g in want_grads.items())
+
+
+def test_small_images_through_the_cache():
+    """The first phase's small images (vlp.train.tokendrop): each chunk resized inside the cache gives the gradients
+    of a plain step on the batch resized beforehand."""
+    model = build("softmax", patch_dropout=0.0)
+    allow_smaller_images(model.visual, 16, "vlp-micro")
+    reference = copy.deepcopy(model)
+    images, texts, _ = batch(0, 0)
+    small = torch.nn.functional.interpolate(images, size=(16, 16), mode="bilinear", antialias=True)
+    want = GradCache(reference, ContrastiveLoss("softmax")).step(small, texts)
+    cache = GradCache(model, ContrastiveLoss("softmax"), CHUNK)
+    cache.image_size = 16
+    got = cache.step(images, texts)
+    assert got.loss == pytest.approx(want.loss, rel=1e-6)
+    assert rel_diff(grads_of(model), grads_of(reference)) <= 1e-5
+    assert grads_of(model)["visual.positional_embedding"].abs().sum() > 0
 
 
 def test_bf16_autocast():

@@ -29,7 +29,7 @@ from vlp.core.errors import UserError
 from vlp.core.models import create_model
 from vlp.train.loader.augment import allows_flip, allows_grayscale, augment_text, pick_caption
 from vlp.train.loader.batches import ShardLoader
-from vlp.train.tokendrop import TokenDrop, truncate_tokens
+from vlp.train.tokendrop import FULL, Phase, TokenDrop, allow_smaller_images, truncate_tokens
 
 TOKENIZER = SimpleTokenizer(context_length=32)
 REPO = Path(__file__).resolve().parents[1]
@@ -141,8 +141,8 @@ def test_token_drop_is_a_schedule_of_the_step():
     model, *_ = create_model(cfg.model, cfg.loss)
     drop = TokenDrop(cfg, 10)
     drop.prepare(model)
-    lengths = [drop.at(step, model) for step in range(10)]
-    assert lengths == [8] * 6 + [None] * 4
+    phases = [drop.at(step, model) for step in range(10)]
+    assert phases == [Phase(text_length=8)] * 6 + [FULL] * 4
     drop.at(3, model)
     assert model.visual.patch_dropout.prob == 0.5
     drop.at(6, model)
@@ -151,6 +151,38 @@ def test_token_drop_is_a_schedule_of_the_step():
                             "train.token_drop.patch_dropout=0.5"])
     with pytest.raises(UserError, match="train.token_drop.patch_dropout"):
         TokenDrop(rn, 10).prepare(create_model(rn.model, rn.loss)[0])
+
+
+def test_small_image_phase_interpolates_the_position_embeddings_and_is_exact_at_full_size():
+    cfg = load_config(None, ["model.name=vlp-micro", "train.steps=10", "train.token_drop.until=0.5",
+                             "train.token_drop.image_size=16"])
+    model, *_ = create_model(cfg.model, cfg.loss)
+    visual = model.visual
+    images = torch.randn(3, 3, 32, 32)
+    before = visual(images)
+    drop = TokenDrop(cfg, 10)
+    drop.prepare(model)
+    assert [drop.at(step, model) for step in (0, 4, 5, 9)] == [Phase(image_size=16)] * 2 + [FULL] * 2
+    assert torch.equal(visual(images), before)  # full size: open_clip's own computation
+    seen = []
+    visual.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    small = torch.nn.functional.interpolate(images, size=(16, 16), mode="bilinear", antialias=True)
+    visual(small).square().sum().backward()
+    assert seen == [1 + 2 * 2]  # the class token and a 2x2 grid of 8 px patches
+    grad = visual.positional_embedding.grad
+    assert grad.shape == (1 + 4 * 4, 64) and bool((grad.abs().sum(1) > 0).all())  # all 16 reached, and the class's
+
+
+@pytest.mark.parametrize(("model_name", "size", "match"), [
+    ("vlp-micro", 12, "multiple of 'vlp-micro'.s patch size 8"),
+    ("vlp-micro", 32, "smaller than its image size 32"),
+    ("vlp-tiny-rn", 32, "not open_clip's ViT"),
+])
+def test_small_image_phase_refuses_what_it_cannot_resize(model_name, size, match):
+    cfg = load_config(None, [f"model.name={model_name}"])
+    model, *_ = create_model(cfg.model, cfg.loss)
+    with pytest.raises(UserError, match=match):
+        allow_smaller_images(model.visual, size, model_name)
 
 
 @pytest.mark.parametrize("preset", ["recipe-small", "recipe-small-siglip"])
@@ -168,7 +200,7 @@ def test_presets_load_with_the_recipe_on(preset):
 EVERY_KNOB = ("data.augment.scale_min=0.5", "data.augment.flip=0.5", "data.augment.color_jitter=0.3",
               "data.augment.grayscale=0.1", "data.text_augment.word_dropout=0.1", "data.text_augment.word_swap=0.1",
               "data.text_augment.word_mask=0.05", "data.multi_caption=true", "train.token_drop.patch_dropout=0.5",
-              "train.token_drop.text_length=16")
+              "train.token_drop.text_length=16", "train.token_drop.image_size=16")
 
 
 def _train(shards: Path, out: Path, *extra: str) -> list[dict]:

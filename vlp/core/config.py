@@ -245,12 +245,15 @@ class OptimConfig(Section):
 
 
 class TokenDropConfig(Section):
-    """A first phase with fewer tokens (FLIP's patch dropout, CLIPA's short text), then full size to the end."""
+    """A first phase with fewer tokens (FLIP's patch dropout, CLIPA's short text and small images), then full size to the end."""
 
     until: float = Field(0.0, ge=0, le=1, description="fraction of the steps in the first phase (0: none)")
     patch_dropout: float = Field(0.0, ge=0, lt=1, description="image patches dropped in the first phase (ViT towers)")
     text_length: int | None = Field(None, ge=2, description="token ids kept per caption in the first phase "
                                     "(cut, with the end-of-text token kept)")
+    image_size: int | None = Field(None, ge=1, description="image side in the first phase (CLIPA's image resizing: "
+                                   "whole images at a lower resolution, the position embeddings interpolated; ViT "
+                                   "towers, a multiple of the patch size)")
 
 
 class TrainConfig(Section):

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlp.core.models import ModelOutput, forward, unwrap
@@ -125,6 +126,8 @@ class GradCache:
         (`vlp.core.models.image_normalization`). None: images are model input already.
     teacher: a frozen teacher (vlp.train.distill.FrozenTeacher), called without grad on each
         chunk's images and captions in the first pass; its view reaches the loss as `teacher=`.
+    image_size: set between steps (vlp.train.tokendrop's first phase): the model's images are
+        resized to this side after normalising (antialiased bilinear; the teacher's are not).
     """
 
     def __init__(
@@ -147,6 +150,7 @@ class GradCache:
         self.replay_rng = replay_rng
         self.normalize_images = normalize_images
         self.teacher = teacher
+        self.image_size: int | None = None
         self.is_engine = is_deepspeed_engine(model)
         self.is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         if self.is_engine and model.gradient_accumulation_steps() != 1:
@@ -188,6 +192,9 @@ class GradCache:
         images = images.to(self.device, non_blocking=True)
         if self.normalize_images is not None:
             images = self.normalize_images(images)
+        if self.image_size is not None and images.shape[-2:] != (self.image_size, self.image_size):
+            images = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bilinear",
+                                   antialias=True, align_corners=False)
         if self.input_dtype is not None and images.is_floating_point():
             images = images.to(self.input_dtype)
         texts = texts.to(self.device, non_blocking=True)

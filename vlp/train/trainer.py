@@ -478,10 +478,11 @@ class Trainer:
         lr = lr_at(pos.step, self.cfg.optim, self.total_steps)
         set_lr(self.engine.optimizer, lr)
         texts, negatives = batch.texts, batch.hard_negatives
-        text_length = self.token_drop.at(pos.step, self.engine)
-        if text_length is not None:
-            texts = truncate_tokens(texts, text_length)
-            negatives = None if negatives is None else truncate_tokens(negatives, text_length)
+        phase = self.token_drop.at(pos.step, self.engine)
+        if phase.text_length is not None:
+            texts = truncate_tokens(texts, phase.text_length)
+            negatives = None if negatives is None else truncate_tokens(negatives, phase.text_length)
+        self.gradcache.image_size = phase.image_size
         if self.speedups.trim_text:  # on the host tensors: finding the length costs no device sync
             texts, negatives = trim_tokens(texts, negatives)
         result = self.gradcache.step(batch.images, texts.to(self.device), negatives, batch.hard_negative_mask)
