@@ -442,8 +442,10 @@ def compare_engines(sources: dict[str, Path], work: Path, args) -> None:
                                 for name, whole, _ in rows]})
     for t in tables:
         print(markdown(t))
-    # the two-node scaling runs and the one-node comparison are kept apart: neither overwrites the other
-    write_result("shards_ray" if args.two_nodes else "shards_ray_one_node",
+    # the two-node scaling runs and the one-node comparison are kept apart: neither overwrites the other,
+    # nor does a run of another size overwrite the default size's
+    size = "" if args.n == 5000 else f"_{args.n}"
+    write_result(("shards_ray" if args.two_nodes else "shards_ray_one_node") + size,
                  "Shard building: the local engine vs --engine ray" + ("" if args.two_nodes else ", one node"),
                  tables, order=36)
 
