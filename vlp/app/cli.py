@@ -75,10 +75,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    from vlp.app.evalhook import periodic_eval
     from vlp.train.trainer import train
 
-    train(cfg, periodic_eval(cfg))
+    evaluate = None
+    if cfg.train.eval_every and cfg.train.eval_suite:  # the eval package (and its plotting library) costs start-up
+        from vlp.app.evalhook import periodic_eval
+
+        evaluate = periodic_eval(cfg)
+    train(cfg, evaluate)
     return 0
 
 
