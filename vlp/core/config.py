@@ -245,7 +245,8 @@ class OptimConfig(Section):
 
 
 class TokenDropConfig(Section):
-    """A first phase with fewer tokens (FLIP's patch dropout, CLIPA's short text and small images), then full size to the end."""
+    """A first phase with fewer tokens (FLIP's patch dropout, CLIPA's short text and small images), then full
+    size to the end."""
 
     until: float = Field(0.0, ge=0, le=1, description="fraction of the steps in the first phase (0: none)")
     patch_dropout: float = Field(0.0, ge=0, lt=1, description="image patches dropped in the first phase (ViT towers)")

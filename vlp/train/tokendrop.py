@@ -114,12 +114,12 @@ def _embeds_any_size(self, x: torch.Tensor) -> torch.Tensor:
     grid = tuple(x.shape[-2:])
     x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
     x = torch.cat([_expand_token(self.class_embedding, x.shape[0]).to(x.dtype), x], dim=1)
-    x = x + positions(self, grid).to(x.dtype)
+    x = x + _positions(self, grid).to(x.dtype)
     x = self.patch_dropout(x)
     return self.ln_pre(x)
 
 
-def positions(visual, grid: tuple[int, int]) -> torch.Tensor:
+def _positions(visual, grid: tuple[int, int]) -> torch.Tensor:
     """The tower's position embeddings [1 + h*w, width] for a grid of h x w patches (its own at its own size)."""
     pos = visual.positional_embedding
     if grid == tuple(visual.grid_size):
