@@ -16,8 +16,9 @@ users get it. At 224 px the models are the small configs with their image towers
   imports, DeepSpeed and the process group, model, loader workers, the first batch).
 `--ceiling`: instead, the model alone: forward, backward and AdamW on random tensors already in
 memory (no loader, no trainer), with open_clip's plain modules and with vlp's exact speed-ups,
-the rate each tool's training step could reach with a free loader: where the plain model alone
-runs at most 1.5x open_clip_train's rate, no exact change to the step reaches 1.5x.
+the rate each tool's training step could reach with a free loader, and the fast step's GFLOP/s
+against this machine's rate on one large matrix product (how much of the step is arithmetic the
+hardware already runs near its limit).
 `--compile`: also vlp with `train.compile` against open_clip_train `--torchcompile` (compiling
 takes minutes on a CPU). `--cache`: also a 4x batch by gradient caching (vlp, chunks of the
 batch) against open_clip_train's `--accum-freq 4`. Model FLOPs utilisation (MFU) is printed
@@ -73,13 +74,17 @@ def model_flops_per_pair(model_name: str, config_file: Path | None) -> float:
     return 3 * counter.get_total_flops() / 2
 
 
-def model_alone(model_name: str, config_file: Path | None, batch: int, speedups: bool, steps: int = 8) -> float:
-    """Samples/s of the model's training step alone (median of `steps` after 3), on random tensors."""
+def model_alone(model_name: str, config_file: Path | None, batch: int, speedups: bool,
+                steps: int = 8) -> tuple[float, float]:
+    """(samples/s, FLOPs per sample) of the model's training step alone (median of `steps` after 3), on
+    random tensors. The FLOPs are the step's forward and backward as torch counts them, with the text
+    as the step sees it (trimmed with the speed-ups)."""
     import statistics
     import time
 
     import torch
     import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
 
     from vlp.core.config import ModelConfig
     from vlp.core.models import create_model, forward
@@ -92,43 +97,75 @@ def model_alone(model_name: str, config_file: Path | None, batch: int, speedups:
     size = size if isinstance(size, tuple | list) else (size, size)
     images = torch.randn(batch, 3, *size)
     texts = tokenizer(["a photo of three small red circles"] * batch)
+    labels = torch.arange(batch)
+
+    def loss() -> torch.Tensor:
+        out = forward(model, images, texts)
+        logits = out.logit_scale * out.image @ out.text.T
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
     if speedups:
         fast.allow_trimmed_text(model, model_name)
-        fast.use_direct_attention(model)
         texts = fast.trim_tokens(texts)[0]
+    # counted before direct attention is on: torch's counter has no rule for the CPU attention kernel,
+    # and the arithmetic is the same either way
+    with FlopCounterMode(display=False) as counter:
+        loss().backward()
+    model.zero_grad(set_to_none=True)
+    if speedups:
+        fast.use_direct_attention(model)
         if fast._convolutional(model):
             fast.use_channels_last(model)
             images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    labels = torch.arange(batch)
 
     def step() -> float:
         start = time.perf_counter()
-        out = forward(model, images, texts)
-        logits = out.logit_scale * out.image @ out.text.T
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        value = loss()
         optimizer.zero_grad()
-        loss.backward()
+        value.backward()
         optimizer.step()
         return time.perf_counter() - start
 
     times = [step() for _ in range(3 + steps)][3:]
-    return batch / statistics.median(times)
+    return batch / statistics.median(times), counter.get_total_flops() / batch
+
+
+def matrix_product_rate(n: int = 2048, reps: int = 20) -> float:
+    """This machine's fp32 GFLOP/s on one large square matrix product (torch's threads): the most
+    a training step made of matrix products can reach here."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
 def ceiling(args, work: Path) -> None:
     """The model-alone table (--ceiling)."""
     rows = []
+    peak = matrix_product_rate()
+    print(f"  fp32 matrix product 2048x2048: {peak:.1f} GFLOP/s", flush=True)
     for model in args.models.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
             name, config = model_at(model, size, work)
             batch = args.batch or (128 if size <= 64 else 64)
-            plain, fast = (model_alone(name, config, batch, speedups) for speedups in (False, True))
-            rows.append([model, size, batch, f"{plain:.1f}", f"{fast:.1f}", f"{fast / plain:.2f}x"])
+            (plain, _), (fast, flops) = (model_alone(name, config, batch, speedups) for speedups in (False, True))
+            rate = fast * flops / 1e9
+            rows.append([model, size, batch, f"{plain:.1f}", f"{fast:.1f}", f"{fast / plain:.2f}x", f"{rate:.1f}",
+                         f"{100 * rate / peak:.0f}%"])
             print("  " + " | ".join(str(c) for c in rows[-1]), flush=True)
-    table = {"title": "fp32, one process; samples/s: median of 8 steps after 3, random tensors in memory",
+    table = {"title": "fp32, one process; samples/s: median of 8 steps after 3, random tensors in memory; "
+                      f"this machine's fp32 2048x2048 matrix product: {peak:.1f} GFLOP/s",
              "columns": ["model", "image px", "batch", "plain model alone samples/s",
-                         "with vlp's exact speed-ups samples/s", "ratio"], "rows": rows}
+                         "with vlp's exact speed-ups samples/s", "ratio", "with speed-ups GFLOP/s",
+                         "of the matrix-product rate"], "rows": rows}
     print(markdown(table))
     write_result("train_ceiling", "Training step of the model alone: the rate a free loader would allow",
                  [table], order=16)
