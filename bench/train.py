@@ -74,12 +74,10 @@ def model_flops_per_pair(model_name: str, config_file: Path | None) -> float:
     return 3 * counter.get_total_flops() / 2
 
 
-def model_alone(model_name: str, config_file: Path | None, batch: int, speedups: bool,
-                steps: int = 8) -> tuple[float, float]:
-    """(samples/s, FLOPs per sample) of the model's training step alone (median of `steps` after 3), on
-    random tensors. The FLOPs are the step's forward and backward as torch counts them, with the text
-    as the step sees it (trimmed with the speed-ups)."""
-    import statistics
+def model_step(model_name: str, config_file: Path | None, batch: int, speedups: bool):
+    """(step, FLOPs per sample): `step()` runs the model's training step alone on random tensors
+    (forward, loss, backward, AdamW) and returns its seconds. The FLOPs are the step's forward and
+    backward as torch counts them, with the text as the step sees it (trimmed with the speed-ups)."""
     import time
 
     import torch
@@ -127,45 +125,59 @@ def model_alone(model_name: str, config_file: Path | None, batch: int, speedups:
         optimizer.step()
         return time.perf_counter() - start
 
-    times = [step() for _ in range(3 + steps)][3:]
-    return batch / statistics.median(times), counter.get_total_flops() / batch
+    return step, counter.get_total_flops() / batch
 
 
-def matrix_product_rate(n: int = 2048, reps: int = 20) -> float:
-    """This machine's fp32 GFLOP/s on one large square matrix product (torch's threads): the most
-    a training step made of matrix products can reach here."""
+def matrix_product(n: int = 2048):
+    """`product()` times one fp32 n x n matrix product (torch's threads) and returns its GFLOP/s: the
+    most a training step made of matrix products can reach on this machine."""
     import time
 
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
+
+    def product() -> float:
+        start = time.perf_counter()
         a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+        return 2 * n**3 / (time.perf_counter() - start) / 1e9
+
+    return product
+
+
+def interleaved_medians(timers: list, rounds: int, warmup: int = 3) -> list[float]:
+    """The median of each timer's result over `rounds`, the timers taking turns, so that a slow
+    spell of a shared machine falls on all of them alike rather than on whichever ran then."""
+    import statistics
+
+    results = [[] for _ in timers]
+    for i in range(warmup + rounds):
+        for kept, timer in zip(results, timers, strict=True):
+            value = timer()
+            if i >= warmup:
+                kept.append(value)
+    return [statistics.median(kept) for kept in results]
 
 
 def ceiling(args, work: Path) -> None:
     """The model-alone table (--ceiling)."""
-    rows = []
-    peak = matrix_product_rate()
-    print(f"  fp32 matrix product 2048x2048: {peak:.1f} GFLOP/s", flush=True)
+    rows, product = [], matrix_product()
     for model in args.models.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
             name, config = model_at(model, size, work)
             batch = args.batch or (128 if size <= 64 else 64)
-            (plain, _), (fast, flops) = (model_alone(name, config, batch, speedups) for speedups in (False, True))
+            (plain_step, _), (fast_step, flops) = (model_step(name, config, batch, on) for on in (False, True))
+            plain_s, fast_s, peak = interleaved_medians([plain_step, fast_step, product], rounds=10)
+            plain, fast = batch / plain_s, batch / fast_s
             rate = fast * flops / 1e9
             rows.append([model, size, batch, f"{plain:.1f}", f"{fast:.1f}", f"{fast / plain:.2f}x", f"{rate:.1f}",
-                         f"{100 * rate / peak:.0f}%"])
+                         f"{peak:.1f}", f"{100 * rate / peak:.0f}%"])
             print("  " + " | ".join(str(c) for c in rows[-1]), flush=True)
-    table = {"title": "fp32, one process; samples/s: median of 8 steps after 3, random tensors in memory; "
-                      f"this machine's fp32 2048x2048 matrix product: {peak:.1f} GFLOP/s",
+    table = {"title": "fp32, one process; samples/s: median of 10 steps after 3, random tensors in memory, "
+                      "the plain step, the fast one and a 2048x2048 matrix product taking turns",
              "columns": ["model", "image px", "batch", "plain model alone samples/s",
                          "with vlp's exact speed-ups samples/s", "ratio", "with speed-ups GFLOP/s",
-                         "of the matrix-product rate"], "rows": rows}
+                         "matrix product GFLOP/s", "of the matrix-product rate"], "rows": rows}
     print(markdown(table))
     write_result("train_ceiling", "Training step of the model alone: the rate a free loader would allow",
                  [table], order=16)
