@@ -56,8 +56,10 @@ def peak_tflops(precision: str, given: float | None) -> float | None:
 
 
 def model_flops_per_pair(model_name: str, config_file: Path | None) -> float:
-    """Training FLOPs for one image-text pair: forward (counted by torch) x 3."""
+    """Training FLOPs for one image-text pair: forward (counted by torch, attention as plain matrix
+    products, which the counter knows on every device) x 3."""
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from vlp.core.config import ModelConfig
@@ -69,7 +71,7 @@ def model_flops_per_pair(model_name: str, config_file: Path | None) -> float:
     size = size if isinstance(size, tuple | list) else (size, size)
     images = torch.zeros(2, 3, *size)
     texts = tokenizer(["a red circle", "two blue squares"])
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         encode(model, images, texts)
     return 3 * counter.get_total_flops() / 2
 
@@ -82,6 +84,7 @@ def model_step(model_name: str, config_file: Path | None, batch: int, speedups: 
 
     import torch
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from vlp.core.config import ModelConfig
@@ -104,17 +107,16 @@ def model_step(model_name: str, config_file: Path | None, batch: int, speedups: 
 
     if speedups:
         fast.allow_trimmed_text(model, model_name)
-        texts = fast.trim_tokens(texts)[0]
-    # counted before direct attention is on: torch's counter has no rule for the CPU attention kernel,
-    # and the arithmetic is the same either way
-    with FlopCounterMode(display=False) as counter:
-        loss().backward()
-    model.zero_grad(set_to_none=True)
-    if speedups:
         fast.use_direct_attention(model)
+        texts = fast.trim_tokens(texts)[0]
         if fast._convolutional(model):
             fast.use_channels_last(model)
             images = images.contiguous(memory_format=torch.channels_last)
+    # counted with attention as plain matrix products: torch's counter has no rule for the fused CPU
+    # attention kernels, which do the same arithmetic
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss().backward()
+    model.zero_grad(set_to_none=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step() -> float:
