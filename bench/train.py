@@ -1,13 +1,13 @@
 """Training throughput: `vlp train` vs open_clip_train, each with its own defaults, in one run.
 
     python bench/train.py [--models vlp-tiny,vlp-tiny-rn] [--sizes 64,224] [--workers 1,2] [--steps 40]
-                          [--compile] [--no-cache] [--precision fp32] [--peak-tflops T]
+                          [--compile] [--no-cache] [--precision fp32] [--peak-tflops T] [--repeat N]
 
 Both tools train the same open_clip model from scratch on the same synthetic shards (built
 here if missing), with the same batch, steps, loader workers, AdamW settings and precision,
-one process each, one after the other. Everything else is each tool's default: vlp as a user
-gets it (its exact speed-ups on where they are exact for the model), open_clip_train as its
-users get it. At 224 px the models are the small configs with their image towers at 224 px
+one process each, one after the other (`--repeat N`: N runs each, taking turns, and their
+medians). Everything else is each tool's default: vlp as a user gets it (its exact speed-ups on
+where they are exact for the model), open_clip_train as its users get it. At 224 px the models are the small configs with their image towers at 224 px
 (the ViT with 16 px patches: 196 tokens). Reported per setting:
 
 - samples/s: the median of the per-step rate each tool reports (data wait included), after
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -150,8 +151,6 @@ def matrix_product(n: int = 2048):
 def interleaved_medians(timers: list, rounds: int, warmup: int = 3) -> list[float]:
     """The median of each timer's result over `rounds`, the timers taking turns, so that a slow
     spell of a shared machine falls on all of them alike rather than on whichever ran then."""
-    import statistics
-
     results = [[] for _ in timers]
     for i in range(warmup + rounds):
         for kept, timer in zip(results, timers, strict=True):
@@ -213,6 +212,7 @@ def main() -> None:
     parser.add_argument("--ceiling", action="store_true", help="the model alone, without loader or trainer")
     parser.add_argument("--cache", action="store_true", help="also a 4x batch by gradient caching vs --accum-freq 4")
     parser.add_argument("--peak-tflops", type=float, help="the accelerator's peak, for MFU (default: from the GPU)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per tool and setting, the tools taking turns")
     parser.add_argument("--name", default="", help="result file bench/results/train[_NAME].json")
     parser.add_argument("--work", default="/tmp/vlp-bench-train")
     args = parser.parse_args()
@@ -237,20 +237,30 @@ def main() -> None:
                     pairs.append(("4x batch, cached", (), {"accum": 4}))
                 for label, vlp_extra, oc_extra in pairs:
                     accum = oc_extra.get("accum", 1)
-                    oc = train_open_clip(shards, work / "open_clip", r, config=config, **oc_extra)
-                    ours = train_vlp(shards, work / "vlp", r, config=config, extra=vlp_extra,
-                                     batch=batch * accum if accum > 1 else None, micro=batch if accum > 1 else None)
-                    mfu = [f"{100 * t.samples_per_s * flops / (peak * 1e12):.1f}%" if peak else "n/a" for t in (ours, oc)]
-                    row = [model, size, batch * accum, workers, label, f"{ours.samples_per_s:.1f}",
-                           f"{oc.samples_per_s:.1f}", f"{ours.samples_per_s / oc.samples_per_s:.2f}x",
-                           f"{ours.first_step_s:.1f}", f"{oc.first_step_s:.1f}", *mfu]
+                    rounds = []
+                    for _ in range(args.repeat):  # the tools take turns: a slow spell lands on both
+                        oc = train_open_clip(shards, work / "open_clip", r, config=config, **oc_extra)
+                        ours = train_vlp(shards, work / "vlp", r, config=config, extra=vlp_extra,
+                                         batch=batch * accum if accum > 1 else None,
+                                         micro=batch if accum > 1 else None)
+                        rounds.append((ours, oc))
+                        runs.append({"model": model, "image_px": size, "batch": batch * accum, "workers": workers,
+                                     "label": label, "vlp": vars(ours) | {"weights": None},
+                                     "open_clip_train": vars(oc) | {"weights": None}})
+                    ours_s, oc_s, ours_first, oc_first = (
+                        statistics.median(getattr(pair[i], key) for pair in rounds)
+                        for key in ("samples_per_s", "first_step_s") for i in (0, 1))
+                    ratios = sorted(o.samples_per_s / c.samples_per_s for o, c in rounds)
+                    spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f}x)" if len(ratios) > 1 else ""
+                    mfu = [f"{100 * rate * flops / (peak * 1e12):.1f}%" if peak else "n/a" for rate in (ours_s, oc_s)]
+                    row = [model, size, batch * accum, workers, label, f"{ours_s:.1f}", f"{oc_s:.1f}",
+                           f"{ours_s / oc_s:.2f}x{spread}", f"{ours_first:.1f}", f"{oc_first:.1f}", *mfu]
                     rows.append(row)
-                    runs.append({"model": model, "image_px": size, "batch": batch * accum, "workers": workers,
-                                 "label": label, "vlp": vars(ours) | {"weights": None},
-                                 "open_clip_train": vars(oc) | {"weights": None}})
                     print("  " + " | ".join(str(c) for c in row), flush=True)
-    table = {"title": f"{args.precision}, {args.steps} steps, one process; samples/s: median after 5 steps; "
-                      "first step: seconds from launch to the end of step 1",
+    table = {"title": f"{args.precision}, {args.steps} steps, one process; samples/s: median after 5 steps"
+                      + (f", then the median of {args.repeat} runs per tool taking turns (ratio: of the medians, "
+                         "and the range of the runs' ratios)" if args.repeat > 1 else "")
+                      + "; first step: seconds from launch to the end of step 1",
              "columns": ["model", "image px", "batch", "loader workers", "setting", "vlp samples/s",
                          "open_clip_train samples/s", "ratio", "vlp first step s", "open_clip_train first step s",
                          "vlp MFU", "open_clip_train MFU"], "rows": rows}
