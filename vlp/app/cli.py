@@ -78,7 +78,7 @@ def _train(args: argparse.Namespace) -> int:
     from vlp.train.trainer import train
 
     evaluate = None
-    if cfg.train.eval_every and cfg.train.eval_suite:  # the eval package (and its plotting library) costs start-up
+    if cfg.train.evaluates:  # the eval package (and its plotting library) costs start-up
         from vlp.app.evalhook import periodic_eval
 
         evaluate = periodic_eval(cfg)

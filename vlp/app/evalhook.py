@@ -26,7 +26,7 @@ from vlp.train.runstore import RunStore
 
 def periodic_eval(cfg: RunConfig) -> Callable[[Path], dict[str, float]] | None:
     """The trainer's eval callback for this config, or None when the config asks for no eval."""
-    if not (cfg.train.eval_every and cfg.train.eval_suite):
+    if not cfg.train.evaluates:
         return None
     check_files(load_suite(cfg.train.eval_suite))  # a bad suite or a missing file fails now, not at the first eval
     out = cfg.train.output_dir  # an object-storage run keeps its reports in its local mirror

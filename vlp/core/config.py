@@ -307,6 +307,11 @@ class TrainConfig(Section):
     wandb_project: str = Field("vlp", description="wandb project (wandb's mode from $WANDB_MODE, e.g. offline)")
     run_name: str | None = Field(None, description="the wandb run's name; default: the output folder's name")
 
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run evaluates checkpoints as it trains (both eval keys set)."""
+        return bool(self.eval_every and self.eval_suite)
+
     @model_validator(mode="after")
     def _chunks_divide(self) -> TrainConfig:
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
